@@ -1,0 +1,4 @@
+"""Benchmarks: one module per family (``python -m triformers.benchmarks.<family>``) on a shared harness.
+
+Nothing runs on import.
+"""

@@ -1,0 +1,20 @@
+"""Test configuration shared by the whole suite.
+
+On a machine without CUDA the Triton kernels run under Triton's interpreter, which must be switched on
+before any kernel is defined, hence before triformers is imported.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
