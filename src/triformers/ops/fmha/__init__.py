@@ -1,0 +1,284 @@
+"""Memory-efficient exact attention (xFormers' ``xformers.ops.fmha``), on every device.
+
+    out = memory_efficient_attention(query, key, value, attn_bias=None, p=0.0, scale=None)
+
+Shapes (BMHK, unlike SDPA's BHMK)::
+
+    query [B, Mq, H, K]   key [B, Mkv, H, K]   value [B, Mkv, H, Kv]   ->   out [B, Mq, H, Kv]
+
+BMK (``[B, M, K]``, one head) and BMGHK (``[B, M, G, H, K]``, GQA with K/V expanded over H) work too.
+Equivalent PyTorch::
+
+    scale = 1 / query.shape[-1] ** 0.5 if scale is None else scale
+    attn = (query * scale) @ key.transpose(-2, -1)     # per head, in [B, H, Mq, Mkv]
+    attn = attn + attn_bias                            # a tensor, or a structured AttentionBias
+    attn = attn.softmax(-1)
+    attn = F.dropout(attn, p)
+    return attn @ value
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from triformers.ops.fmha import attn_bias, chunked, common, dispatch, sdpa
+from triformers.ops.fmha.attn_bias import AttentionBias, BlockDiagonalMask, LowerTriangularMask
+from triformers.ops.fmha.common import (
+    AttentionBwOpBase,
+    AttentionFwOpBase,
+    AttentionOp,
+    AttentionOpBase,
+    Context,
+    Gradients,
+    Inputs,
+    bmk2bmhk,
+)
+
+AttentionMask = AttentionBias  # backward-compatible alias
+
+MemoryEfficientAttentionChunkedOp = (chunked.FwOp, chunked.BwOp)
+MemoryEfficientAttentionSdpaOp = (sdpa.FwOp, sdpa.BwOp)
+ALL_FW_OPS: list[type[AttentionFwOpBase]] = [chunked.FwOp, sdpa.FwOp]
+ALL_BW_OPS: list[type[AttentionBwOpBase]] = [chunked.BwOp, sdpa.BwOp]
+
+__all__ = [
+    "memory_efficient_attention",
+    "memory_efficient_attention_forward",
+    "memory_efficient_attention_forward_requires_grad",
+    "memory_efficient_attention_backward",
+    "AttentionBias",
+    "AttentionMask",
+    "AttentionOp",
+    "AttentionOpBase",
+    "AttentionFwOpBase",
+    "AttentionBwOpBase",
+    "BlockDiagonalMask",
+    "LowerTriangularMask",
+    "Inputs",
+    "Context",
+    "Gradients",
+    "bmk2bmhk",
+    "ALL_FW_OPS",
+    "ALL_BW_OPS",
+    "attn_bias",
+    "chunked",
+    "sdpa",
+    "common",
+    "dispatch",
+]
+
+_DROPOUT_LOW_LEVEL = (
+    "dropout is not supported on the non-autograd API. If you want to use dropout, please call "
+    "`memory_efficient_attention` directly"
+)
+
+
+def _needs_grad(inp: Inputs) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    bias = inp.tensor_bias
+    return any(x.requires_grad for x in (inp.query, inp.key, inp.value)) or (
+        bias is not None and bias.requires_grad
+    )
+
+
+def _with_tensor(bias: Any, tensor: torch.Tensor | None) -> Any:
+    """The bias object with its tensor swapped for ``tensor`` (the one autograd tracks)."""
+    if isinstance(bias, torch.Tensor):
+        return tensor
+    if isinstance(bias, attn_bias.LowerTriangularMaskWithTensorBias):
+        return attn_bias.LowerTriangularMaskWithTensorBias(tensor)
+    return bias
+
+
+def memory_efficient_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_bias: torch.Tensor | AttentionBias | None = None,
+    p: float = 0.0,
+    scale: float | None = None,
+    *,
+    op: AttentionOp | None = None,
+) -> torch.Tensor:
+    """Exact attention without the ``[Mq, Mkv]`` score matrix in memory (FlashAttention-style).
+
+    Shapes::
+
+        query [B, Mq, H, K], key [B, Mkv, H, K], value [B, Mkv, H, Kv] -> [B, Mq, H, Kv]   (BMHK)
+        [B, M, K] (BMK, one head) and [B, M, G, H, K] (BMGHK, GQA) are accepted too.
+
+    Only the last dimension must be contiguous. For GQA/MQA, expand K/V over the query heads with
+    ``expand`` (stride 0): they are read in place, never copied, and their gradient sums over the heads.
+
+    Args:
+        query: ``[B, Mq, H, K]``.
+        key: ``[B, Mkv, H, K]``.
+        value: ``[B, Mkv, H, Kv]``.
+        attn_bias: None; an additive tensor ``[B, H, Mq, Mkv]`` (broadcast views and broadcastable shapes
+            are used without a copy, and receive a gradient when they require one); or an
+            :class:`~triformers.ops.fmha.attn_bias.AttentionBias` (causal, local, block-diagonal, ...).
+        p: dropout probability on the attention weights (reproducible under ``torch.manual_seed``).
+        scale: multiplies ``Q @ K^T``; default ``1 / sqrt(K)``.
+        op: ``(FwOp, BwOp)`` to force operators (either may be None); by default the dispatcher picks the
+            fastest one that supports the inputs, per call.
+
+    Returns:
+        ``[B, Mq, H, Kv]`` in the query's dtype. Query rows whose keys are all masked give 0.
+
+    Raises:
+        ValueError: invalid inputs (the message names the tensor, its shape and the fix), or an ``op``
+            that cannot run them.
+        NotImplementedError: no operator supports the inputs (each operator's reasons are listed).
+    """
+    inp = Inputs(query=query, key=key, value=value, attn_bias=attn_bias, p=p, scale=scale)
+    inp.validate_inputs()
+    if not _needs_grad(inp):
+        return _forward(inp, None if op is None else op[0])
+    output_shape = inp.normalize_bmhk()
+    op_fw, op_bw = (None, None) if op is None else op
+    needs_lse = op_bw is not None and op_bw is not sdpa.BwOp
+    if op_fw is None:
+        op_fw = dispatch.dispatch_fw(inp, needs_gradient=True, needs_lse=needs_lse)
+    else:
+        dispatch.ensure_op_supports("memory_efficient_attention", op_fw, inp, needs_lse=needs_lse)
+    if op_fw.NATIVE_AUTOGRAD:
+        return op_fw.apply_autograd(inp).reshape(output_shape)
+    tensor = inp.tensor_bias
+    out = _fMHA.apply(op_fw, op_bw, inp.attn_bias, inp.p, inp.scale, inp.query, inp.key, inp.value, tensor)
+    return out.reshape(output_shape)
+
+
+class _fMHA(torch.autograd.Function):
+    """Autograd glue: the forward operator keeps (out, lse, seed); the backward operator recomputes."""
+
+    @staticmethod
+    def forward(ctx, op_fw, op_bw, bias, p, scale, query, key, value, bias_tensor):  # noqa: D401
+        inp = Inputs(query, key, value, _with_tensor(bias, bias_tensor), p, scale)
+        out, op_ctx = op_fw.apply(inp, needs_gradient=True)
+        ctx.save_for_backward(query, key, value, op_ctx.out, op_ctx.lse, bias_tensor)
+        ctx.bias, ctx.p, ctx.scale = bias, p, scale
+        ctx.rng_state = op_ctx.rng_state
+        ctx.op_bw = op_ctx.op_bw if op_ctx.op_bw is not None else op_bw
+        if op_ctx.op_bw is not None and op_bw is not None and op_bw is not op_ctx.op_bw:
+            raise ValueError(
+                f"Specified op_bw={op_bw.NAME}, but forward op can only run with op_bw={op_ctx.op_bw.NAME}. "
+                "Please set op_bw=None."
+            )
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        query, key, value, out, lse, bias_tensor = ctx.saved_tensors
+        inp = Inputs(query, key, value, _with_tensor(ctx.bias, bias_tensor), ctx.p, ctx.scale)
+        op_bw = ctx.op_bw
+        if op_bw is None:
+            op_bw = dispatch.dispatch_bw(inp)
+        else:
+            dispatch.ensure_op_supports("memory_efficient_attention_backward", op_bw, inp)
+        grads = op_bw.apply(Context(lse=lse, out=out, rng_state=ctx.rng_state), inp, grad)
+        db = grads.db if ctx.needs_input_grad[8] else None
+        return None, None, None, None, None, grads.dq, grads.dk, grads.dv, db
+
+
+def _forward(inp: Inputs, op: type[AttentionFwOpBase] | None) -> torch.Tensor:
+    output_shape = inp.normalize_bmhk()
+    if op is None:
+        op = dispatch.dispatch_fw(inp, needs_gradient=False)
+    else:
+        dispatch.ensure_op_supports("memory_efficient_attention", op, inp)
+    out, _ = op.apply(inp, needs_gradient=False)
+    return out.reshape(output_shape)
+
+
+def memory_efficient_attention_forward(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_bias: torch.Tensor | AttentionBias | None = None,
+    p: float = 0.0,
+    scale: float | None = None,
+    *,
+    op: type[AttentionFwOpBase] | None = None,
+) -> torch.Tensor:
+    """The forward of :func:`memory_efficient_attention`, without autograd."""
+    inp = Inputs(query=query, key=key, value=value, attn_bias=attn_bias, p=p, scale=scale)
+    inp.validate_inputs()
+    return _forward(inp, op)
+
+
+def memory_efficient_attention_forward_requires_grad(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_bias: torch.Tensor | AttentionBias | None = None,
+    p: float = 0.0,
+    scale: float | None = None,
+    *,
+    op: type[AttentionFwOpBase] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns ``(out, lse)``; ``lse`` is float32 ``[B, H, Mq]`` (``[B, G, H, Mq]`` for BMGHK, ``[1, H,
+    Mq]`` for block-diagonal biases), for :func:`memory_efficient_attention_backward`."""
+    if p != 0.0:
+        raise NotImplementedError(_DROPOUT_LOW_LEVEL)
+    inp = Inputs(query=query, key=key, value=value, attn_bias=attn_bias, p=p, scale=scale)
+    inp.validate_inputs()
+    output_shape = inp.normalize_bmhk()
+    if op is None:
+        op = dispatch.dispatch_fw(inp, needs_gradient=True, needs_lse=True)
+    else:
+        dispatch.ensure_op_supports("memory_efficient_attention_forward_requires_grad", op, inp, needs_lse=True)
+    out, ctx = op.apply(inp, needs_gradient=True)
+    return out.reshape(output_shape), ctx.lse
+
+
+def memory_efficient_attention_backward(
+    grad: torch.Tensor,
+    output: torch.Tensor,
+    lse: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_bias: torch.Tensor | AttentionBias | None = None,
+    p: float = 0.0,
+    scale: float | None = None,
+    *,
+    op: type[AttentionBwOpBase] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns ``(dq, dk, dv)`` from the output gradient, the output and the lse of
+    :func:`memory_efficient_attention_forward_requires_grad`."""
+    if p != 0.0:
+        raise NotImplementedError(_DROPOUT_LOW_LEVEL)
+    inp = Inputs(query=query, key=key, value=value, attn_bias=attn_bias, p=p, scale=scale)
+    inp.validate_inputs()
+    if not (grad.ndim == output.ndim == query.ndim):
+        raise ValueError(
+            "All tensors should be either in BMK (ndim=3), BMHK (ndim=4) or BMGHK (ndim=5) format: "
+            f"grad.ndim={grad.ndim}, output.ndim={output.ndim}, query.ndim={query.ndim}"
+        )
+    expected_out = (*query.shape[:-1], value.shape[-1])
+    for name, x in (("grad", grad), ("output", output)):
+        if tuple(x.shape) != expected_out:
+            raise ValueError(f"{name}.shape={tuple(x.shape)} but the attention output has shape {expected_out}")
+    shapes = (query.shape, key.shape, value.shape)
+    output_shape = inp.normalize_bmhk()
+    del output_shape
+    q = inp.query
+    expected_lse = (q.shape[0], *q.shape[2:-1], q.shape[1])
+    if lse.dtype != torch.float32 or tuple(lse.shape) != expected_lse:
+        raise ValueError(
+            f"Input tensors have incompatible shapes: lse.shape={tuple(lse.shape)} ({lse.dtype}), expected "
+            f"{expected_lse} float32 as returned by memory_efficient_attention_forward_requires_grad"
+        )
+    if query.ndim == 3:
+        grad, output = grad.unsqueeze(2), output.unsqueeze(2)
+    if op is None:
+        op = dispatch.dispatch_bw(inp)
+    else:
+        dispatch.ensure_op_supports("memory_efficient_attention_backward", op, inp)
+    grads = op.apply(Context(lse=lse, out=output), inp, grad)
+    return grads.dq.reshape(shapes[0]), grads.dk.reshape(shapes[1]), grads.dv.reshape(shapes[2])

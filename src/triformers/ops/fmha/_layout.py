@@ -1,0 +1,148 @@
+"""One canonical view of every input layout, for the operators.
+
+Operators see ``q [B, Mq, G, Hg, K]`` and ``k, v [B, Mkv, G, Hk, K|Kv]`` with ``Hk`` either ``Hg`` (every
+query head has its own K/V head) or 1 (the ``Hg`` query heads of a group share one K/V head: GQA/MQA).
+All are views of the caller's tensors: nothing is copied.
+
+    BMHK, K/V with head stride 0 (MQA)   q.unsqueeze(2): G = 1, Hg = H;  k[:, :, :1].unsqueeze(2): Hk = 1
+    BMHK otherwise                       q.unsqueeze(3): G = H, Hg = 1
+    BMGHK, K/V with H-stride 0 (GQA)     G, Hg = H; k[:, :, :, :1]: Hk = 1
+    BMGHK otherwise                      G, Hg = H, Hk = H
+
+Gradients of shared K/V (and of broadcast biases) are computed once per shared element, i.e. already
+summed over the heads (or broadcast positions) that read it. The tensor handed back to autograd for such a
+stride-0 input is that sum divided by the number of readers and expanded (a view, no copy): whatever
+broadcast produced the input (``expand``, ``broadcast_to``, ...) sums it back on its way to the base
+tensor, which thus receives exactly the sum. A stride-0 *leaf* that requires grad gets its true
+per-element gradient instead (its heads are then computed separately).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def _stride0_shared(x: torch.Tensor, dim: int) -> bool:
+    return x.shape[dim] > 1 and x.stride(dim) == 0 and not (x.is_leaf and x.requires_grad)
+
+
+@dataclass
+class Layout5:
+    """Canonical 5-D views of one call's inputs (see the module docstring)."""
+
+    q: torch.Tensor  # [B, Mq, G, Hg, K]
+    k: torch.Tensor  # [B, Mkv, G, Hk, K]
+    v: torch.Tensor  # [B, Mkv, G, Hk, Kv]
+    bias: torch.Tensor | None  # [B, G, Hg, Mq, Mkv] (broadcast view) or None
+    ndim: int  # 4 (BMHK) or 5 (BMGHK)
+    mqa: bool  # BMHK whose heads share K/V: heads live in Hg
+
+    @property
+    def kv_shared(self) -> bool:
+        return self.k.shape[3] == 1 and self.q.shape[3] > 1
+
+    def to5(self, x: torch.Tensor) -> torch.Tensor:
+        """A caller-layout tensor ``[B, M, H, X]`` (or 5-D) as ``[B, M, G, Hg, X]``."""
+        if self.ndim == 5:
+            return x
+        return x.unsqueeze(2) if self.mqa else x.unsqueeze(3)
+
+    def from5(self, x: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`to5`."""
+        if self.ndim == 5:
+            return x
+        return x.squeeze(2) if self.mqa else x.squeeze(3)
+
+    def lse5(self, lse: torch.Tensor) -> torch.Tensor:
+        """Caller lse ``[B, H, Mq]`` (or ``[B, G, H, Mq]``) as ``[B, G, Hg, Mq]``."""
+        if self.ndim == 5:
+            return lse
+        return lse.unsqueeze(1) if self.mqa else lse.unsqueeze(2)
+
+    def bias_from5(self, x: torch.Tensor) -> torch.Tensor:
+        """A ``[B, G, Hg, Mq, Mkv]``-shaped tensor back to the caller's bias dims."""
+        if self.ndim == 5:
+            return x
+        return x.squeeze(1) if self.mqa else x.squeeze(2)
+
+
+def canonical(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor | None
+) -> Layout5:
+    """Canonical views of BMHK or BMGHK inputs (BMK is turned into BMHK before this)."""
+    ndim = query.ndim
+    if ndim == 4:
+        mqa = _stride0_shared(key, 2) and _stride0_shared(value, 2)
+        if mqa:
+            q, k, v = query.unsqueeze(2), key[:, :, :1].unsqueeze(2), value[:, :, :1].unsqueeze(2)
+        else:
+            q, k, v = query.unsqueeze(3), key.unsqueeze(3), value.unsqueeze(3)
+    elif ndim == 5:
+        mqa = False
+        q, k, v = query, key, value
+        if _stride0_shared(key, 3) and _stride0_shared(value, 3):
+            k, v = key[:, :, :, :1], value[:, :, :, :1]
+    else:
+        raise ValueError(f"expected BMHK or BMGHK inputs, got query of shape {tuple(query.shape)}")
+    bias5 = None
+    if bias is not None:
+        B, Mq, G, Hg = q.shape[:4]
+        full = (B, G * Hg, Mq, key.shape[1]) if ndim == 4 else (B, G, Hg, Mq, key.shape[1])
+        expanded = bias.expand(full)
+        if ndim == 4:
+            bias5 = expanded.unsqueeze(1) if mqa else expanded.unsqueeze(2)
+        else:
+            bias5 = expanded
+    return Layout5(q=q, k=k, v=v, bias=bias5, ndim=ndim, mqa=mqa)
+
+
+def bias_reduce_dims(bias: torch.Tensor, layout: Layout5) -> tuple[int, ...]:
+    """Dims of the canonical bias ``[B, G, Hg, Mq, Mkv]`` over which its gradient is summed.
+
+    Those are the broadcast (stride-0) dims of the bias as the caller passed it; a leaf keeps its own
+    stride-0 dims of size > 1 (it needs the per-element gradient).
+    """
+    b5 = layout.bias
+    dims = []
+    caller_shape = list(bias.shape)
+    if layout.ndim == 4:  # caller dims [B, H, Mq, Mkv] -> canonical [B, G, Hg, Mq, Mkv]
+        head_pos = 2 if layout.mqa else 1
+        caller_of = {0: 0, head_pos: 1, 3: 2, 4: 3}
+    else:
+        caller_of = {d: d for d in range(5)}
+    for d in range(5):
+        if b5.shape[d] <= 1 or b5.stride(d) != 0:
+            continue
+        c = caller_of.get(d)
+        if c is not None and bias.is_leaf and caller_shape[c] > 1:
+            continue
+        dims.append(d)
+    return tuple(dims)
+
+
+def grad_for_input(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The gradient to hand autograd for input ``x`` given ``g``, summed (keepdim) over some of x's
+    broadcast dims; see the module docstring for why dividing and expanding is exact."""
+    if tuple(g.shape) == tuple(x.shape):
+        return g
+    readers = 1
+    for gs, xs in zip(g.shape, x.shape):
+        if gs != xs:
+            if gs != 1:
+                raise RuntimeError(f"gradient of shape {tuple(g.shape)} cannot stand for {tuple(x.shape)}")
+            readers *= xs
+    if readers == 0:
+        return g.new_zeros(x.shape)
+    return (g / readers).expand(x.shape) if readers > 1 else g.reshape(x.shape)
+
+
+def shared_kv_grad(g5: torch.Tensor, x: torch.Tensor, layout: Layout5) -> torch.Tensor:
+    """Gradient for a caller's key/value ``x`` from its canonical-layout gradient ``[B, Mkv, G, Hk, X]``."""
+    if layout.ndim == 4:
+        g = g5.squeeze(2).reshape(g5.shape[0], g5.shape[1], 1, g5.shape[-1]) if layout.mqa else g5.squeeze(3)
+    else:
+        g = g5
+    return grad_for_input(g, x)
+

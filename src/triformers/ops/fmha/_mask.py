@@ -1,0 +1,152 @@
+"""Every attention bias as the few numbers a kernel needs.
+
+Each bias of :mod:`attn_bias` is a set of blocks (one per batch element for dense biases; one per packed
+sequence for block-diagonal ones) in which query ``i`` and key ``j`` (block-local indices) are allowed when
+
+    i + off_b - window_left  <=  j  <=  i + off_b + window_right
+
+with ``off_b = nk_b - nq_b`` for bottom-right alignment and 0 for top-left, and a missing window bound meaning
+"unbounded". Causal is ``window_right = 0``; a causal window of ``w`` keys is ``window_left = w - 1``. The
+operators (chunked, Triton) work only from this description, so a bias is supported by every operator
+the moment it has a row in :func:`mask_spec`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from triformers.ops.fmha import attn_bias as ab
+
+
+@dataclass(frozen=True)
+class MaskSpec:
+    """What an attention bias allows, per block.
+
+    Attributes:
+        q_starts: query block boundaries ``[nb + 1]`` in the packed sequence, or None for a dense batch
+            (one block per batch element covering all ``Mq`` queries and ``Mkv`` keys).
+        k_starts: first key of each block ``[nb]`` (None when dense).
+        k_lens: number of keys in use in each block ``[nb]`` (None when dense).
+        bottom_right: diagonal offset ``nk_b - nq_b`` (True) or 0 (False).
+        window_left: keys allowed left of the diagonal (None: unbounded).
+        window_right: keys allowed right of the diagonal (None: unbounded; 0: causal).
+        tensor_bias: additive ``[B, H, Mq, Mkv]`` tensor (broadcast views allowed) or None.
+    """
+
+    q_starts: tuple[int, ...] | None = None
+    k_starts: tuple[int, ...] | None = None
+    k_lens: tuple[int, ...] | None = None
+    bottom_right: bool = False
+    window_left: int | None = None
+    window_right: int | None = None
+    tensor_bias: torch.Tensor | None = None
+
+    @property
+    def is_block_diagonal(self) -> bool:
+        return self.q_starts is not None
+
+    @property
+    def is_causal(self) -> bool:
+        return self.window_right == 0
+
+    @property
+    def num_blocks(self) -> int:
+        return 0 if self.q_starts is None else len(self.q_starts) - 1
+
+    def blocks(self, Mq: int, Mkv: int) -> list[tuple[int, int, int, int, int]]:
+        """``(q_start, q_len, k_start, k_len, diagonal_offset)`` for every block."""
+        if self.q_starts is None:
+            return [(0, Mq, 0, Mkv, (Mkv - Mq) if self.bottom_right else 0)]
+        out = []
+        for b in range(self.num_blocks):
+            q0, q_len = self.q_starts[b], self.q_starts[b + 1] - self.q_starts[b]
+            k0, k_len = self.k_starts[b], self.k_lens[b]
+            out.append((q0, q_len, k0, k_len, (k_len - q_len) if self.bottom_right else 0))
+        return out
+
+    def key_range(self, i_lo: int, i_hi: int, k_len: int, offset: int) -> tuple[int, int]:
+        """Keys ``[lo, hi)`` that any of the block-local queries ``[i_lo, i_hi)`` may attend."""
+        lo = 0 if self.window_left is None else max(0, i_lo + offset - self.window_left)
+        hi = k_len if self.window_right is None else min(k_len, i_hi - 1 + offset + self.window_right + 1)
+        return lo, max(lo, hi)
+
+    def fully_allowed(self, i_lo: int, i_hi: int, j_lo: int, j_hi: int, offset: int) -> bool:
+        """True when every pair of the tile ``[i_lo, i_hi) x [j_lo, j_hi)`` is allowed (no mask to apply)."""
+        if self.window_right is not None and j_hi - 1 > i_lo + offset + self.window_right:
+            return False
+        if self.window_left is not None and j_lo < i_hi - 1 + offset - self.window_left:
+            return False
+        return True
+
+    def allowed(self, i: torch.Tensor, j: torch.Tensor, offset: int) -> torch.Tensor:
+        """Boolean mask of allowed pairs for block-local index tensors ``i`` ``[..., 1]`` and ``j`` ``[1, ...]``."""
+        d = j - i - offset
+        ok = torch.ones_like(d, dtype=torch.bool)
+        if self.window_right is not None:
+            ok = ok & (d <= self.window_right)
+        if self.window_left is not None:
+            ok = ok & (d >= -self.window_left)
+        return ok
+
+
+# exact type -> (bottom_right, window_right); a `_window_size` attribute adds window_left = w - 1
+_DENSE = {
+    ab.LowerTriangularMask: (False, 0),
+    ab.LowerTriangularMaskWithTensorBias: (False, 0),
+    ab.LowerTriangularFromBottomRightMask: (True, 0),
+    ab.LowerTriangularFromBottomRightLocalAttentionMask: (True, 0),
+}
+_BLOCK_DIAGONAL = {
+    ab.BlockDiagonalMask: (False, None),
+    ab.BlockDiagonalCausalMask: (False, 0),
+    ab.BlockDiagonalCausalFromBottomRightMask: (True, 0),
+    ab.BlockDiagonalCausalLocalAttentionMask: (False, 0),
+    ab.BlockDiagonalCausalLocalAttentionFromBottomRightMask: (True, 0),
+}
+
+SUPPORTED_BIAS_TYPES: frozenset[type] = frozenset(
+    {type(None), torch.Tensor, ab.LocalAttentionFromBottomRightMask, ab.BlockDiagonalCausalWithOffsetPaddedKeysMask}
+    | set(_DENSE)
+    | set(_BLOCK_DIAGONAL)
+)
+
+
+def mask_spec(bias: torch.Tensor | ab.AttentionBias | None) -> MaskSpec:
+    """The :class:`MaskSpec` of ``bias`` (exact types only, as in :data:`SUPPORTED_BIAS_TYPES`)."""
+    kind = type(bias)
+    if bias is None:
+        return MaskSpec()
+    if isinstance(bias, torch.Tensor):
+        return MaskSpec(tensor_bias=bias)
+    window = getattr(bias, "_window_size", None)
+    window_left = None if window is None else window - 1
+    if kind in _DENSE:
+        bottom_right, window_right = _DENSE[kind]
+        tensor = bias._bias if kind is ab.LowerTriangularMaskWithTensorBias else None
+        return MaskSpec(
+            bottom_right=bottom_right, window_left=window_left, window_right=window_right, tensor_bias=tensor
+        )
+    if kind is ab.LocalAttentionFromBottomRightMask:
+        return MaskSpec(bottom_right=True, window_left=bias.window_left, window_right=bias.window_right)
+    if kind in _BLOCK_DIAGONAL:
+        bottom_right, window_right = _BLOCK_DIAGONAL[kind]
+        ks = bias.k_seqinfo.seqstart_py
+        return MaskSpec(
+            q_starts=tuple(bias.q_seqinfo.seqstart_py),
+            k_starts=tuple(ks[:-1]),
+            k_lens=tuple(b - a for a, b in zip(ks, ks[1:])),
+            bottom_right=bottom_right,
+            window_left=window_left,
+            window_right=window_right,
+        )
+    if kind is ab.BlockDiagonalCausalWithOffsetPaddedKeysMask:
+        return MaskSpec(
+            q_starts=tuple(bias.q_seqinfo.seqstart_py),
+            k_starts=tuple(bias.k_seqinfo.seqstart_py[:-1]),
+            k_lens=tuple(bias.k_seqinfo.seqlen_py),
+            bottom_right=True,
+            window_right=0,
+        )
+    raise NotImplementedError(f"attention bias of type {kind.__name__} has no mask description")

@@ -1,0 +1,537 @@
+"""Attention biases: structured masks that operators apply without materializing them.
+
+Notation: query row ``i`` in ``[0, Mq)``, key column ``j`` in ``[0, Mkv)``; an allowed pair adds 0 to the
+attention score, a masked one adds -inf. ``s = Mkv - Mq`` is the bottom-right shift. All bounds are inclusive.
+
+============================================  ===================================================
+class                                         allowed (i, j)
+============================================  ===================================================
+LowerTriangularMask                           j <= i                       (causal, top-left)
+LowerTriangularMaskWithTensorBias             j <= i, plus an additive tensor
+LowerTriangularFromBottomRightMask            j <= i + s
+LowerTriangularFromBottomRightLocalAttention  i + s - w + 1 <= j <= i + s  (w keys, diagonal included)
+LocalAttentionFromBottomRightMask             i + s - wl <= j <= i + s + wr (not causal)
+BlockDiagonalMask                             same block only
+BlockDiagonalCausalMask                       same block, j <= i within it
+BlockDiagonalCausalFromBottomRightMask        same block, j <= i + (nk_b - nq_b)
+BlockDiagonalCausalLocalAttentionMask         same block, i - w + 1 <= j <= i
+BlockDiagonalCausalLocalAttentionFromBR...    same block, i + s_b - w + 1 <= j <= i + s_b
+BlockDiagonalCausalWithOffsetPaddedKeysMask   same block, key in use, j <= i + kv_len_b - q_len_b
+============================================  ===================================================
+
+Block-diagonal biases describe packed sequences (batch size 1, sequences concatenated along M); indices
+inside a block are local to it. This module is pure PyTorch and holds no kernel code:
+``materialize`` exists for debugging and tests.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+__all__ = [
+    "AttentionBias",
+    "LowerTriangularMask",
+    "LowerTriangularMaskWithTensorBias",
+    "LowerTriangularFromBottomRightMask",
+    "LowerTriangularFromBottomRightLocalAttentionMask",
+    "LocalAttentionFromBottomRightMask",
+    "BlockDiagonalMask",
+    "BlockDiagonalCausalMask",
+    "BlockDiagonalCausalFromBottomRightMask",
+    "BlockDiagonalCausalLocalAttentionMask",
+    "BlockDiagonalCausalLocalAttentionFromBottomRightMask",
+    "BlockDiagonalCausalWithOffsetPaddedKeysMask",
+]
+
+
+class AttentionBias:
+    """Base class for a structured bias added to ``Q @ K^T`` before the softmax.
+
+    Passing one as ``attn_bias`` to :func:`triformers.ops.memory_efficient_attention` lets operators apply
+    the mask from its parameters (and skip the tiles it hides) instead of reading a ``[Mq, Mkv]`` tensor.
+    """
+
+    def materialize(
+        self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    ) -> torch.Tensor:
+        """Returns the bias as a dense tensor of ``shape`` (``[..., Mq, Mkv]``): 0 where allowed, -inf
+        where masked. For debugging and tests."""
+        raise NotImplementedError()
+
+
+def _materialize_causal_mask(
+    shape: Sequence[int],
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    *,
+    window_size: int | None = None,
+    from_bottomright: bool = False,
+) -> torch.Tensor:
+    create_as = dtype if dtype is not torch.bfloat16 else torch.float32
+    ones = torch.ones(tuple(shape), dtype=create_as, device=device)
+    num_queries, num_keys = shape[-2:]
+    shift = num_keys - num_queries if from_bottomright else 0
+    mask = torch.tril(ones, diagonal=shift)
+    if window_size is not None:
+        mask = torch.triu(mask, diagonal=shift - window_size + 1)
+    return torch.log(mask).to(dtype)
+
+
+class LowerTriangularMask(AttentionBias):
+    """Causal mask, top-left aligned: query ``i`` attends keys ``j <= i``.
+
+    Constructor arguments are accepted and ignored, for compatibility with older code.
+    """
+
+    def __init__(self, *tensor_args: Any, **tensor_kwargs: Any) -> None:
+        super().__init__()
+
+    def materialize(self, shape, dtype=torch.float32, device="cpu") -> torch.Tensor:
+        return _materialize_causal_mask(shape, dtype=dtype, device=device)
+
+    def add_bias(self, bias: torch.Tensor) -> LowerTriangularMaskWithTensorBias:
+        """Returns this causal mask combined with an additive tensor ``bias`` ``[B, H, Mq, Mkv]``."""
+        return LowerTriangularMaskWithTensorBias(bias)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class LowerTriangularMaskWithTensorBias(LowerTriangularMask):
+    """Causal mask (top-left) plus an additive tensor bias ``[B, H, Mq, Mkv]`` (broadcast views accepted)."""
+
+    def __init__(self, bias: torch.Tensor) -> None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"bias must be a torch.Tensor, got {type(bias).__name__}")
+        self._bias = bias
+
+    def materialize(self, shape, dtype=torch.float32, device="cpu") -> torch.Tensor:
+        return super().materialize(shape, dtype=dtype, device=device) + self._bias.to(dtype=dtype, device=device)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(bias of shape {tuple(self._bias.shape)})"
+
+
+class LowerTriangularFromBottomRightMask(AttentionBias):
+    """Causal mask aligned to the bottom-right corner: query ``i`` attends keys ``j <= i + Mkv - Mq``.
+
+    With more keys than queries (a KV cache), the last query sees every key. Rows whose allowed range is
+    empty (more queries than keys) produce an output of 0.
+    """
+
+    def materialize(self, shape, dtype=torch.float32, device="cpu") -> torch.Tensor:
+        return _materialize_causal_mask(shape, dtype=dtype, device=device, from_bottomright=True)
+
+    def make_local_attention(self, window_size: int) -> LowerTriangularFromBottomRightLocalAttentionMask:
+        """Returns the same mask limited to the last ``window_size`` keys (diagonal included)."""
+        return LowerTriangularFromBottomRightLocalAttentionMask(window_size)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def _check_window(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"Expected `{name}` to be an int, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        comparison = "> 0" if minimum == 1 else f">= {minimum}"
+        raise ValueError(f"Expected `{name} {comparison}`, but {name}={value}")
+
+
+@dataclass
+class LowerTriangularFromBottomRightLocalAttentionMask(LowerTriangularFromBottomRightMask):
+    """Bottom-right causal mask with a sliding window: ``i + s - w + 1 <= j <= i + s`` (``s = Mkv - Mq``),
+    i.e. each query sees ``w = window_size`` keys, its diagonal key included."""
+
+    _window_size: int
+
+    def __post_init__(self) -> None:
+        _check_window("window_size", self._window_size, 1)
+
+    def materialize(self, shape, dtype=torch.float32, device="cpu") -> torch.Tensor:
+        return _materialize_causal_mask(
+            shape, dtype=dtype, device=device, window_size=self._window_size, from_bottomright=True
+        )
+
+
+@dataclass
+class LocalAttentionFromBottomRightMask(AttentionBias):
+    """Non-causal local window aligned to the bottom-right: ``i + s - wl <= j <= i + s + wr``.
+
+    The window spans ``window_left + 1 + window_right`` keys.
+    """
+
+    window_left: int
+    window_right: int
+
+    def __post_init__(self) -> None:
+        _check_window("window_left", self.window_left, 0)
+        _check_window("window_right", self.window_right, 0)
+
+    def materialize(self, shape, dtype=torch.float32, device="cpu") -> torch.Tensor:
+        create_as = dtype if dtype is not torch.bfloat16 else torch.float32
+        ones = torch.ones(tuple(shape), dtype=create_as, device=device)
+        num_queries, num_keys = shape[-2:]
+        shift = num_keys - num_queries
+        mask = torch.tril(ones, diagonal=shift + self.window_right)
+        mask = torch.triu(mask, diagonal=shift - self.window_left)
+        return torch.log(mask).to(dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# Sequence-length bookkeeping for packed (block-diagonal) batches
+# --------------------------------------------------------------------------------------------------
+
+
+def _as_int_list(name: str, seqlens: Iterable[int] | torch.Tensor) -> list[int]:
+    if isinstance(seqlens, torch.Tensor):
+        if seqlens.ndim != 1:
+            raise ValueError(f"{name} must be 1-D, got a tensor of shape {tuple(seqlens.shape)}")
+        seqlens = seqlens.tolist()
+    values = list(seqlens)
+    for x in values:
+        if isinstance(x, bool) or not isinstance(x, int) or x < 0:
+            raise ValueError(f"{name} must hold non-negative ints, got {values}")
+    return values
+
+
+@dataclass
+class _SeqLenInfo:
+    """Start offsets of sequences concatenated along M: ``seqstart_py = [0, l0, l0 + l1, ...]``."""
+
+    seqstart: torch.Tensor
+    max_seqlen: int
+    min_seqlen: int
+    seqstart_py: list[int]
+
+    def to(self, device: torch.device) -> None:
+        """Moves ``seqstart`` to ``device`` (in place)."""
+        self.seqstart = self.seqstart.to(device, non_blocking=True)
+
+    def intervals(self) -> Iterable[tuple[int, int]]:
+        yield from zip(self.seqstart_py, self.seqstart_py[1:])
+
+    @classmethod
+    def from_seqlens(cls, seqlens: Iterable[int]) -> _SeqLenInfo:
+        """``[2, 3, 2]`` gives ``seqstart_py == [0, 2, 5, 7]``."""
+        lengths = _as_int_list("seqlens", seqlens)
+        seqstart_py = [0]
+        for length in lengths:
+            seqstart_py.append(seqstart_py[-1] + length)
+        return cls(
+            seqstart=torch.tensor(seqstart_py, dtype=torch.int32),
+            max_seqlen=max(lengths, default=0),
+            min_seqlen=min(lengths, default=0),
+            seqstart_py=seqstart_py,
+        )
+
+    def split(self, x: torch.Tensor, batch_sizes: Sequence[int] | None = None) -> list[torch.Tensor]:
+        """Splits ``x`` ``[1, total, *]`` into the sequences, grouped ``[batch_size_i, M_i, *]``."""
+        if x.ndim < 2 or x.shape[0] != 1 or x.shape[1] != self.seqstart_py[-1]:
+            raise ValueError(
+                f"Expected a tensor of shape [1, {self.seqstart_py[-1]}, ...] (the packed sequences), "
+                f"got x.shape={tuple(x.shape)}"
+            )
+        if batch_sizes is None:
+            batch_sizes = [1] * (len(self.seqstart_py) - 1)
+        split_chunks, it = [], 0
+        for batch_size in batch_sizes:
+            split_chunks.append(self.seqstart_py[it + batch_size] - self.seqstart_py[it])
+            it += batch_size
+        return [
+            chunk.reshape([batch_sizes[i], -1, *chunk.shape[2:]])
+            for i, chunk in enumerate(x.split(split_chunks, dim=1))
+        ]
+
+
+@dataclass
+class _PaddedSeqLenInfo(_SeqLenInfo):
+    """Sequences stored in fixed slots of ``padding`` positions, of which the first ``seqlen[b]`` are used."""
+
+    seqlen: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int32))
+    seqlen_py: Sequence[int] = ()
+    padding: int = 0
+
+    def __post_init__(self) -> None:
+        assert len(self.seqstart_py) == len(self.seqlen_py) + 1
+
+    def to(self, device: torch.device) -> None:
+        self.seqlen = self.seqlen.to(device, non_blocking=True)
+        super().to(device)
+
+    def intervals(self) -> Iterable[tuple[int, int]]:
+        for start, length in zip(self.seqstart_py, self.seqlen_py):
+            yield start, start + length
+
+    @classmethod
+    def from_seqlens(cls, seqlens: Iterable[int]) -> _SeqLenInfo:
+        raise RuntimeError("Use either `_SeqLenInfo.from_seqlens` or `_PaddedSeqLenInfo.from_seqlens_padded`")
+
+    @classmethod
+    def from_seqlens_padded(cls, seqlens: Sequence[int], padding: int) -> _PaddedSeqLenInfo:
+        lengths = _as_int_list("kv_seqlen", seqlens)
+        if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
+            raise ValueError(f"kv_padding must be a non-negative int, got {padding!r}")
+        for length in lengths:
+            if length > padding:
+                raise ValueError(f"kv_seqlen holds {length}, more than kv_padding={padding}; raise kv_padding")
+        seqstart_py = list(range(0, len(lengths) * padding + 1, padding)) if padding else [0] * (len(lengths) + 1)
+        return cls(
+            seqstart=torch.tensor(seqstart_py, dtype=torch.int32),
+            max_seqlen=max(lengths, default=0),
+            min_seqlen=min(lengths, default=0),
+            seqstart_py=seqstart_py,
+            seqlen=torch.tensor(lengths, dtype=torch.int32),
+            seqlen_py=lengths,
+            padding=padding,
+        )
+
+    def split(self, x: torch.Tensor, batch_sizes: Sequence[int] | None = None) -> list[torch.Tensor]:
+        raise NotImplementedError("_PaddedSeqLenInfo.split")
+
+
+# --------------------------------------------------------------------------------------------------
+# Block-diagonal family
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BlockDiagonalMask(AttentionBias):
+    """Packed sequences: queries of block ``b`` attend only keys of block ``b``.
+
+    Queries and keys are concatenated along M (batch size 1). Build one with :meth:`from_seqlens` or
+    :meth:`from_tensor_list`; :meth:`split` undoes the packing.
+
+    Example::
+
+        attn_bias, x = BlockDiagonalMask.from_tensor_list([x0, x1, x2])   # x_i: [B_i, M_i, H, K]
+        out = memory_efficient_attention(q(x), k(x), v(x), attn_bias=attn_bias)
+        out0, out1, out2 = attn_bias.split(out)
+    """
+
+    q_seqinfo: _SeqLenInfo
+    k_seqinfo: _SeqLenInfo
+    _batch_sizes: Sequence[int] | None = None
+
+    def _create_block_mask(self, shape, dtype=torch.float32, device="cpu") -> torch.Tensor:
+        return torch.zeros(tuple(shape), dtype=dtype, device=device)
+
+    def materialize(self, shape, dtype=torch.float32, device="cpu") -> torch.Tensor:
+        if shape[-1] != self.k_seqinfo.seqstart_py[-1]:
+            raise ValueError(f"shape[-1]={shape[-1]} but the keys total {self.k_seqinfo.seqstart_py[-1]}")
+        if shape[-2] != self.q_seqinfo.seqstart_py[-1]:
+            raise ValueError(f"shape[-2]={shape[-2]} but the queries total {self.q_seqinfo.seqstart_py[-1]}")
+        mask = torch.full(tuple(shape[-2:]), -math.inf, dtype=dtype, device=device)
+        for (q_start, q_end), (k_start, k_end) in zip(self.q_seqinfo.intervals(), self.k_seqinfo.intervals()):
+            mask[q_start:q_end, k_start:k_end] = self._create_block_mask(
+                (q_end - q_start, k_end - k_start), dtype=dtype, device=device
+            )
+        for _ in range(len(shape) - 2):
+            mask = mask.unsqueeze(0)
+        return mask.expand(tuple(shape))
+
+    @classmethod
+    def from_seqlens(
+        cls, q_seqlen: Sequence[int], kv_seqlen: Sequence[int] | None = None
+    ) -> BlockDiagonalMask:
+        """Builds the mask from the query lengths (and key lengths, by default the same)."""
+        q_list = _as_int_list("q_seqlen", q_seqlen)
+        kv_list = None if kv_seqlen is None else _as_int_list("kv_seqlen", kv_seqlen)
+        if kv_list is not None and len(kv_list) != len(q_list):
+            raise ValueError(
+                f"q_seqlen and kv_seqlen must have one entry per block, got {len(q_list)} and {len(kv_list)}"
+            )
+        q_seqinfo = _SeqLenInfo.from_seqlens(q_list)
+        if kv_list is None or kv_list == q_list:
+            k_seqinfo = q_seqinfo
+        else:
+            k_seqinfo = _SeqLenInfo.from_seqlens(kv_list)
+        return cls(q_seqinfo=q_seqinfo, k_seqinfo=k_seqinfo)
+
+    @classmethod
+    def from_tensor_list(cls, tensors: Sequence[torch.Tensor]) -> tuple[BlockDiagonalMask, torch.Tensor]:
+        """Packs tensors ``[B_i, M_i, *]`` into ``[1, sum_i B_i * M_i, *]`` and returns the matching mask."""
+        batch_sizes = [tensor.shape[0] for tensor in tensors]
+        seqlens = []
+        for x in tensors:
+            seqlens.extend([x.shape[1]] * x.shape[0])
+        block_diag = cls.from_seqlens(seqlens)
+        block_diag._batch_sizes = batch_sizes
+        concat = torch.cat([x.reshape([1, -1, *x.shape[2:]]) for x in tensors], dim=1)
+        return block_diag, concat
+
+    @classmethod
+    def from_tensor_lists_qkv(
+        cls,
+        tensors_q: Sequence[torch.Tensor],
+        tensors_k: Sequence[torch.Tensor],
+        tensors_v: Sequence[torch.Tensor] | None = None,
+    ) -> tuple[BlockDiagonalMask, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Packs matching lists of queries, keys (and values), which may differ in length per entry."""
+        if len(tensors_q) != len(tensors_k) or (tensors_v is not None and len(tensors_v) != len(tensors_q)):
+            raise ValueError("tensors_q, tensors_k and tensors_v must have the same number of entries")
+        batch_sizes = [tensor.shape[0] for tensor in tensors_q]
+        q_seqlens, kv_seqlens = [], []
+        for i, (q, k) in enumerate(zip(tensors_q, tensors_k)):
+            if q.shape[0] != k.shape[0]:
+                raise ValueError(f"entry {i}: query batch {q.shape[0]} != key batch {k.shape[0]}")
+            if tensors_v is not None and tuple(tensors_v[i].shape[:2]) != tuple(k.shape[:2]):
+                raise ValueError(f"entry {i}: value shape {tuple(tensors_v[i].shape)} does not match key's")
+            q_seqlens.extend([q.shape[1]] * q.shape[0])
+            kv_seqlens.extend([k.shape[1]] * k.shape[0])
+        block_diag = cls.from_seqlens(q_seqlens, kv_seqlens)
+        block_diag._batch_sizes = batch_sizes
+
+        def pack(xs):
+            return torch.cat([x.reshape([1, -1, *x.shape[2:]]) for x in xs], dim=1)
+
+        return block_diag, pack(tensors_q), pack(tensors_k), None if tensors_v is None else pack(tensors_v)
+
+    def split_queries(self, tensor: torch.Tensor) -> Sequence[torch.Tensor]:
+        return self.q_seqinfo.split(tensor, self._batch_sizes)
+
+    def split_kv(self, tensor: torch.Tensor) -> Sequence[torch.Tensor]:
+        return self.k_seqinfo.split(tensor, self._batch_sizes)
+
+    def split(self, tensor: torch.Tensor) -> Sequence[torch.Tensor]:
+        """Inverse of :meth:`from_tensor_list`: ``[1, total, *]`` back to ``[B_i, M_i, *]`` tensors."""
+        if self.q_seqinfo is not self.k_seqinfo:
+            raise ValueError("split() needs identical query and key lengths: use split_queries() or split_kv()")
+        return self.split_queries(tensor)
+
+    def _derive(self, cls, **extra):
+        return cls(q_seqinfo=self.q_seqinfo, k_seqinfo=self.k_seqinfo, _batch_sizes=self._batch_sizes, **extra)
+
+    def make_causal(self) -> BlockDiagonalCausalMask:
+        """Each block causal, top-left aligned."""
+        return self._derive(BlockDiagonalCausalMask)
+
+    def make_causal_from_bottomright(self) -> BlockDiagonalCausalFromBottomRightMask:
+        """Each block causal, bottom-right aligned (a non-causal prefix when keys outnumber queries)."""
+        return self._derive(BlockDiagonalCausalFromBottomRightMask)
+
+    def make_local_attention(self, window_size: int) -> BlockDiagonalCausalLocalAttentionMask:
+        """Each block causal (top-left) with a sliding window of ``window_size`` keys."""
+        return self._derive(BlockDiagonalCausalLocalAttentionMask, _window_size=window_size)
+
+    def make_local_attention_from_bottomright(
+        self, window_size: int
+    ) -> BlockDiagonalCausalLocalAttentionFromBottomRightMask:
+        """Each block causal (bottom-right) with a sliding window of ``window_size`` keys."""
+        return self._derive(BlockDiagonalCausalLocalAttentionFromBottomRightMask, _window_size=window_size)
+
+
+@dataclass
+class BlockDiagonalCausalMask(BlockDiagonalMask):
+    """Block-diagonal, each block causal (top-left): local ``j <= i``."""
+
+    def _create_block_mask(self, shape, dtype=torch.float32, device="cpu") -> torch.Tensor:
+        return _materialize_causal_mask(shape, dtype=dtype, device=device)
+
+
+@dataclass
+class BlockDiagonalCausalFromBottomRightMask(BlockDiagonalMask):
+    """Block-diagonal, each block causal from the bottom-right: local ``j <= i + nk_b - nq_b``.
+
+    Every block needs at least as many keys as queries.
+    """
+
+    def __post_init__(self) -> None:
+        for i, ((q_start, q_end), (k_start, k_end)) in enumerate(
+            zip(self.q_seqinfo.intervals(), self.k_seqinfo.intervals())
+        ):
+            num_queries, num_keys = q_end - q_start, k_end - k_start
+            if num_keys < num_queries:
+                raise ValueError(
+                    f"Block #{i} has num_keys={num_keys} and num_queries={num_queries}. "
+                    "Expected `num_keys >= num_queries`"
+                )
+
+    def _create_block_mask(self, shape, dtype=torch.float32, device="cpu") -> torch.Tensor:
+        return _materialize_causal_mask(shape, dtype=dtype, device=device, from_bottomright=True)
+
+
+@dataclass
+class BlockDiagonalCausalLocalAttentionMask(BlockDiagonalCausalMask):
+    """Block-diagonal, causal (top-left) with a window: local ``i - w + 1 <= j <= i``."""
+
+    _window_size: int = 0
+
+    def __post_init__(self) -> None:
+        _check_window("window_size", self._window_size, 1)
+        for (q_start, q_end), (k_start, k_end) in zip(self.q_seqinfo.intervals(), self.k_seqinfo.intervals()):
+            q_len, k_len = q_end - q_start, k_end - k_start
+            if q_len - self._window_size >= k_len:
+                raise RuntimeError(
+                    f"No keys are attended in q_seqlen {q_len} k_seqlen {k_len} "
+                    f"with sliding window {self._window_size}"
+                )
+
+    def _create_block_mask(self, shape, dtype=torch.float32, device="cpu") -> torch.Tensor:
+        return _materialize_causal_mask(shape, dtype=dtype, device=device, window_size=self._window_size)
+
+
+@dataclass
+class BlockDiagonalCausalLocalAttentionFromBottomRightMask(BlockDiagonalCausalFromBottomRightMask):
+    """Block-diagonal, causal (bottom-right) with a window: local ``i + s_b - w + 1 <= j <= i + s_b``."""
+
+    _window_size: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_window("window_size", self._window_size, 1)
+
+    def _create_block_mask(self, shape, dtype=torch.float32, device="cpu") -> torch.Tensor:
+        return _materialize_causal_mask(
+            shape, dtype=dtype, device=device, window_size=self._window_size, from_bottomright=True
+        )
+
+
+@dataclass
+class BlockDiagonalCausalWithOffsetPaddedKeysMask(AttentionBias):
+    """Decoding with a KV cache: keys of sequence ``b`` live at ``[b * kv_padding, b * kv_padding +
+    kv_seqlen[b])``; queries are packed without padding. Allowed: same sequence, key in use, and
+    ``j <= i + kv_seqlen[b] - q_seqlen[b]`` (the new tokens are the last ``q_seqlen[b]`` of the sequence).
+    """
+
+    q_seqinfo: _SeqLenInfo
+    k_seqinfo: _PaddedSeqLenInfo
+    causal_diagonal: Any = None  # unused, kept for compatibility
+
+    def materialize(self, shape, dtype=torch.float32, device="cpu") -> torch.Tensor:
+        if shape[-1] != self.k_seqinfo.seqstart_py[-1]:
+            raise ValueError("k shapes wrong")
+        if shape[-2] != self.q_seqinfo.seqstart_py[-1]:
+            raise ValueError("q shapes wrong")
+        mask = torch.full(tuple(shape[-2:]), -math.inf, dtype=dtype, device=device)
+        for (q_start, q_end), (k_start, k_end) in zip(self.q_seqinfo.intervals(), self.k_seqinfo.intervals()):
+            mask[q_start:q_end, k_start:k_end] = _materialize_causal_mask(
+                (q_end - q_start, k_end - k_start), dtype=dtype, device=device, from_bottomright=True
+            )
+        for _ in range(len(shape) - 2):
+            mask = mask.unsqueeze(0)
+        return mask.expand(tuple(shape))
+
+    @classmethod
+    def from_seqlens(
+        cls,
+        q_seqlen: Sequence[int],
+        kv_padding: int,
+        kv_seqlen: Sequence[int],
+        causal_diagonal: Any = None,
+    ) -> BlockDiagonalCausalWithOffsetPaddedKeysMask:
+        """Builds the mask from the query lengths, the slot size of the cache and the used key lengths."""
+        q_list = _as_int_list("q_seqlen", q_seqlen)
+        kv_list = _as_int_list("kv_seqlen", kv_seqlen)
+        if len(q_list) != len(kv_list):
+            raise ValueError(
+                f"q_seqlen and kv_seqlen must have one entry per sequence, got {len(q_list)} and {len(kv_list)}"
+            )
+        q_seqinfo = _SeqLenInfo.from_seqlens(q_list)
+        k_seqinfo = _PaddedSeqLenInfo.from_seqlens_padded(kv_list, kv_padding)
+        return cls(q_seqinfo=q_seqinfo, k_seqinfo=k_seqinfo, causal_diagonal=causal_diagonal)

@@ -1,0 +1,272 @@
+"""``fmha.chunked``: exact attention in pure PyTorch on any device, in O(M * chunk) memory.
+
+Flash-attention's algorithm written with tensor ops: queries are processed in chunks; for each, the key
+chunks the mask allows are visited with an online softmax (running max ``m_i``, running sum ``l_i``,
+accumulator ``acc``), and the log-sum-exp is kept. The backward recomputes each score tile from the lse
+(``P = exp(S - lse)``) instead of storing it. Only one ``[chunk_q, chunk_k]`` tile per head is alive at a
+time, never the ``[Mq, Mkv]`` score matrix.
+
+- Masks come from :mod:`_mask` (every bias type): tiles a mask hides entirely are never visited, tiles it
+  allows entirely are not masked, only boundary tiles build a mask.
+- GQA/MQA: a group's query heads are stacked into one matrix product with their shared K/V head (no
+  expanded copy), and dK/dV come out summed over the group.
+- Half-precision inputs are computed in float32 tile by tile.
+- Dropout regenerates its mask from the seed (:mod:`_rng`) in the backward; the mask is the one the Triton
+  operator draws.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import torch
+
+from triformers.ops.common import register_operator
+from triformers.ops.fmha import _layout, _rng
+from triformers.ops.fmha._mask import SUPPORTED_BIAS_TYPES, MaskSpec, mask_spec
+from triformers.ops.fmha.common import AttentionBwOpBase, AttentionFwOpBase, Context, Gradients, Inputs
+
+# Score elements per tile, summed over batch and heads: 2**21 fp32 = 8 MiB per intermediate (scores,
+# probabilities, masks: about 5 alive at once, ~40 MiB). On 2 CPU cores 2**20..2**23 time within 5% of each
+# other at M = 4096; smaller tiles pay Python overhead per tile, larger ones only memory.
+TILE_BUDGET = 1 << 21
+# Keys per tile: long rows amortise the per-tile work of the online softmax; 512 keeps causal/local waste
+# (the masked half of diagonal tiles) small.
+MAX_CHUNK_K = 512
+MIN_CHUNK_Q = 16
+
+
+def _chunk_sizes(n_heads: int, Mq: int, Mkv: int) -> tuple[int, int]:
+    chunk_k = max(1, min(Mkv, MAX_CHUNK_K))
+    chunk_q = max(MIN_CHUNK_Q, TILE_BUDGET // max(1, n_heads * chunk_k))
+    return min(chunk_q, max(Mq, 1)), chunk_k
+
+
+def _fold(x: torch.Tensor, hk: int) -> torch.Tensor:
+    """``[B, G, Hg, n, X]`` -> ``[B, G, Hk, (Hg / Hk) * n, X]``: a group's heads share one K/V matmul."""
+    B, G, Hg, n, X = x.shape
+    return x if hk == Hg else x.reshape(B, G, hk, (Hg // hk) * n, X)
+
+
+def _unfold(x: torch.Tensor, hg: int) -> torch.Tensor:
+    """Inverse of :func:`_fold`."""
+    B, G, hk, rows, X = x.shape
+    return x if hk == hg else x.reshape(B, G, hg, rows // (hg // hk), X)
+
+
+class _Tiles:
+    """The (query chunk, key chunk) tiles a mask lets through, and their masks."""
+
+    def __init__(self, spec: MaskSpec, Mq: int, Mkv: int, chunk_q: int, chunk_k: int, device: torch.device):
+        self.spec, self.chunk_q, self.chunk_k, self.device = spec, chunk_q, chunk_k, device
+        self.blocks = spec.blocks(Mq, Mkv)
+
+    def query_chunks(self):
+        """``(block, q0, q1)``: absolute query ranges, per block."""
+        for blk in self.blocks:
+            q_start, q_len = blk[0], blk[1]
+            for a in range(0, q_len, self.chunk_q):
+                yield blk, q_start + a, q_start + min(q_len, a + self.chunk_q)
+
+    def key_chunks(self, blk, q0: int, q1: int):
+        """``(k0, k1, mask or None)`` for the key tiles query rows ``[q0, q1)`` of ``blk`` may see."""
+        q_start, _, k_start, k_len, offset = blk
+        a, b = q0 - q_start, q1 - q_start
+        lo, hi = self.spec.key_range(a, b, k_len, offset)
+        for c in range(lo, hi, self.chunk_k):
+            d = min(hi, c + self.chunk_k)
+            mask = None
+            if not self.spec.fully_allowed(a, b, c, d, offset):
+                i = torch.arange(a, b, device=self.device).view(-1, 1)
+                j = torch.arange(c, d, device=self.device).view(1, -1)
+                mask = self.spec.allowed(i, j, offset)
+            yield k_start + c, k_start + d, mask
+
+
+def _dropout_scale(seed: int, p: float, L: _layout.Layout5, q0: int, q1: int, k0: int, k1: int) -> torch.Tensor:
+    """Keep mask divided by ``1 - p`` for tile rows ``[q0, q1)`` and columns ``[k0, k1)``, float32."""
+    B, _, G, Hg, _ = L.q.shape
+    dev = L.q.device
+    rows = torch.arange(q0, q1, device=dev).view(1, 1, 1, -1, 1)
+    cols = torch.arange(k0, k1, device=dev).view(1, 1, 1, 1, -1)
+    heads = torch.arange(B * G * Hg, device=dev).view(B, G, Hg, 1, 1)
+    keep = _rng.keep_mask(seed, p, rows, cols, heads)
+    return keep.to(torch.float32) * (1.0 / (1.0 - p) if p < 1.0 else 0.0)
+
+
+def _acc_dtype(x: torch.Tensor) -> torch.dtype:
+    """Tiles are computed in float32 (float64 for float64 inputs)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _tile(x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Rows ``[start, stop)`` of a canonical ``[B, M, G, H, X]`` tensor as ``[B, G, H, n, X]`` in the
+    accumulation dtype."""
+    return x[:, start:stop].permute(0, 2, 3, 1, 4).to(_acc_dtype(x))
+
+
+def _scores(L, qf_scaled, k0, k1, q0, q1, mask):
+    """Scaled scores ``[B, G, Hg, n, nk]`` of one tile, bias added and mask applied."""
+    hg = L.q.shape[3]
+    kc = _tile(L.k, k0, k1)  # [B, G, Hk, nk, K]
+    s = _unfold(qf_scaled @ kc.transpose(-1, -2), hg)
+    if L.bias is not None:
+        s = s + L.bias[:, :, :, q0:q1, k0:k1].to(s.dtype)
+    if mask is not None:
+        s = s.masked_fill(~mask, -math.inf)
+    return s
+
+
+def forward(inp: Inputs, seed: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns ``(out, lse)`` in the caller's layout (BMHK or BMGHK)."""
+    q, k, v = inp.query, inp.key, inp.value
+    L = _layout.canonical(q, k, v, inp.tensor_bias)
+    spec = mask_spec(inp.attn_bias)
+    B, Mq, G, Hg, _ = L.q.shape
+    Mkv, hk, Kv = L.k.shape[1], L.k.shape[3], L.v.shape[-1]
+    scale = inp.scale_float
+    out = torch.empty((*q.shape[:-1], Kv), dtype=q.dtype, device=q.device)
+    lse = torch.empty((q.shape[0], *q.shape[2:-1], Mq), dtype=torch.float32, device=q.device)
+    out5, lse5 = L.to5(out), L.lse5(lse)
+    acc_dtype = _acc_dtype(q)
+    chunk_q, chunk_k = _chunk_sizes(B * G * Hg, Mq, Mkv)
+    tiles = _Tiles(spec, Mq, Mkv, chunk_q, chunk_k, q.device)
+    for blk, q0, q1 in tiles.query_chunks():
+        n = q1 - q0
+        qf = _fold(_tile(L.q, q0, q1) * scale, hk)  # [B, G, Hk, rows, K]
+        m_i = torch.full((B, G, Hg, n), -math.inf, dtype=acc_dtype, device=q.device)
+        l_i = torch.zeros((B, G, Hg, n), dtype=acc_dtype, device=q.device)
+        acc = torch.zeros((B, G, Hg, n, Kv), dtype=acc_dtype, device=q.device)
+        for k0, k1, mask in tiles.key_chunks(blk, q0, q1):
+            s = _scores(L, qf, k0, k1, q0, q1, mask)
+            m_new = torch.maximum(m_i, s.amax(-1))
+            m_safe = torch.where(m_new == -math.inf, 0.0, m_new)
+            p = torch.exp(s - m_safe.unsqueeze(-1))
+            alpha = torch.exp(m_i - m_safe)
+            l_i = l_i * alpha + p.sum(-1)
+            if seed is not None:
+                p = p * _dropout_scale(seed, inp.p, L, q0, q1, k0, k1).to(acc_dtype)
+            vc = _tile(L.v, k0, k1)  # [B, G, Hk, nk, Kv]
+            acc = acc * alpha.unsqueeze(-1) + _unfold(_fold(p, hk) @ vc, Hg)
+            m_i = m_new
+        empty = l_i == 0
+        o = acc / torch.where(empty, 1.0, l_i).unsqueeze(-1)
+        out5[:, q0:q1] = o.permute(0, 3, 1, 2, 4).to(out.dtype)
+        lse5[..., q0:q1] = torch.where(empty, -math.inf, m_i + torch.log(torch.where(empty, 1.0, l_i)))
+    return out, lse
+
+
+def backward(
+    ctx: Context, inp: Inputs, grad: torch.Tensor, seed: int | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Returns ``(dq, dk, dv, dbias)`` for the caller's tensors (dbias None unless the bias needs grad)."""
+    q, k, v = inp.query, inp.key, inp.value
+    bias = inp.tensor_bias
+    L = _layout.canonical(q, k, v, bias)
+    spec = mask_spec(inp.attn_bias)
+    B, Mq, G, Hg, K = L.q.shape
+    Mkv, hk, Kv = L.k.shape[1], L.k.shape[3], L.v.shape[-1]
+    scale = inp.scale_float
+    dev = q.device
+    go5, o5, lse5 = L.to5(grad), L.to5(ctx.out), L.lse5(ctx.lse)
+    # D_i = rowsum(dO_i * O_i) [B, G, Hg, Mq]
+    acc_dtype = _acc_dtype(q)
+    delta = (go5.to(acc_dtype) * o5.to(acc_dtype)).sum(-1).permute(0, 2, 3, 1)
+    dq5 = torch.zeros((B, G, Hg, Mq, K), dtype=acc_dtype, device=dev)
+    dk5 = torch.zeros((B, G, hk, Mkv, K), dtype=acc_dtype, device=dev)
+    dv5 = torch.zeros((B, G, hk, Mkv, Kv), dtype=acc_dtype, device=dev)
+    want_db = bias is not None and bias.requires_grad
+    if want_db:
+        reduce_dims = _layout.bias_reduce_dims(bias, L)
+        db_shape = [1 if d in reduce_dims else s for d, s in enumerate(L.bias.shape)]
+        db5 = torch.zeros(db_shape, dtype=acc_dtype, device=dev)
+    chunk_q, chunk_k = _chunk_sizes(B * G * Hg, Mq, Mkv)
+    tiles = _Tiles(spec, Mq, Mkv, chunk_q, chunk_k, dev)
+    for blk, q0, q1 in tiles.query_chunks():
+        qf = _fold(_tile(L.q, q0, q1), hk)  # [B, G, Hk, rows, K]
+        qf_scaled = qf * scale
+        dof = _fold(_tile(go5, q0, q1), hk)  # [B, G, Hk, rows, Kv]
+        lse_c = lse5[..., q0:q1]
+        lse_c = torch.where(lse_c == -math.inf, math.inf, lse_c).unsqueeze(-1)
+        delta_c = delta[..., q0:q1].unsqueeze(-1)
+        dq_acc = torch.zeros_like(qf)
+        for k0, k1, mask in tiles.key_chunks(blk, q0, q1):
+            s = _scores(L, qf_scaled, k0, k1, q0, q1, mask)
+            prob = torch.exp(s - lse_c)  # [B, G, Hg, n, nk]
+            kc, vc = _tile(L.k, k0, k1), _tile(L.v, k0, k1)
+            dp = _unfold(dof @ vc.transpose(-1, -2), Hg)
+            if seed is not None:
+                z = _dropout_scale(seed, inp.p, L, q0, q1, k0, k1).to(acc_dtype)
+                dv5[:, :, :, k0:k1] += _fold(prob * z, hk).transpose(-1, -2) @ dof
+                dp = dp * z
+            else:
+                dv5[:, :, :, k0:k1] += _fold(prob, hk).transpose(-1, -2) @ dof
+            ds = prob * (dp - delta_c)
+            dsf = _fold(ds, hk)
+            dq_acc += dsf @ kc
+            dk5[:, :, :, k0:k1] += dsf.transpose(-1, -2) @ qf
+            if want_db:
+                part = ds.sum(dim=reduce_dims, keepdim=True) if reduce_dims else ds
+                qi = slice(None) if 3 in reduce_dims else slice(q0, q1)
+                ki = slice(None) if 4 in reduce_dims else slice(k0, k1)
+                db5[:, :, :, qi, ki] += part
+        dq5[:, :, :, q0:q1] = _unfold(dq_acc, Hg) * scale
+    dq_out = L.from5(dq5.permute(0, 3, 1, 2, 4).to(q.dtype))
+    dk_out = _layout.shared_kv_grad((dk5 * scale).permute(0, 3, 1, 2, 4).to(k.dtype), k, L)
+    dv_out = _layout.shared_kv_grad(dv5.permute(0, 3, 1, 2, 4).to(v.dtype), v, L)
+    db_out = None
+    if want_db:
+        db_out = _layout.grad_for_input(L.bias_from5(db5).to(bias.dtype), bias)
+    return dq_out, dk_out, dv_out, db_out
+
+
+@register_operator
+class FwOp(AttentionFwOpBase):
+    """Pure-PyTorch memory-efficient attention: any device, every bias type, dropout, GQA, any head dim
+    (float64 too, for gradcheck)."""
+
+    NAME = "chunkedF"
+    SUPPORTED_DEVICES: ClassVar[set[str]] = {"cpu", "cuda", "mps", "xpu"}
+    SUPPORTED_DTYPES: ClassVar[set[torch.dtype]] = {torch.float32, torch.float16, torch.bfloat16, torch.float64}
+    SUPPORTED_MAX_K = math.inf
+    SUPPORTED_ATTN_BIAS_TYPES = SUPPORTED_BIAS_TYPES
+    SUPPORTS_DROPOUT = True
+    SUPPORTS_CUSTOM_SCALE = True
+    SUPPORTS_DIFFERENT_VALUE_EMBED = True
+    SUPPORTS_BMGHK = True
+
+    @classmethod
+    def apply(cls, inp: Inputs, needs_gradient: bool) -> tuple[torch.Tensor, Context | None]:
+        rng_state = _rng.draw_seed() if inp.p > 0.0 else None
+        seed = None if rng_state is None else int(rng_state[0])
+        out, lse = forward(inp, seed)
+        if not needs_gradient:
+            return out, None
+        return out, Context(out=out, lse=lse, rng_state=rng_state)
+
+
+@register_operator
+class BwOp(AttentionBwOpBase):
+    """Backward of :class:`FwOp`, recomputing score tiles from the lse; gives the tensor bias a gradient."""
+
+    NAME = "chunkedB"
+    SUPPORTED_DEVICES = FwOp.SUPPORTED_DEVICES
+    SUPPORTED_DTYPES = FwOp.SUPPORTED_DTYPES
+    SUPPORTED_MAX_K = FwOp.SUPPORTED_MAX_K
+    SUPPORTED_ATTN_BIAS_TYPES = FwOp.SUPPORTED_ATTN_BIAS_TYPES
+    SUPPORTS_DROPOUT = True
+    SUPPORTS_CUSTOM_SCALE = True
+    SUPPORTS_DIFFERENT_VALUE_EMBED = True
+    SUPPORTS_BMGHK = True
+    SUPPORTS_ATTN_BIAS_GRAD = True
+
+    @classmethod
+    def apply(cls, ctx: Context, inp: Inputs, grad: torch.Tensor) -> Gradients:
+        seed = None
+        if inp.p > 0.0:
+            if ctx.rng_state is None:
+                raise ValueError("dropout backward needs the forward's rng_state (the seed) in the Context")
+            seed = int(ctx.rng_state[0])
+        dq, dk, dv, db = backward(ctx, inp, grad, seed)
+        return Gradients(dq=dq, dk=dk, dv=dv, db=db)

@@ -1,0 +1,179 @@
+"""Choosing an operator: a pure function of the inputs, evaluated at every call.
+
+Each operator says why it cannot run some inputs (``not_supported_reasons``); the dispatcher walks a
+priority list built from the inputs and takes the first operator with no reason. When none fits, the
+``NotImplementedError`` lists every operator's reasons. ``TRIFORMERS_FMHA_OP=<name>`` (``chunked``,
+``sdpa``, ``triton``, or an operator's NAME such as ``chunkedF``) forces one operator family; if it cannot
+run the inputs the call raises ``ValueError`` with its reasons.
+
+Priority rules
+--------------
+CPU (measured with ``python -m triformers.benchmarks.fmha_cpu``, fp32, 2 cores; see benchmarks/NOTES.md):
+
+1. ``sdpa`` first whenever it can run the inputs: torch's fused CPU flash kernel (no mask, top-left
+   causal with Mq == Mkv, tensor biases that need no gradient, GQA) was faster than ``chunked`` on every
+   measured record, between 1.3x and 6x, forward and forward+backward. Block-diagonal masks go to SDPA as
+   one call per block when the average block has at least ``CPU_SDPA_MIN_BLOCK`` queries; below that the
+   per-call overhead made ``chunked`` (which loops over blocks without launching a kernel each) faster.
+2. ``chunked`` for everything else: bottom-right and local masks, padded keys, dropout, bias gradients,
+   the low-level API (which needs the lse).
+
+CUDA: ``triton`` (our kernels) then ``sdpa`` then ``chunked``, refined by the measured rules of the Triton
+operator (see ``_cuda_priority``).
+"""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from collections.abc import Sequence
+
+import torch
+
+from triformers.ops.fmha import attn_bias as ab
+from triformers.ops.fmha import chunked, sdpa
+from triformers.ops.fmha.common import AttentionBwOpBase, AttentionFwOpBase, AttentionOpBase, Inputs
+
+# Smallest average block (queries per block) for which one SDPA call per block beat the chunked operator
+# on the CPU (2 cores, fp32, H = 8, K = 64: 64-query blocks were 1.6x slower through SDPA, 256-query blocks
+# 1.4x faster).
+CPU_SDPA_MIN_BLOCK = 128
+
+_OP_FAMILIES = {"chunked": (chunked.FwOp, chunked.BwOp), "sdpa": (sdpa.FwOp, sdpa.BwOp)}
+
+
+def register_family(name: str, fw: type[AttentionFwOpBase], bw: type[AttentionBwOpBase]) -> None:
+    """Makes an operator pair selectable by ``TRIFORMERS_FMHA_OP`` (used by the Triton operator)."""
+    _OP_FAMILIES[name] = (fw, bw)
+
+
+def _triton_pair():
+    try:
+        from triformers.ops.fmha import triton as triton_op  # noqa: F401  (registers itself)
+    except ImportError:
+        return None
+    return _OP_FAMILIES.get("triton")
+
+
+def forced_ops() -> tuple[type[AttentionFwOpBase], type[AttentionBwOpBase]] | None:
+    """The operator pair forced by ``TRIFORMERS_FMHA_OP``, or None."""
+    name = os.environ.get("TRIFORMERS_FMHA_OP", "").strip()
+    if not name or name == "auto":
+        return None
+    if name == "triton" or name.startswith("triton"):
+        _triton_pair()
+    for family, (fw, bw) in _OP_FAMILIES.items():
+        if name in (family, fw.NAME, bw.NAME):
+            return fw, bw
+    raise ValueError(
+        f"TRIFORMERS_FMHA_OP={name!r} names no operator; choose one of "
+        f"{sorted(_OP_FAMILIES)} or 'auto'"
+    )
+
+
+def _avg_block(bias) -> float:
+    n = len(bias.q_seqinfo.seqstart_py) - 1
+    return bias.q_seqinfo.seqstart_py[-1] / max(n, 1)
+
+
+def _cpu_priority(inp: Inputs) -> list[type[AttentionFwOpBase]]:
+    bias = inp.attn_bias
+    if isinstance(bias, ab.BlockDiagonalMask) and _avg_block(bias) < CPU_SDPA_MIN_BLOCK:
+        return [chunked.FwOp, sdpa.FwOp]
+    return [sdpa.FwOp, chunked.FwOp]
+
+
+def _cuda_priority(inp: Inputs) -> list[type[AttentionFwOpBase]]:
+    ops: list[type[AttentionFwOpBase]] = []
+    pair = _triton_pair()
+    if pair is not None:
+        ops.append(pair[0])
+    ops += [sdpa.FwOp, chunked.FwOp]
+    return ops
+
+
+def fw_priority_list(inp: Inputs, needs_gradient: bool) -> list[type[AttentionFwOpBase]]:
+    """Forward operators to try, best first."""
+    if inp.query.device.type == "cuda":
+        return _cuda_priority(inp)
+    if inp.query.device.type == "cpu":
+        return _cpu_priority(inp)
+    return [chunked.FwOp]
+
+
+def bw_priority_list(inp: Inputs) -> list[type[AttentionBwOpBase]]:
+    """Backward operators to try, best first (they recompute from the lse, which SDPA does not give)."""
+    ops: list[type[AttentionBwOpBase]] = []
+    if inp.query.device.type == "cuda":
+        pair = _triton_pair()
+        if pair is not None:
+            ops.append(pair[1])
+    return ops + [chunked.BwOp, sdpa.BwOp]
+
+
+def _format_inputs(inp: Inputs) -> str:
+    def desc(x):
+        return f"shape={tuple(x.shape)} ({x.dtype}, {x.device.type})" if isinstance(x, torch.Tensor) else repr(x)
+
+    bias = inp.attn_bias
+    bias_desc = f"{type(bias).__name__}" + (f" {desc(bias)}" if isinstance(bias, torch.Tensor) else "")
+    return (
+        f"     query       : {desc(inp.query)}\n"
+        f"     key         : {desc(inp.key)}\n"
+        f"     value       : {desc(inp.value)}\n"
+        f"     attn_bias   : {bias_desc}\n"
+        f"     p           : {inp.p}\n"
+        f"     scale       : {inp.scale}"
+    )
+
+
+def _reasons_block(op: type[AttentionOpBase], reasons: Sequence[str]) -> str:
+    lines = "\n".join(textwrap.indent(r, "    ") for r in reasons)
+    return f"`{op.NAME}` is not supported because:\n{lines}"
+
+
+def run_priority_list(name: str, priority_list: Sequence[type[AttentionOpBase]], inp: Inputs, *,
+                      needs_lse: bool = False) -> type[AttentionOpBase]:
+    """The first operator that supports ``inp``; NotImplementedError with every reason otherwise."""
+    blocks = []
+    for op in priority_list:
+        reasons = op.not_supported_reasons(inp)
+        if needs_lse and not getattr(op, "RETURNS_LSE", True):
+            reasons = [*reasons, "does not return the logsumexp needed for the backward of the low-level API"]
+        if not reasons:
+            return op
+        blocks.append(_reasons_block(op, reasons))
+    raise NotImplementedError(
+        f"No operator found for `{name}` with inputs:\n{_format_inputs(inp)}\n" + "\n".join(blocks)
+    )
+
+
+def ensure_op_supports(name: str, op: type[AttentionOpBase], inp: Inputs, *, needs_lse: bool = False) -> None:
+    """Raises ValueError with the reasons when an explicitly chosen ``op`` cannot run ``inp``."""
+    reasons = op.not_supported_reasons(inp)
+    if needs_lse and not getattr(op, "RETURNS_LSE", True):
+        reasons = [*reasons, "does not return the logsumexp needed for the backward of the low-level API"]
+    if reasons:
+        raise ValueError(
+            f"Operator `{name}` does not support inputs:\n{_format_inputs(inp)}\n{_reasons_block(op, reasons)}"
+        )
+
+
+def dispatch_fw(inp: Inputs, needs_gradient: bool, *, needs_lse: bool = False) -> type[AttentionFwOpBase]:
+    """The forward operator for ``inp`` (``TRIFORMERS_FMHA_OP`` first, else the priority list)."""
+    forced = forced_ops()
+    if forced is not None:
+        ensure_op_supports("memory_efficient_attention_forward", forced[0], inp, needs_lse=needs_lse)
+        return forced[0]
+    return run_priority_list(
+        "memory_efficient_attention_forward", fw_priority_list(inp, needs_gradient), inp, needs_lse=needs_lse
+    )
+
+
+def dispatch_bw(inp: Inputs) -> type[AttentionBwOpBase]:
+    """The backward operator for ``inp``."""
+    forced = forced_ops()
+    if forced is not None and not getattr(forced[1], "NAME", "").startswith("sdpa"):
+        ensure_op_supports("memory_efficient_attention_backward", forced[1], inp)
+        return forced[1]
+    return run_priority_list("memory_efficient_attention_backward", bw_priority_list(inp), inp)

@@ -1,0 +1,207 @@
+"""``fmha.sdpa``: attention through ``torch.nn.functional.scaled_dot_product_attention``.
+
+Used wherever SDPA expresses the inputs exactly and reaches one of torch's fused kernels (flash or cuDNN
+or memory-efficient on CUDA, flash on the CPU): no bias, top-left causal with ``Mq == Mkv``, a tensor bias,
+GQA/MQA through ``enable_gqa``, and block-diagonal masks (non-causal, or causal with equal query and key
+lengths per block) as one SDPA call per block. Inputs SDPA would only run in its O(M²) math backend are
+refused with that reason, so the dispatcher picks another operator instead of silently using it.
+
+Its output carries torch's own autograd graph (``NATIVE_AUTOGRAD``): ``memory_efficient_attention`` with
+gradients calls it directly, and torch's fused backward runs. It does not return the lse, so the
+low-level ``memory_efficient_attention_forward_requires_grad`` API uses another operator; its backward
+operator (for ``memory_efficient_attention_backward``) recomputes the forward under autograd.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from triformers.ops.common import register_operator
+from triformers.ops.fmha import attn_bias as ab
+from triformers.ops.fmha.common import AttentionBwOpBase, AttentionFwOpBase, Context, Gradients, Inputs
+
+_TORCH_VERSION = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
+_HAS_GQA = _TORCH_VERSION >= (2, 5)
+_MATH_BACKEND = 0  # torch._C._SDPBackend.MATH
+_ERROR_BACKEND = -1
+
+_CAUSAL_SQUARE = (ab.LowerTriangularMask, ab.LowerTriangularFromBottomRightMask)
+_BLOCK_TYPES = (ab.BlockDiagonalMask, ab.BlockDiagonalCausalMask, ab.BlockDiagonalCausalFromBottomRightMask)
+
+
+class _Plan:
+    """How one call maps onto SDPA: BHMK views, causal flag, mask, GQA flag, and blocks to loop over."""
+
+    def __init__(self, inp: Inputs):
+        self.reasons: list[str] = []
+        q, k, v, bias = inp.query, inp.key, inp.value, inp.attn_bias
+        self.out_shape = (*q.shape[:-1], v.shape[-1])
+        self.gqa = False
+        if q.ndim == 5:
+            B, M, G, H = q.shape[:4]
+            q4 = self._fold_heads("query", q)
+            if H > 1 and k.stride(3) == 0 and v.stride(3) == 0:
+                k4, v4, self.gqa = k[:, :, :, 0], v[:, :, :, 0], True
+            else:
+                k4, v4 = self._fold_heads("key", k), self._fold_heads("value", v)
+        else:
+            q4, k4, v4 = q, k, v
+            if q.shape[2] > 1 and k.stride(2) == 0 and v.stride(2) == 0:
+                k4, v4, self.gqa = k[:, :, :1], v[:, :, :1], True
+        if self.gqa and not _HAS_GQA:
+            self.reasons.append(f"GQA/MQA needs torch >= 2.5 (enable_gqa), this is {torch.__version__}")
+        self.q, self.k, self.v = (None if x is None else x.transpose(1, 2) for x in (q4, k4, v4))
+        self.is_causal = False
+        self.mask = None
+        self.blocks: list[tuple[int, int, int, int]] | None = None
+        Mq, Mkv = q.shape[1], k.shape[1]
+        kind = type(bias)
+        if bias is None:
+            pass
+        elif kind in _CAUSAL_SQUARE:
+            if Mq != Mkv:
+                self.reasons.append(f"causal masks need Mq == Mkv in SDPA (got Mq={Mq}, Mkv={Mkv})")
+            self.is_causal = True
+        elif kind is torch.Tensor:
+            self.mask = bias if q.ndim == 4 else self._fold_bias(bias)
+        elif kind in _BLOCK_TYPES:
+            q_iv = list(bias.q_seqinfo.intervals())
+            k_iv = list(bias.k_seqinfo.intervals())
+            self.is_causal = kind is not ab.BlockDiagonalMask
+            if self.is_causal and any((a1 - a0) != (b1 - b0) for (a0, a1), (b0, b1) in zip(q_iv, k_iv)):
+                self.reasons.append("causal block-diagonal masks need equal query and key lengths per block")
+            self.blocks = [(a0, a1, b0, b1) for (a0, a1), (b0, b1) in zip(q_iv, k_iv)]
+        else:
+            self.reasons.append(f"attn_bias type is {kind.__name__}")
+
+    def _fold_heads(self, name: str, x: torch.Tensor) -> torch.Tensor | None:
+        B, M, G, H, K = x.shape
+        if G > 1 and H > 1 and x.stride(2) != x.stride(3) * H:
+            self.reasons.append(f"{name}'s G and H dims cannot be merged into one head dim without a copy")
+            return None
+        return x.reshape(B, M, G * H, K)
+
+    def _fold_bias(self, bias: torch.Tensor) -> torch.Tensor | None:
+        B, G, H, Mq, Mkv = bias.shape
+        full = bias.expand(B, G, H, Mq, Mkv)
+        if G > 1 and H > 1 and full.stride(1) != full.stride(2) * H:
+            self.reasons.append("attn_bias's G and H dims cannot be merged without a copy")
+            return None
+        return full.reshape(B, G * H, Mq, Mkv)
+
+    def backend_reasons(self, inp: Inputs) -> list[str]:
+        if self.reasons or not hasattr(torch, "_fused_sdp_choice"):
+            return []
+        q, k, v = self.q, self.k, self.v
+        if self.blocks:
+            a0, a1, b0, b1 = max(self.blocks, key=lambda blk: blk[1] - blk[0])
+            q, k, v = q[:, :, a0:a1], k[:, :, b0:b1], v[:, :, b0:b1]
+        kwargs = {"scale": inp.scale}
+        if _HAS_GQA:
+            kwargs["enable_gqa"] = self.gqa
+        try:
+            choice = torch._fused_sdp_choice(q, k, v, self.mask, inp.p, self.is_causal, **kwargs)
+        except RuntimeError as e:
+            return [f"torch SDPA refuses these inputs: {e}"]
+        if choice in (_MATH_BACKEND, _ERROR_BACKEND):
+            return ["torch SDPA would run these inputs in its math backend (O(Mq*Mkv) memory)"]
+        return []
+
+    def run(self, inp: Inputs) -> torch.Tensor:
+        kwargs = {"scale": inp.scale, "dropout_p": inp.p}
+        if self.gqa:
+            kwargs["enable_gqa"] = True
+        if self.blocks is None:
+            out = F.scaled_dot_product_attention(
+                self.q, self.k, self.v, attn_mask=self.mask, is_causal=self.is_causal, **kwargs
+            )
+        else:
+            outs = [
+                F.scaled_dot_product_attention(
+                    self.q[:, :, a0:a1], self.k[:, :, b0:b1], self.v[:, :, b0:b1], is_causal=self.is_causal,
+                    **kwargs,
+                )
+                for a0, a1, b0, b1 in self.blocks
+            ]
+            out = torch.cat(outs, dim=2) if outs else self.q.new_zeros((*self.q.shape[:3], self.v.shape[-1]))
+        out = out.transpose(1, 2)  # [B, Mq, H', Kv]
+        return out.reshape(self.out_shape)
+
+
+@register_operator
+class FwOp(AttentionFwOpBase):
+    """torch's fused SDPA kernels for the inputs they express exactly (see the module docstring)."""
+
+    NAME = "sdpaF"
+    SUPPORTED_DEVICES: ClassVar[set[str]] = {"cpu", "cuda"}
+    SUPPORTED_DTYPES: ClassVar[set[torch.dtype]] = {torch.float32, torch.float16, torch.bfloat16}
+    SUPPORTED_MAX_K = math.inf  # what the fused kernels take is checked per call with torch's own rules
+    SUPPORTED_ATTN_BIAS_TYPES = frozenset({type(None), torch.Tensor, *_CAUSAL_SQUARE, *_BLOCK_TYPES})
+    SUPPORTS_DROPOUT = True
+    SUPPORTS_CUSTOM_SCALE = True
+    SUPPORTS_DIFFERENT_VALUE_EMBED = True
+    SUPPORTS_BMGHK = True
+    RETURNS_LSE = False
+    NATIVE_AUTOGRAD = True
+
+    @classmethod
+    def not_supported_reasons(cls, d: Inputs) -> list[str]:
+        reasons = super().not_supported_reasons(d)
+        if reasons:
+            return reasons
+        plan = _Plan(d)
+        return plan.reasons + plan.backend_reasons(d)
+
+    @classmethod
+    def apply(cls, inp: Inputs, needs_gradient: bool) -> tuple[torch.Tensor, Context | None]:
+        if needs_gradient:
+            raise NotImplementedError(
+                "sdpa.FwOp does not return the lse: use memory_efficient_attention (torch's autograd runs "
+                "the backward) or another operator for the low-level API"
+            )
+        return _Plan(inp).run(inp), None
+
+    @classmethod
+    def apply_autograd(cls, inp: Inputs) -> torch.Tensor:
+        return _Plan(inp).run(inp)
+
+
+@register_operator
+class BwOp(AttentionBwOpBase):
+    """Backward for the low-level API: recomputes the SDPA forward under autograd, then runs its backward."""
+
+    NAME = "sdpaB"
+    SUPPORTED_DEVICES = FwOp.SUPPORTED_DEVICES
+    SUPPORTED_DTYPES = FwOp.SUPPORTED_DTYPES
+    SUPPORTED_MAX_K = FwOp.SUPPORTED_MAX_K
+    SUPPORTED_ATTN_BIAS_TYPES = FwOp.SUPPORTED_ATTN_BIAS_TYPES
+    SUPPORTS_DROPOUT = False
+    SUPPORTS_CUSTOM_SCALE = True
+    SUPPORTS_DIFFERENT_VALUE_EMBED = True
+    SUPPORTS_BMGHK = True
+    SUPPORTS_ATTN_BIAS_GRAD = True
+
+    @classmethod
+    def not_supported_reasons(cls, d: Inputs) -> list[str]:
+        reasons = super().not_supported_reasons(d)
+        if reasons:
+            return reasons
+        plan = _Plan(d)
+        return plan.reasons + plan.backend_reasons(d)
+
+    @classmethod
+    def apply(cls, ctx: Context, inp: Inputs, grad: torch.Tensor) -> Gradients:
+        bias = inp.attn_bias
+        with torch.enable_grad():
+            q, k, v = (x.detach().requires_grad_() for x in (inp.query, inp.key, inp.value))
+            leaves = [q, k, v]
+            if isinstance(bias, torch.Tensor) and bias.requires_grad:
+                bias = bias.detach().requires_grad_()
+                leaves.append(bias)
+            out = FwOp.apply_autograd(Inputs(q, k, v, bias, inp.p, inp.scale))
+            grads = torch.autograd.grad(out, leaves, grad)
+        return Gradients(dq=grads[0], dk=grads[1], dv=grads[2], db=grads[3] if len(grads) > 3 else None)
