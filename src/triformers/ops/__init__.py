@@ -29,3 +29,33 @@ __all__ = [
 ]
 
 # --- fused operators (rms_norm, swiglu, indexing, unbind): exports are added below this line ---
+from triformers.ops.indexing import index_select_cat, scaled_index_add  # noqa: E402
+from triformers.ops.rmsnorm import RMSNorm, rms_norm, rms_norm_add  # noqa: E402
+from triformers.ops.swiglu import (  # noqa: E402
+    SwiGLU,
+    SwiGLUEagerOp,
+    SwiGLUFusedOp,
+    SwiGLUOp,
+    SwiGLUOpDispatch,
+    SwiGLUPackedFusedOp,
+    swiglu,
+)
+from triformers.ops.unbind import get_stack_strides, stack_or_none, unbind  # noqa: E402
+
+__all__ += [
+    "rms_norm",
+    "rms_norm_add",
+    "RMSNorm",
+    "swiglu",
+    "SwiGLU",
+    "SwiGLUOp",
+    "SwiGLUOpDispatch",
+    "SwiGLUEagerOp",
+    "SwiGLUFusedOp",
+    "SwiGLUPackedFusedOp",
+    "scaled_index_add",
+    "index_select_cat",
+    "unbind",
+    "stack_or_none",
+    "get_stack_strides",
+]
