@@ -80,6 +80,26 @@ def do_bench(fn: Callable[[], object], warmup: int = 25, rep: int = 100) -> floa
     return times[len(times) // 2]
 
 
+def bench_interleaved(fns: dict[str, Callable[[], object]], rounds: int = 7, budget_s: float = 20.0
+                      ) -> dict[str, float]:
+    """Median milliseconds of each function, timed round-robin (A, B, C, A, B, C, ...) on the CPU so that
+    bursts of load from other processes hit every provider alike. Stops early past ``budget_s``."""
+    import time
+
+    for fn in fns.values():
+        fn()  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    start = time.perf_counter()
+    for r in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t0) * 1000.0)
+        if r >= 2 and time.perf_counter() - start > budget_s:
+            break
+    return {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
+
+
 def geomean(values: Iterable[float]) -> float:
     vals = [v for v in values if v is not None and v > 0 and math.isfinite(v)]
     if not vals:

@@ -3,8 +3,8 @@
 
     python -m triformers.benchmarks.fmha_cpu [--out benchmarks/results/cpu/fmha_cpu.json] [--quick]
 
-Each record times one provider on one case (median of repeats, milliseconds) after checking its output
-against the chunked operator's.
+Each record times one provider on one case (median of round-robin repeats, milliseconds) after checking
+its output against the chunked operator's.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from triformers.benchmarks._harness import do_bench, env_info, write_results
+from triformers.benchmarks._harness import bench_interleaved, env_info, write_results
 from triformers.ops import fmha
 from triformers.ops.fmha import attn_bias as ab
 
@@ -65,23 +65,30 @@ def run(quick: bool = False, dtype=torch.float32) -> list[dict]:
         for mode in ("fw", "fwbw"):
             q, k, v, bias = _build(c, dtype, requires_grad=(mode == "fwbw"))
             expected = fmha.memory_efficient_attention(q, k, v, bias, op=PROVIDERS["chunked"]).detach()
+            fns, recs = {}, {}
             for name, op in PROVIDERS.items():
                 rec = dict(c, mode=mode, provider=name, dtype=str(dtype).replace("torch.", ""))
+                recs[name] = rec
                 try:
                     out = fmha.memory_efficient_attention(q, k, v, bias, op=op)
                     torch.testing.assert_close(out.detach(), expected, atol=1e-4, rtol=1e-4)
-                    if mode == "fw":
-                        fn = lambda: fmha.memory_efficient_attention(q, k, v, bias, op=op)  # noqa: E731
-                    else:
-                        g = torch.randn_like(out)
-
-                        def fn():
-                            o = fmha.memory_efficient_attention(q, k, v, bias, op=op)
-                            o.backward(g)
-                    with torch.no_grad() if mode == "fw" else torch.enable_grad():
-                        rec["ms"] = do_bench(fn, rep=2000)
                 except (ValueError, NotImplementedError, AssertionError) as e:
                     rec["error"] = str(e).splitlines()[0][:200]
+                    continue
+                args = (q, k, v, bias)
+                if mode == "fw":
+                    def fn(op=op, args=args):
+                        with torch.no_grad():
+                            fmha.memory_efficient_attention(*args, op=op)
+                else:
+                    g = torch.randn_like(out)
+
+                    def fn(op=op, g=g, args=args):
+                        fmha.memory_efficient_attention(*args, op=op).backward(g)
+                fns[name] = fn
+            for name, ms in bench_interleaved(fns).items():
+                recs[name]["ms"] = ms
+            for rec in recs.values():
                 records.append(rec)
                 print(_fmt(rec), flush=True)
     return records

@@ -8,6 +8,7 @@ import torch
 
 from triformers.ops import fmha
 from triformers.ops.fmha import attn_bias as ab
+from triformers.ops.fmha import triton as triton_op
 from triformers.ops.fmha.attn_bias_utils import ALL_BIAS_TYPES, bias_name, create_inputs
 from triformers.ops.fmha.reference import ref_attention
 
@@ -20,6 +21,7 @@ TOL_LSE = {torch.float32: (2e-5, 1e-5), torch.float16: (1e-3, 1e-3), torch.bfloa
 OPS = {
     "chunked": fmha.MemoryEfficientAttentionChunkedOp,
     "sdpa": fmha.MemoryEfficientAttentionSdpaOp,
+    "triton": (triton_op.FwOp, triton_op.BwOp),  # on CPU tensors under Triton's interpreter
     "auto": None,
 }
 
@@ -107,14 +109,14 @@ def test_forward_backward_fp32(op_name, fmt, bias_type):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("op_name", ["chunked", "sdpa"])
+@pytest.mark.parametrize("op_name", ["chunked", "sdpa", "triton"])
 @pytest.mark.parametrize("bias_type", ALL_BIAS_TYPES, ids=bias_name)
 def test_forward_backward_half(dtype, op_name, bias_type):
     _check(OPS[op_name], bias_type, "BMHK", SHAPES[0], dtype, gqa=False, seed=7)
     _check(OPS[op_name], bias_type, "BMGHK", SHAPES[3], dtype, gqa=True, seed=8)
 
 
-@pytest.mark.parametrize("op_name", ["chunked", "auto"])
+@pytest.mark.parametrize("op_name", ["chunked", "triton", "auto"])
 def test_custom_scale(op_name):
     q, k, v = torch.randn(2, 11, 3, 8), torch.randn(2, 13, 3, 8), torch.randn(2, 13, 3, 8)
     for scale in (0.1, 1.0, 3.0):
@@ -171,7 +173,7 @@ def test_gradcheck_float64():
     torch.autograd.gradcheck(lambda b: fmha.memory_efficient_attention(q, k, v, b, op=OPS["chunked"]), (bias,))
 
 
-@pytest.mark.parametrize("op_name", ["chunked", "auto"])
+@pytest.mark.parametrize("op_name", ["chunked", "triton", "auto"])
 def test_broadcast_bias_gradient(op_name):
     """A per-head, per-key (ALiBi-like) bias broadcast over batch and queries: no copy, exact gradient."""
     B, Mq, Mkv, H, K = 3, 9, 14, 4, 8
@@ -187,12 +189,13 @@ def test_broadcast_bias_gradient(op_name):
         torch.testing.assert_close(g.double(), rg, atol=1e-4, rtol=1e-4)
 
 
-def test_mqa_grad_sums_over_heads():
+@pytest.mark.parametrize("op_name", ["chunked", "triton"])
+def test_mqa_grad_sums_over_heads(op_name):
     """K/V shared by all heads (stride 0): the gradient of the shared tensor is the sum over heads."""
     B, M, H, K = 2, 12, 5, 8
     q = torch.randn(B, M, H, K)
     k1, v1 = torch.randn(B, M, 1, K, requires_grad=True), torch.randn(B, M, 1, K, requires_grad=True)
-    out = fmha.memory_efficient_attention(q, k1.expand(B, M, H, K), v1.expand(B, M, H, K), op=OPS["chunked"])
+    out = fmha.memory_efficient_attention(q, k1.expand(B, M, H, K), v1.expand(B, M, H, K), op=OPS[op_name])
     gk, gv = torch.autograd.grad(out.sum(), (k1, v1))
     k_rep = k1.detach().repeat(1, 1, H, 1).requires_grad_()
     v_rep = v1.detach().repeat(1, 1, H, 1).requires_grad_()
@@ -201,20 +204,21 @@ def test_mqa_grad_sums_over_heads():
     torch.testing.assert_close(gv, rv.sum(2, keepdim=True), atol=1e-5, rtol=1e-5)
 
 
-def test_stride0_leaf_gets_per_head_gradient():
+@pytest.mark.parametrize("op_name", ["chunked", "triton"])
+def test_stride0_leaf_gets_per_head_gradient(op_name):
     """An expanded tensor that is itself the leaf receives its true per-element gradient."""
     B, M, H, K = 1, 6, 3, 4
     q = torch.randn(B, M, H, K)
     k = torch.randn(B, M, 1, K).expand(B, M, H, K).requires_grad_()
     v = torch.randn(B, M, H, K)
-    out = fmha.memory_efficient_attention(q, k, v, op=OPS["chunked"])
+    out = fmha.memory_efficient_attention(q, k, v, op=OPS[op_name])
     (gk,) = torch.autograd.grad(out.sum(), k)
     k64 = k.detach().double().contiguous().requires_grad_()
     (rk,) = torch.autograd.grad(ref_attention(q, k64, v)[0].sum(), k64)
     torch.testing.assert_close(gk, rk.float(), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("op_name", ["chunked", "auto"])
+@pytest.mark.parametrize("op_name", ["chunked", "triton", "auto"])
 def test_fully_masked_rows(op_name):
     """Rows with no allowed key: output 0, lse -inf, zero gradients, never NaN."""
     B, Mq, Mkv, H, K = 2, 6, 4, 2, 8
@@ -246,7 +250,7 @@ def test_fully_masked_rows(op_name):
     assert torch.equal(out[:, :2], torch.zeros_like(out[:, :2]))  # sequence 0 has no key in use
 
 
-@pytest.mark.parametrize("op_name", ["chunked", "auto"])
+@pytest.mark.parametrize("op_name", ["chunked", "triton", "auto"])
 def test_empty_tensors(op_name):
     op = OPS[op_name]
     # Mkv = 0: output 0, dq 0

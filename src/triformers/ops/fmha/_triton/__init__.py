@@ -1,0 +1,1 @@
+"""The ``@triton.jit`` kernels of ``fmha.triton`` and their launchers (no autograd here)."""

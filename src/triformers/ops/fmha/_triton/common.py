@@ -1,0 +1,87 @@
+"""Pieces shared by the forward and backward kernels: tile masks, tile ranges, dropout.
+
+Mask rule (see ``_mask.py``): block-local query ``i`` and key ``j`` are allowed when ``j < k_len`` and
+``-WL <= j - i - off <= WR`` (each bound only if present). Ranges are computed per tile so that tiles a mask
+hides are never visited and tiles it allows entirely skip the mask.
+"""
+
+import triton.language as tl
+
+import triton
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def tile_allowed(offs_i, offs_j, q_len, k_len, off, WL, WR, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr):
+    """Allowed pairs of a tile: offs_i [BM, 1] and offs_j [1, BN] block-local indices."""
+    ok = (offs_j < k_len) & (offs_i < q_len)
+    d = offs_j - offs_i - off
+    if HAS_WR:
+        ok = ok & (d <= WR)
+    if HAS_WL:
+        ok = ok & (d >= -WL)
+    return ok
+
+
+@triton.jit
+def key_tiles(m_start, q_len, k_len, off, WL, WR, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              HAS_WL: tl.constexpr, HAS_WR: tl.constexpr):
+    """Key range [lo, hi) seen by query rows [m_start, m_start + BLOCK_M), split at [mid_lo, mid_hi): the
+    tiles inside it need no mask. All bounds are multiples of BLOCK_N except hi."""
+    m_last = tl.minimum(m_start + BLOCK_M, q_len) - 1
+    lo = m_start * 0  # a tensor, so that every bound below has one type
+    if HAS_WL:
+        lo = tl.maximum(0, m_start + off - WL)
+    lo = (lo // BLOCK_N) * BLOCK_N
+    hi = k_len
+    if HAS_WR:
+        hi = tl.minimum(k_len, m_last + off + WR + 1)
+    hi = tl.maximum(hi, lo)
+    mid_lo = lo
+    if HAS_WL:
+        mid_lo = tl.maximum(lo, ((m_last + off - WL + BLOCK_N - 1) // BLOCK_N) * BLOCK_N)
+    mid_hi = (k_len // BLOCK_N) * BLOCK_N
+    if HAS_WR:
+        mid_hi = tl.minimum(mid_hi, ((m_start + off + WR + 1) // BLOCK_N) * BLOCK_N)
+    if mid_hi <= mid_lo:
+        mid_lo = hi
+        mid_hi = hi
+    return lo, mid_lo, mid_hi, hi
+
+
+@triton.jit
+def query_tiles(n_start, q_len, k_len, off, WL, WR, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                HAS_WL: tl.constexpr, HAS_WR: tl.constexpr):
+    """Query range [lo, hi) that sees keys [n_start, n_start + BLOCK_N), split at [mid_lo, mid_hi): the
+    query tiles inside it need no mask. Bounds are multiples of BLOCK_M except hi."""
+    n_last = tl.minimum(n_start + BLOCK_N, k_len) - 1
+    lo = n_start * 0
+    if HAS_WR:  # j - i - off <= WR  <=>  i >= j - off - WR
+        lo = tl.maximum(0, n_start - off - WR)
+    lo = (lo // BLOCK_M) * BLOCK_M
+    hi = q_len
+    if HAS_WL:  # j - i - off >= -WL  <=>  i <= j - off + WL
+        hi = tl.minimum(q_len, n_last - off + WL + 1)
+    hi = tl.maximum(hi, lo)
+    mid_lo = lo
+    if HAS_WR:
+        mid_lo = tl.maximum(lo, ((n_last - off - WR + BLOCK_M - 1) // BLOCK_M) * BLOCK_M)
+    mid_hi = (q_len // BLOCK_M) * BLOCK_M
+    if HAS_WL:
+        mid_hi = tl.minimum(mid_hi, ((n_start - off + WL + 1) // BLOCK_M) * BLOCK_M)
+    if n_start + BLOCK_N > k_len:
+        mid_hi = mid_lo
+    if mid_hi <= mid_lo:
+        mid_lo = hi
+        mid_hi = hi
+    return lo, mid_lo, mid_hi, hi
+
+
+@triton.jit
+def dropout_keep(seed, rows, cols, head, p):
+    """Keep mask, identical to ``_rng.keep_mask``: Philox(seed; cols, rows, head, 0)[0] as a uniform >= p."""
+    zero = rows * 0 + cols * 0
+    r0, _, _, _ = tl.random.philox(seed, cols + zero, rows + zero, head + zero, zero)
+    return tl.random.uint_to_uniform_float(r0) >= p

@@ -1,0 +1,136 @@
+"""Launch configurations of the attention kernels, per architecture, dtype, head dim and mask kind.
+
+The table below was chosen by measurement: ``python scripts/tune_fmha.py`` sweeps the candidates on the GPU
+(bf16, B * N = 16384 tokens, H = 2048 / D) and prints the fastest per key; the numbers that chose each entry
+are in ``benchmarks/NOTES.md``. Nothing is tuned on the first call. ``TRIFORMERS_AUTOTUNE=1`` instead times
+every candidate once per (kernel, key, shape bucket) and keeps the fastest for the process.
+
+Under Triton's interpreter (CPU tests) blocks are small so that several tiles and ragged edges are
+exercised at small sizes.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from triformers._triton import interpret_mode
+from triformers.ops.fmha._mask import MaskSpec
+
+
+@dataclass(frozen=True)
+class Config:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def mask_kind(spec: MaskSpec) -> str:
+    """``dense``, ``causal`` (any window_right) or ``local`` (window_left); tensor biases count as dense."""
+    if spec.window_left is not None:
+        return "local"
+    if spec.window_right is not None:
+        return "causal"
+    return "dense"
+
+
+def _arch() -> str:
+    if not torch.cuda.is_available():
+        return "cpu"
+    major, _ = torch.cuda.get_device_capability()
+    return "sm90" if major >= 9 else "sm80"
+
+
+def _d_bucket(d: int) -> int:
+    for bucket in (32, 64, 128, 256):
+        if d <= bucket:
+            return bucket
+    return 512
+
+
+# (arch, direction, head-dim bucket) -> Config, before per-mask refinements. Measured on an H100
+# (sm90) with bf16; see benchmarks/NOTES.md for the sweep that chose them.
+_TABLE: dict[tuple[str, str, int], Config] = {
+    ("sm90", "fwd", 32): Config(128, 64, 4, 3),
+    ("sm90", "fwd", 64): Config(128, 64, 4, 3),
+    ("sm90", "fwd", 128): Config(128, 64, 8, 3),
+    ("sm90", "fwd", 256): Config(64, 32, 4, 2),
+    ("sm90", "bwd", 32): Config(32, 128, 4, 3),
+    ("sm90", "bwd", 64): Config(32, 128, 4, 3),
+    ("sm90", "bwd", 128): Config(32, 128, 8, 2),
+    ("sm90", "bwd", 256): Config(16, 64, 4, 1),
+    ("sm90", "dq", 32): Config(128, 32, 4, 3),
+    ("sm90", "dq", 64): Config(128, 32, 4, 3),
+    ("sm90", "dq", 128): Config(128, 32, 8, 2),
+    ("sm90", "dq", 256): Config(64, 16, 4, 1),
+}
+# Ampere: smaller shared memory (164 KB vs 228 KB) -> fewer stages.
+_SM80 = {
+    ("sm80", d, bucket): Config(c.block_m, c.block_n, c.num_warps, max(1, c.num_stages - 1))
+    for (_, d, bucket), c in _TABLE.items()
+}
+_TABLE.update(_SM80)
+_INTERPRETER = {"fwd": Config(16, 16, 1, 1), "bwd": Config(16, 16, 1, 1), "dq": Config(16, 16, 1, 1)}
+# fp32 operands take twice the registers and shared memory of bf16: halve the key/query tile.
+_FP32_SHRINK = 2
+
+
+def _table_config(call, direction: str) -> Config:
+    if interpret_mode() and call.device.type == "cpu":
+        return _INTERPRETER[direction]
+    cfg = _TABLE[(_arch(), direction, _d_bucket(max(call.K, call.Kv)))]
+    if call.inp.query.dtype == torch.float32:
+        if direction == "bwd":
+            cfg = Config(cfg.block_m, max(16, cfg.block_n // _FP32_SHRINK), cfg.num_warps, max(1, cfg.num_stages - 1))
+        else:
+            cfg = Config(cfg.block_m, max(16, cfg.block_n // _FP32_SHRINK), cfg.num_warps, max(1, cfg.num_stages - 1))
+    return cfg
+
+
+_TUNED: dict[tuple, Config] = {}
+
+
+def _candidates(direction: str, d: int) -> list[Config]:
+    if direction == "fwd":
+        return [Config(bm, bn, w, s) for bm in (64, 128) for bn in (32, 64, 128) for w in (4, 8) for s in (2, 3, 4)
+                if not (bm * bn < 128 * 128 and w == 8) and not (d > 128 and bn > 64)]
+    if direction == "bwd":
+        return [Config(bm, bn, w, s) for bm in (16, 32, 64) for bn in (64, 128) for w in (4, 8) for s in (1, 2, 3)
+                if not (d > 128 and bn > 64)]
+    return [Config(bm, bn, w, s) for bm in (64, 128) for bn in (16, 32, 64) for w in (4, 8) for s in (1, 2, 3)
+            if not (d > 128 and bm > 64)]
+
+
+def _get(call, direction: str, run=None) -> Config:
+    if os.environ.get("TRIFORMERS_AUTOTUNE", "0") != "1" or run is None or call.device.type != "cuda":
+        return _table_config(call, direction)
+    key = (direction, _arch(), call.inp.query.dtype, call.K, call.Kv, call.kind, call.flags["HAS_BIAS"],
+           call.flags["IS_VARLEN"], call.flags["HAS_DROPOUT"], 1 << max(0, call.max_q - 1).bit_length())
+    if key not in _TUNED:
+        import triton.testing
+
+        best, best_ms = None, float("inf")
+        for cfg in _candidates(direction, max(call.K, call.Kv)):
+            try:
+                ms = triton.testing.do_bench(lambda cfg=cfg: run(cfg), warmup=5, rep=20)
+            except Exception:  # out of shared memory or registers: not a candidate on this GPU
+                continue
+            if ms < best_ms:
+                best, best_ms = cfg, ms
+        _TUNED[key] = best or _table_config(call, direction)
+    return _TUNED[key]
+
+
+def forward_config(call, run=None) -> Config:
+    return _get(call, "fwd", run)
+
+
+def backward_config(call, run=None) -> Config:
+    return _get(call, "bwd", run)
+
+
+def dq_config(call, run=None) -> Config:
+    return _get(call, "dq", run)
