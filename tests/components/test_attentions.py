@@ -18,12 +18,8 @@ NAMES = sorted(ATTENTION_REGISTRY)
 
 
 def _mha(name, causal=False, dropout=0.0):
-    config = generic_attention_config(
-        name, seq_len=S, dim_model=D, num_heads=H, causal=causal, dropout=dropout
-    )
-    return build_multi_head_attention(
-        {"dim_model": D, "num_heads": H, "residual_dropout": 0.0, "attention": config}
-    )
+    config = generic_attention_config(name, seq_len=S, dim_model=D, num_heads=H, causal=causal, dropout=dropout)
+    return build_multi_head_attention({"dim_model": D, "num_heads": H, "residual_dropout": 0.0, "attention": config})
 
 
 def _select(predicate):

@@ -32,8 +32,12 @@ def generic_attention_config(
         causal: request causal attention from the attentions that support it.
         dropout: attention dropout.
     """
-    block_size = next(b for b in (16, 8, 6, 4, 3, 2, 1) if seq_len % b == 0 and seq_len // b >= 2)
-    layout = BigBirdSparsityConfig(num_heads, block_size=block_size, num_random_blocks=1).make_layout(seq_len)
+    # blocks of 16 tokens (the GPU kernels' smallest) when the sequence has room for a few, else smaller ones
+    block_size = next(b for b in (16, 8, 6, 4, 3, 2, 1) if seq_len % b == 0 and seq_len // b >= 3)
+    num_blocks = seq_len // block_size
+    layout = BigBirdSparsityConfig(
+        num_heads, block_size=block_size, num_random_blocks=1, num_sliding_window_blocks=min(3, num_blocks)
+    ).make_layout(seq_len)
     return {
         "name": name,
         "dropout": dropout,

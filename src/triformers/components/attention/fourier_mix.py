@@ -26,5 +26,6 @@ class FourierMix(Attention):
 
     def forward(self, q: torch.Tensor, *_, **__) -> torch.Tensor:
         with torch.autocast(device_type=q.device.type, enabled=False):
-            att = torch.fft.fft2(q.float()).real.to(q.dtype)
+            x = q if q.dtype in (torch.float32, torch.float64) else q.float()  # no half-precision FFT
+            att = torch.fft.fft2(x).real.to(q.dtype)
         return self.attn_drop(att)
