@@ -7,23 +7,30 @@ imported). The interpreter is how the CPU test suite covers every kernel.
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 
+_AVAILABLE: dict[str, bool] = {}
 
-@functools.lru_cache(maxsize=None)
+
+@torch.compiler.assume_constant_result
 def is_triton_available() -> bool:
-    """True when ``import triton`` works (and ``TRIFORMERS_DISABLE_TRITON`` is not set)."""
-    if os.environ.get("TRIFORMERS_DISABLE_TRITON", "0") == "1":
-        return False
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception:  # ImportError, or a broken install raising anything else
-        return False
-    return True
+    """True when ``import triton`` works (and ``TRIFORMERS_DISABLE_TRITON`` is not set).
+
+    Evaluated once; ``torch.compile`` treats the answer as a constant.
+    """
+    if "triton" not in _AVAILABLE:
+        ok = os.environ.get("TRIFORMERS_DISABLE_TRITON", "0") != "1"
+        if ok:
+            try:
+                import triton.language  # noqa: F401
+
+                import triton  # noqa: F401
+            except Exception:  # ImportError, or a broken install raising anything else
+                ok = False
+        _AVAILABLE["triton"] = ok
+    return _AVAILABLE["triton"]
 
 
 def interpret_mode() -> bool:

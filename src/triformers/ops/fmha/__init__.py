@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch.autograd.function import once_differentiable
 
-from triformers.ops.fmha import attn_bias, chunked, common, dispatch, sdpa
+from triformers.ops.fmha import attn_bias, chunked, common, dispatch, sdpa, triton
 from triformers.ops.fmha.attn_bias import AttentionBias, BlockDiagonalMask, LowerTriangularMask
 from triformers.ops.fmha.common import (
     AttentionBwOpBase,
@@ -41,8 +41,17 @@ AttentionMask = AttentionBias  # backward-compatible alias
 
 MemoryEfficientAttentionChunkedOp = (chunked.FwOp, chunked.BwOp)
 MemoryEfficientAttentionSdpaOp = (sdpa.FwOp, sdpa.BwOp)
-ALL_FW_OPS: list[type[AttentionFwOpBase]] = [chunked.FwOp, sdpa.FwOp]
-ALL_BW_OPS: list[type[AttentionBwOpBase]] = [chunked.BwOp, sdpa.BwOp]
+TritonFlashAttentionOp = (triton.FwOp, triton.BwOp)
+# xFormers' operator-pair names, for code that passes them as `op=`: they select our nearest equivalents
+# (our Triton FlashAttention kernels cover what cutlass and flash did; the deprecated small-K operator maps
+# to the pure-PyTorch one).
+MemoryEfficientAttentionFlashAttentionOp = TritonFlashAttentionOp
+MemoryEfficientAttentionCutlassOp = TritonFlashAttentionOp
+MemoryEfficientAttentionCutlassFwdFlashBwOp = TritonFlashAttentionOp
+MemoryEfficientAttentionTritonFwdFlashBwOp = TritonFlashAttentionOp
+MemoryEfficientAttentionOp = MemoryEfficientAttentionChunkedOp
+ALL_FW_OPS: list[type[AttentionFwOpBase]] = [triton.FwOp, sdpa.FwOp, chunked.FwOp]
+ALL_BW_OPS: list[type[AttentionBwOpBase]] = [triton.BwOp, chunked.BwOp, sdpa.BwOp]
 
 __all__ = [
     "memory_efficient_attention",
@@ -66,8 +75,17 @@ __all__ = [
     "attn_bias",
     "chunked",
     "sdpa",
+    "triton",
     "common",
     "dispatch",
+    "TritonFlashAttentionOp",
+    "MemoryEfficientAttentionChunkedOp",
+    "MemoryEfficientAttentionSdpaOp",
+    "MemoryEfficientAttentionFlashAttentionOp",
+    "MemoryEfficientAttentionCutlassOp",
+    "MemoryEfficientAttentionCutlassFwdFlashBwOp",
+    "MemoryEfficientAttentionTritonFwdFlashBwOp",
+    "MemoryEfficientAttentionOp",
 ]
 
 _DROPOUT_LOW_LEVEL = (
@@ -86,8 +104,9 @@ def _needs_grad(inp: Inputs) -> bool:
 
 
 def _with_tensor(bias: Any, tensor: torch.Tensor | None) -> Any:
-    """The bias object with its tensor swapped for ``tensor`` (the one autograd tracks)."""
-    if isinstance(bias, torch.Tensor):
+    """The bias object with its tensor swapped for ``tensor`` (the one autograd tracks); a tensor bias is
+    passed as the class ``torch.Tensor`` (the same tensor given twice would confuse torch.compile)."""
+    if bias is torch.Tensor or isinstance(bias, torch.Tensor):
         return tensor
     if isinstance(bias, attn_bias.LowerTriangularMaskWithTensorBias):
         return attn_bias.LowerTriangularMaskWithTensorBias(tensor)
@@ -140,15 +159,17 @@ def memory_efficient_attention(
         return _forward(inp, None if op is None else op[0])
     output_shape = inp.normalize_bmhk()
     op_fw, op_bw = (None, None) if op is None else op
-    needs_lse = op_bw is not None and op_bw is not sdpa.BwOp
+    needs_lse = op_bw is not None and not (op_fw is not None and op_fw.AUTOGRAD_BW is op_bw)
     if op_fw is None:
         op_fw = dispatch.dispatch_fw(inp, needs_gradient=True, needs_lse=needs_lse)
+        needs_lse = op_bw is not None and op_fw.AUTOGRAD_BW is not op_bw
     else:
         dispatch.ensure_op_supports("memory_efficient_attention", op_fw, inp, needs_lse=needs_lse)
-    if op_fw.NATIVE_AUTOGRAD:
+    if op_fw.NATIVE_AUTOGRAD and not needs_lse:
         return op_fw.apply_autograd(inp).reshape(output_shape)
     tensor = inp.tensor_bias
-    out = _fMHA.apply(op_fw, op_bw, inp.attn_bias, inp.p, inp.scale, inp.query, inp.key, inp.value, tensor)
+    bias_kind = torch.Tensor if isinstance(inp.attn_bias, torch.Tensor) else inp.attn_bias
+    out = _fMHA.apply(op_fw, op_bw, bias_kind, inp.p, inp.scale, inp.query, inp.key, inp.value, tensor)
     return out.reshape(output_shape)
 
 

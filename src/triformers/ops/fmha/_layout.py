@@ -68,13 +68,26 @@ class Layout5:
         return x.squeeze(1) if self.mqa else x.squeeze(2)
 
 
+def kv_shareable(key: torch.Tensor, value: torch.Tensor) -> bool:
+    """Whether K/V are stride-0 expansions over the query heads that may be read (and differentiated) once."""
+    dim = 2 if key.ndim == 4 else 3
+    return key.ndim in (4, 5) and _stride0_shared(key, dim) and _stride0_shared(value, dim)
+
+
 def canonical(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor | None
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor | None,
+    share_kv: bool | None = None,
 ) -> Layout5:
-    """Canonical views of BMHK or BMGHK inputs (BMK is turned into BMHK before this)."""
+    """Canonical views of BMHK or BMGHK inputs (BMK is turned into BMHK before this).
+
+    ``share_kv`` overrides the stride-0 detection (kernels registered as custom ops receive it from the
+    caller, who still knows which tensors are leaves).
+    """
     ndim = query.ndim
+    if share_kv is None:
+        share_kv = kv_shareable(key, value)
     if ndim == 4:
-        mqa = _stride0_shared(key, 2) and _stride0_shared(value, 2)
+        mqa = share_kv
         if mqa:
             q, k, v = query.unsqueeze(2), key[:, :, :1].unsqueeze(2), value[:, :, :1].unsqueeze(2)
         else:
@@ -82,7 +95,7 @@ def canonical(
     elif ndim == 5:
         mqa = False
         q, k, v = query, key, value
-        if _stride0_shared(key, 3) and _stride0_shared(value, 3):
+        if share_kv:
             k, v = key[:, :, :, :1], value[:, :, :, :1]
     else:
         raise ValueError(f"expected BMHK or BMGHK inputs, got query of shape {tuple(query.shape)}")
@@ -98,13 +111,14 @@ def canonical(
     return Layout5(q=q, k=k, v=v, bias=bias5, ndim=ndim, mqa=mqa)
 
 
-def bias_reduce_dims(bias: torch.Tensor, layout: Layout5) -> tuple[int, ...]:
+def bias_reduce_dims(bias: torch.Tensor, layout: Layout5, is_leaf: bool | None = None) -> tuple[int, ...]:
     """Dims of the canonical bias ``[B, G, Hg, Mq, Mkv]`` over which its gradient is summed.
 
     Those are the broadcast (stride-0) dims of the bias as the caller passed it; a leaf keeps its own
     stride-0 dims of size > 1 (it needs the per-element gradient).
     """
     b5 = layout.bias
+    is_leaf = bias.is_leaf if is_leaf is None else is_leaf
     dims = []
     caller_shape = list(bias.shape)
     if layout.ndim == 4:  # caller dims [B, H, Mq, Mkv] -> canonical [B, G, Hg, Mq, Mkv]
@@ -116,7 +130,7 @@ def bias_reduce_dims(bias: torch.Tensor, layout: Layout5) -> tuple[int, ...]:
         if b5.shape[d] <= 1 or b5.stride(d) != 0:
             continue
         c = caller_of.get(d)
-        if c is not None and bias.is_leaf and caller_shape[c] > 1:
+        if c is not None and is_leaf and caller_shape[c] > 1:
             continue
         dims.append(d)
     return tuple(dims)

@@ -316,11 +316,12 @@ class AttentionFwOpBase(AttentionOpBase):
         RETURNS_LSE: the operator computes lse (needed by ``memory_efficient_attention_forward_requires_grad``
             and by backward operators that recompute from it).
         NATIVE_AUTOGRAD: the operator's output carries its own autograd graph (``apply_autograd``), used by
-            ``memory_efficient_attention`` instead of a separate backward operator.
+            ``memory_efficient_attention`` unless a backward operator other than ``AUTOGRAD_BW`` is asked for.
     """
 
     RETURNS_LSE: ClassVar[bool] = True
     NATIVE_AUTOGRAD: ClassVar[bool] = False
+    AUTOGRAD_BW: ClassVar[type | None] = None  # the backward operator its native autograd runs
     ERROR_ATOL: ClassVar[dict[torch.dtype, float]] = {torch.float: 3e-4, torch.half: 4e-3, torch.bfloat16: 2e-2}
     ERROR_RTOL: ClassVar[dict[torch.dtype, float]] = {torch.float: 2e-5, torch.half: 4e-4, torch.bfloat16: 5e-3}
 

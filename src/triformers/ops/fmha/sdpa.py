@@ -94,7 +94,9 @@ class _Plan:
         return full.reshape(B, G * H, Mq, Mkv)
 
     def backend_reasons(self, inp: Inputs) -> list[str]:
-        if self.reasons or not hasattr(torch, "_fused_sdp_choice"):
+        # Under torch.compile the probe cannot be traced (it returns an int); the compiled graph keeps
+        # torch's own run-time backend choice then.
+        if self.reasons or not hasattr(torch, "_fused_sdp_choice") or torch.compiler.is_compiling():
             return []
         q, k, v = self.q, self.k, self.v
         if self.blocks:
@@ -205,3 +207,6 @@ class BwOp(AttentionBwOpBase):
             out = FwOp.apply_autograd(Inputs(q, k, v, bias, inp.p, inp.scale))
             grads = torch.autograd.grad(out, leaves, grad)
         return Gradients(dq=grads[0], dk=grads[1], dv=grads[2], db=grads[3] if len(grads) > 3 else None)
+
+
+FwOp.AUTOGRAD_BW = BwOp

@@ -11,6 +11,9 @@
 - Any head dim up to 256 (padded in registers to the next power of two, not by copying); fp16, bf16, fp32
   (TF32 only if ``torch.backends.cuda.matmul.allow_tf32``); a deterministic backward (no atomics) under
   ``torch.use_deterministic_algorithms(True)``.
+- The kernels are ``torch.library`` custom ops (``triformers::flash_fwd``, ``triformers::flash_bwd``) with
+  fake implementations and a registered autograd formula, so ``torch.compile(fullgraph=True)`` traces
+  ``memory_efficient_attention`` without graph breaks.
 - Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors (tests); bf16 is refused there because the
   interpreter's ``tl.dot`` mishandles bf16 operands.
 """
@@ -23,11 +26,118 @@ import torch
 
 from triformers._triton import interpret_mode, is_triton_available, triton_unavailable_reason
 from triformers.ops.common import register_operator
-from triformers.ops.fmha import _rng, dispatch
+from triformers.ops.fmha import _layout, _rng, dispatch
 from triformers.ops.fmha._mask import SUPPORTED_BIAS_TYPES
 from triformers.ops.fmha.common import AttentionBwOpBase, AttentionFwOpBase, Context, Gradients, Inputs
 
 MAX_HEAD_DIM = 256
+_NO_WINDOW = -1
+
+
+def _launch():
+    from triformers.ops.fmha._triton import launch
+
+    return launch
+
+
+# ------------------------------------------------------------------------------------------------------
+# Custom ops: plain tensors and numbers in and out (see _triton/launch.py)
+# ------------------------------------------------------------------------------------------------------
+
+
+def _mask_args(seq_q, k_start, k_len, max_q, max_k, bottom_right, window_left, window_right):
+    return _launch().MaskArgs(seq_q, k_start, k_len, max_q, max_k, bottom_right, window_left, window_right)
+
+
+@torch.library.custom_op("triformers::flash_fwd", mutates_args=())
+def flash_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+    seq_q: torch.Tensor | None, k_start: torch.Tensor | None, k_len: torch.Tensor | None,
+    max_q: int, max_k: int, bottom_right: bool, window_left: int, window_right: int,
+    p: float, seed: torch.Tensor | None, scale: float, share_kv: bool, bias_is_leaf: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, lse)``; ``bias_is_leaf`` only informs the backward formula."""
+    m = _mask_args(seq_q, k_start, k_len, max_q, max_k, bottom_right, window_left, window_right)
+    return _launch().attention_forward(q, k, v, bias, m, p, 0 if seed is None else int(seed[0]), scale, share_kv)
+
+
+@flash_fwd.register_fake
+def _flash_fwd_fake(q, k, v, bias, seq_q, k_start, k_len, max_q, max_k, bottom_right, window_left,
+                    window_right, p, seed, scale, share_kv, bias_is_leaf):
+    out = q.new_empty((*q.shape[:-1], v.shape[-1]))
+    lse = q.new_empty((q.shape[0], *q.shape[2:-1], q.shape[1]), dtype=torch.float32)
+    return out, lse
+
+
+@torch.library.custom_op("triformers::flash_bwd", mutates_args=())
+def flash_bwd(
+    grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    bias: torch.Tensor | None, db_reduce_mask: int,
+    seq_q: torch.Tensor | None, k_start: torch.Tensor | None, k_len: torch.Tensor | None,
+    max_q: int, max_k: int, bottom_right: bool, window_left: int, window_right: int,
+    p: float, seed: torch.Tensor | None, scale: float, share_kv: bool, deterministic: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk5, dv5, db)``: K/V gradients per shared head in the canonical layout, ``db`` float32 with the
+    dims of ``db_reduce_mask`` summed (empty when the mask is negative)."""
+    m = _mask_args(seq_q, k_start, k_len, max_q, max_k, bottom_right, window_left, window_right)
+    return _launch().attention_backward(grad, q, k, v, out, lse, bias, db_reduce_mask, m, p,
+                                        0 if seed is None else int(seed[0]), scale, share_kv, deterministic)
+
+
+@flash_bwd.register_fake
+def _flash_bwd_fake(grad, q, k, v, out, lse, bias, db_reduce_mask, seq_q, k_start, k_len, max_q, max_k,
+                    bottom_right, window_left, window_right, p, seed, scale, share_kv, deterministic):
+    launch = _launch()
+    dk5 = k.new_empty(launch.kv_grad_shape(q, k, share_kv, k.shape[-1]))
+    dv5 = v.new_empty(launch.kv_grad_shape(q, v, share_kv, v.shape[-1]))
+    db_shape = launch.db_buffer_shape(q, k, bias, share_kv, db_reduce_mask) if (
+        db_reduce_mask >= 0 and bias is not None) else (0,)
+    return torch.empty_like(q), dk5, dv5, q.new_empty(db_shape, dtype=torch.float32)
+
+
+_FWD_TENSOR_ARGS = ("q", "k", "v", "bias", "seq_q", "k_start", "k_len", "seed")
+
+
+def _setup_context(ctx, inputs, output):
+    (q, k, v, bias, seq_q, k_start, k_len, max_q, max_k, bottom_right, window_left, window_right, p, seed,
+     scale, share_kv, bias_is_leaf) = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, bias, seq_q, k_start, k_len, seed, out, lse)
+    ctx.args = (max_q, max_k, bottom_right, window_left, window_right, p, scale, share_kv, bias_is_leaf)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, bias, seq_q, k_start, k_len, seed, out, lse = ctx.saved_tensors
+    max_q, max_k, bottom_right, window_left, window_right, p, scale, share_kv, bias_is_leaf = ctx.args
+    L = _layout.canonical(q, k, v, bias, share_kv)
+    want_db = bias is not None and ctx.needs_input_grad[3]
+    mask = -1
+    if want_db:
+        mask = sum(1 << d for d in _layout.bias_reduce_dims(bias, L, is_leaf=bias_is_leaf))
+    dq, dk5, dv5, db = flash_bwd(grad_out, q, k, v, out, lse, bias, mask, seq_q, k_start, k_len, max_q, max_k,
+                                 bottom_right, window_left, window_right, p, seed, scale, share_kv,
+                                 torch.are_deterministic_algorithms_enabled())
+    dk = _layout.shared_kv_grad(dk5, k, L)
+    dv = _layout.shared_kv_grad(dv5, v, L)
+    dbias = _layout.grad_for_input(L.bias_from5(db).to(bias.dtype), bias) if want_db else None
+    return dq, dk, dv, dbias, None, None, None, None, None, None, None, None, None, None, None, None, None
+
+
+flash_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _call_args(inp: Inputs, seed: torch.Tensor | None):
+    q, k, v = inp.query, inp.key, inp.value
+    bias = inp.tensor_bias
+    m = _launch().mask_args(inp.attn_bias, q.shape[1], k.shape[1], q.device)
+    return (q, k, v, bias, m.seq_q, m.k_start, m.k_len, m.max_q, m.max_k, m.bottom_right, m.window_left,
+            m.window_right, float(inp.p), seed, inp.scale_float, _layout.kv_shareable(k, v),
+            bias is None or bias.is_leaf)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Operators
+# ------------------------------------------------------------------------------------------------------
 
 
 def _reasons(cls, d: Inputs) -> list[str]:
@@ -54,6 +164,7 @@ class FwOp(AttentionFwOpBase):
     SUPPORTS_CUSTOM_SCALE = True
     SUPPORTS_DIFFERENT_VALUE_EMBED = True
     SUPPORTS_BMGHK = True
+    NATIVE_AUTOGRAD = True
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -65,13 +176,17 @@ class FwOp(AttentionFwOpBase):
 
     @classmethod
     def apply(cls, inp: Inputs, needs_gradient: bool) -> tuple[torch.Tensor, Context | None]:
-        from triformers.ops.fmha._triton.launch import attention_forward
-
         rng_state = _rng.draw_seed() if inp.p > 0.0 else None
-        out, lse = attention_forward(inp, None if rng_state is None else int(rng_state[0]))
+        with torch.no_grad():
+            out, lse = flash_fwd(*_call_args(inp, rng_state))
         if not needs_gradient:
             return out, None
         return out, Context(out=out, lse=lse, rng_state=rng_state)
+
+    @classmethod
+    def apply_autograd(cls, inp: Inputs) -> torch.Tensor:
+        rng_state = _rng.draw_seed() if inp.p > 0.0 else None
+        return flash_fwd(*_call_args(inp, rng_state))[0]
 
 
 @register_operator
@@ -100,17 +215,24 @@ class BwOp(AttentionBwOpBase):
 
     @classmethod
     def apply(cls, ctx: Context, inp: Inputs, grad: torch.Tensor) -> Gradients:
-        from triformers.ops.fmha._triton.launch import attention_backward
-
-        seed = None
-        if inp.p > 0.0:
-            if ctx.rng_state is None:
-                raise ValueError("dropout backward needs the forward's rng_state (the seed) in the Context")
-            seed = int(ctx.rng_state[0])
-        dq, dk, dv, db = attention_backward(
-            inp, ctx.out, ctx.lse, grad, seed, deterministic=torch.are_deterministic_algorithms_enabled()
+        if inp.p > 0.0 and ctx.rng_state is None:
+            raise ValueError("dropout backward needs the forward's rng_state (the seed) in the Context")
+        args = _call_args(inp, ctx.rng_state)
+        q, k, v, bias = args[:4]
+        share_kv = args[15]
+        L = _layout.canonical(q, k, v, bias, share_kv)
+        want_db = bias is not None and bias.requires_grad
+        mask = sum(1 << d for d in _layout.bias_reduce_dims(bias, L)) if want_db else -1
+        with torch.no_grad():
+            dq, dk5, dv5, db = flash_bwd(grad, q, k, v, ctx.out, ctx.lse, bias, mask, *args[4:12], args[12],
+                                         args[13], args[14], share_kv, torch.are_deterministic_algorithms_enabled())
+        return Gradients(
+            dq=dq,
+            dk=_layout.shared_kv_grad(dk5, k, L),
+            dv=_layout.shared_kv_grad(dv5, v, L),
+            db=_layout.grad_for_input(L.bias_from5(db).to(bias.dtype), bias) if want_db else None,
         )
-        return Gradients(dq=dq, dk=dk, dv=dv, db=db)
 
 
+FwOp.AUTOGRAD_BW = BwOp
 dispatch.register_family("triton", FwOp, BwOp)

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 import torch
 
 from triformers._triton import interpret_mode
-from triformers.ops.fmha._mask import MaskSpec
 
 
 @dataclass(frozen=True)
@@ -26,15 +25,6 @@ class Config:
     block_n: int
     num_warps: int
     num_stages: int
-
-
-def mask_kind(spec: MaskSpec) -> str:
-    """``dense``, ``causal`` (any window_right) or ``local`` (window_left); tensor biases count as dense."""
-    if spec.window_left is not None:
-        return "local"
-    if spec.window_right is not None:
-        return "causal"
-    return "dense"
 
 
 def _arch() -> str:
@@ -82,11 +72,8 @@ def _table_config(call, direction: str) -> Config:
     if interpret_mode() and call.device.type == "cpu":
         return _INTERPRETER[direction]
     cfg = _TABLE[(_arch(), direction, _d_bucket(max(call.K, call.Kv)))]
-    if call.inp.query.dtype == torch.float32:
-        if direction == "bwd":
-            cfg = Config(cfg.block_m, max(16, cfg.block_n // _FP32_SHRINK), cfg.num_warps, max(1, cfg.num_stages - 1))
-        else:
-            cfg = Config(cfg.block_m, max(16, cfg.block_n // _FP32_SHRINK), cfg.num_warps, max(1, cfg.num_stages - 1))
+    if call.dtype == torch.float32:
+        cfg = Config(cfg.block_m, max(16, cfg.block_n // _FP32_SHRINK), cfg.num_warps, max(1, cfg.num_stages - 1))
     return cfg
 
 
@@ -107,8 +94,8 @@ def _candidates(direction: str, d: int) -> list[Config]:
 def _get(call, direction: str, run=None) -> Config:
     if os.environ.get("TRIFORMERS_AUTOTUNE", "0") != "1" or run is None or call.device.type != "cuda":
         return _table_config(call, direction)
-    key = (direction, _arch(), call.inp.query.dtype, call.K, call.Kv, call.kind, call.flags["HAS_BIAS"],
-           call.flags["IS_VARLEN"], call.flags["HAS_DROPOUT"], 1 << max(0, call.max_q - 1).bit_length())
+    key = (direction, _arch(), call.dtype, call.K, call.Kv, call.kind, call.flags["HAS_BIAS"],
+           call.flags["IS_VARLEN"], call.flags["HAS_DROPOUT"], 1 << max(0, call.m.max_q - 1).bit_length())
     if key not in _TUNED:
         import triton.testing
 

@@ -1,0 +1,124 @@
+"""fmha.triton on CPU tensors under Triton's interpreter: multi-tile odd sizes, dropout identical to the
+chunked operator, the deterministic backward, torch.compile, and the operator's refusals."""
+
+import pytest
+import torch
+
+from triformers.ops import fmha
+from triformers.ops.fmha import attn_bias as ab
+from triformers.ops.fmha import triton as triton_op
+from triformers.ops.fmha.attn_bias_utils import create_inputs
+from triformers.ops.fmha.reference import ref_attention
+
+TRITON = fmha.TritonFlashAttentionOp
+CHUNKED = fmha.MemoryEfficientAttentionChunkedOp
+
+pytestmark = pytest.mark.skipif(not triton_op.FwOp.is_available(), reason="triton is not installed")
+
+
+def _grads(out, tensors, g):
+    return torch.autograd.grad(out, tensors, g)
+
+
+@pytest.mark.parametrize("bias_type", [ab.LowerTriangularMask, ab.LocalAttentionFromBottomRightMask,
+                                       ab.BlockDiagonalCausalLocalAttentionFromBottomRightMask, torch.Tensor])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_multi_tile_odd_sizes(bias_type, dtype):
+    """Several 16-wide tiles with ragged edges in every direction, K = 40 and Kv = 24 padded in registers."""
+    inp = create_inputs(bias_type, batch_size=2, q_len=67, kv_len=83, num_heads=2, k=40, kv=24, dtype=dtype,
+                        requires_grad=True, bias_requires_grad=True, seed=11)
+    q, k, v, bias = inp.query, inp.key, inp.value, inp.attn_bias
+    out = fmha.memory_efficient_attention(q, k, v, bias, op=TRITON)
+    ref, _ = ref_attention(q, k, v, bias)
+    atol = 2e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(out.double(), ref, atol=atol, rtol=atol)
+    tensors = inp.tensors()
+    g = torch.randn_like(out)
+    for a, b in zip(_grads(out, tensors, g), _grads(ref, tensors, g.double())):
+        torch.testing.assert_close(a.double(), b.double(), atol=10 * atol, rtol=10 * atol)
+
+
+@pytest.mark.parametrize("bias_type", [type(None), ab.LowerTriangularMask, ab.BlockDiagonalCausalMask])
+@pytest.mark.parametrize("gqa", [False, True])
+def test_dropout_identical_to_chunked(bias_type, gqa):
+    """Both operators draw the same Philox stream: same seed, same dropped entries, same gradients."""
+    inp = create_inputs(bias_type, batch_size=2, q_len=37, kv_len=37, num_heads=3, k=16, fmt="BMGHK",
+                        num_groups=2, requires_grad=True, seed=5, gqa=gqa)
+    q, k, v, bias = inp.query, inp.key, inp.value, inp.attn_bias
+    torch.manual_seed(123)
+    out_t = fmha.memory_efficient_attention(q, k, v, bias, p=0.4, op=TRITON)
+    torch.manual_seed(123)
+    out_c = fmha.memory_efficient_attention(q, k, v, bias, p=0.4, op=CHUNKED)
+    torch.testing.assert_close(out_t, out_c, atol=2e-5, rtol=1e-4)
+    leaves = [x if x.is_leaf else x._base for x in (q, k, v)]
+    g = torch.randn_like(out_t)
+    for a, b in zip(_grads(out_t, leaves, g), _grads(out_c, leaves, g)):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_deterministic_backward():
+    """Under torch.use_deterministic_algorithms the backward uses no atomics (separate dQ kernel, bias
+    gradient reduced after the kernel) and matches the reference."""
+    B, M, H, K = 2, 45, 3, 16
+    q, k, v = (torch.randn(B, M, H, K, requires_grad=True) for _ in range(3))
+    base = torch.randn(H, M, requires_grad=True)
+    bias = base[None, :, None, :].expand(B, H, M, M)
+    g = torch.randn(B, M, H, K)
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = []
+        for _ in range(2):
+            out = fmha.memory_efficient_attention(q, k, v, ab.LowerTriangularMask().add_bias(bias), op=TRITON)
+            runs.append(_grads(out, (q, k, v, base), g))
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    ref, _ = ref_attention(q, k, v, ab.LowerTriangularMask().add_bias(bias))
+    for a, b in zip(runs[0], _grads(ref, (q, k, v, base), g.double())):
+        torch.testing.assert_close(a.double(), b.double(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("op_name", ["chunked", "triton"])
+def test_compile_fullgraph(op_name):
+    """memory_efficient_attention compiles with fullgraph=True (no graph break): the Triton kernels are
+    torch.library custom ops with fake implementations; the chunked operator is plain torch."""
+    op = {"chunked": CHUNKED, "triton": TRITON}[op_name]
+    torch._dynamo.reset()
+    q, k, v = (torch.randn(2, 40, 4, 16, requires_grad=True) for _ in range(3))
+    bias_base = torch.randn(1, 4, 1, 40, requires_grad=True)
+    for bias in (ab.LowerTriangularMask(), bias_base, ab.BlockDiagonalMask.from_seqlens([30, 50]).make_causal()):
+        args = (q, k, v) if not isinstance(bias, ab.BlockDiagonalMask) else tuple(x.reshape(1, 80, 4, 16)
+                                                                                   for x in (q, k, v))
+        fn = torch.compile(lambda a, b, c, bias=bias: fmha.memory_efficient_attention(a, b, c, bias, op=op),
+                           fullgraph=True)
+        out = fn(*args)
+        ref = fmha.memory_efficient_attention(*args, bias, op=op)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        leaves = [q, k, v] + ([bias_base] if bias is bias_base else [])
+        for a, b in zip(_grads(out.sum(), leaves, None), _grads(ref.sum(), leaves, None)):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_refusals(monkeypatch):
+    q = torch.randn(1, 8, 2, 16, dtype=torch.bfloat16)
+    reasons = triton_op.FwOp.not_supported_reasons(fmha.Inputs(q, q, q))
+    assert any("bf16 under Triton's interpreter" in r for r in reasons)
+    q = torch.randn(1, 8, 2, 16)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    reasons = triton_op.FwOp.not_supported_reasons(fmha.Inputs(q, q, q))
+    assert any("TRITON_INTERPRET=1" in r for r in reasons)
+    with pytest.raises(ValueError, match="does not support inputs"):
+        fmha.memory_efficient_attention(q, q, q, op=TRITON)
+    big = torch.randn(1, 4, 1, 264)
+    assert any("> 256" in r for r in triton_op.FwOp.not_supported_reasons(fmha.Inputs(big, big, big)))
+
+
+def test_cpu_auto_never_picks_triton():
+    """On the CPU the interpreter is for tests only: auto dispatch picks sdpa or chunked."""
+    q, k = torch.randn(1, 8, 2, 16), torch.randn(1, 11, 2, 16)
+    for bias in (None, ab.LowerTriangularFromBottomRightMask(), torch.randn(1, 2, 8, 11)):
+        inp = fmha.Inputs(q, k, k, bias)
+        assert fmha.dispatch.dispatch_fw(inp, needs_gradient=True) in (fmha.sdpa.FwOp, fmha.chunked.FwOp)
