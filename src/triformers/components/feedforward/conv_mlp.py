@@ -16,7 +16,7 @@ from triformers.components.feedforward.base import Feedforward, FeedforwardConfi
 class Conv2DFeedforwardConfig(FeedforwardConfig):
     hidden_layer_multiplier: int
     dim_model_out: int | None
-    act_layer: object | None = None  # xFormers compatibility; ``activation`` is the one used
+    act_layer: str | None = None  # xFormers compatibility; ``activation`` is the one used
 
 
 @register_feedforward("Conv2DFeedforward", Conv2DFeedforwardConfig)
