@@ -78,6 +78,20 @@ def _table_config(call, direction: str) -> Config:
 
 
 _TUNED: dict[tuple, Config] = {}
+_OVERRIDE: dict[str, Config] = {}
+
+
+class override:
+    """Context manager forcing the configuration of one direction (``fwd``, ``bwd``, ``dq``): for sweeps."""
+
+    def __init__(self, direction: str, cfg: Config):
+        self.direction, self.cfg = direction, cfg
+
+    def __enter__(self):
+        _OVERRIDE[self.direction] = self.cfg
+
+    def __exit__(self, *exc):
+        _OVERRIDE.pop(self.direction, None)
 
 
 def _candidates(direction: str, d: int) -> list[Config]:
@@ -92,6 +106,8 @@ def _candidates(direction: str, d: int) -> list[Config]:
 
 
 def _get(call, direction: str, run=None) -> Config:
+    if direction in _OVERRIDE:
+        return _OVERRIDE[direction]
     if os.environ.get("TRIFORMERS_AUTOTUNE", "0") != "1" or run is None or call.device.type != "cuda":
         return _table_config(call, direction)
     key = (direction, _arch(), call.dtype, call.K, call.Kv, call.kind, call.flags["HAS_BIAS"],

@@ -1,0 +1,103 @@
+"""Sweep launch configurations of the attention kernels on the GPU and print the fastest per key.
+
+    PYTHONPATH=src python scripts/tune_fmha.py [--out OUTDIR] [--dims 64,128] [--quick]
+
+bf16, B * N = 16384 tokens, H = 2048 / D, causal and not. The chosen entries go into
+``src/triformers/ops/fmha/_triton/configs.py`` and the numbers into ``benchmarks/NOTES.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import triton
+import triton.testing
+
+from triformers.ops import fmha
+from triformers.ops.fmha import attn_bias as ab
+from triformers.ops.fmha._triton import configs
+from triformers.ops.fmha._triton.configs import Config
+
+
+def _candidates(direction: str, d: int, quick: bool):
+    if direction == "fwd":
+        bms, bns, ws, ss = (64, 128), (32, 64, 128), (4, 8), (2, 3, 4)
+    else:
+        bms, bns, ws, ss = (16, 32, 64), (64, 128), (4, 8), (1, 2, 3)
+    if quick:
+        ss = ss[1:]
+    out = []
+    for bm in bms:
+        for bn in bns:
+            for w in ws:
+                for s in ss:
+                    if direction == "fwd" and bm * bn < 128 * 128 and w == 8:
+                        continue
+                    if d > 128 and max(bm, bn) > 64:
+                        continue
+                    out.append(Config(bm, bn, w, s))
+    return out
+
+
+def sweep(dims, ns, quick: bool) -> list[dict]:
+    rows = []
+    for d in dims:
+        h = 2048 // d
+        for n in ns:
+            b = 16384 // n
+            for causal in (False, True):
+                q, k, v = (torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                           for _ in range(3))
+                bias = ab.LowerTriangularMask() if causal else None
+                flops = 4 * b * h * n * n * d * (0.5 if causal else 1.0)
+                with torch.no_grad():
+                    out, lse = fmha.memory_efficient_attention_forward_requires_grad(q, k, v, bias, op=fmha.triton.FwOp)
+                g = torch.randn_like(out)
+                for direction in ("fwd", "bwd"):
+                    best = None
+                    for cfg in _candidates(direction, d, quick):
+                        with configs.override(direction, cfg):
+                            if direction == "fwd":
+                                fn = lambda: fmha.memory_efficient_attention_forward(q, k, v, bias, op=fmha.triton.FwOp)  # noqa: E731
+                                mult = 1.0
+                            else:
+                                fn = lambda: fmha.memory_efficient_attention_backward(g, out, lse, q, k, v, bias,  # noqa: E731
+                                                                                      op=fmha.triton.BwOp)
+                                mult = 2.5
+                            try:
+                                fn()
+                                ms = triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
+                            except Exception as e:  # out of resources on this GPU
+                                rows.append(dict(direction=direction, D=d, N=n, causal=causal, cfg=cfg.__dict__,
+                                                 error=str(e).splitlines()[0][:120]))
+                                continue
+                        tf = flops * mult / (ms * 1e-3) / 1e12
+                        rows.append(dict(direction=direction, D=d, N=n, causal=causal, cfg=cfg.__dict__, ms=ms,
+                                         tflops=tf))
+                        if best is None or ms < best[0]:
+                            best = (ms, tf, cfg)
+                    print(f"{direction} D={d} N={n} causal={int(causal)}: best {best[2]} {best[1]:.0f} TFLOP/s "
+                          f"({best[0]:.3f} ms)", flush=True)
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--dims", default="64,128")
+    ap.add_argument("--ns", default="4096")
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args(argv)
+    rows = sweep([int(x) for x in args.dims.split(",")], [int(x) for x in args.ns.split(",")], args.quick)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "tune_fmha.json").write_text(json.dumps({"gpu": torch.cuda.get_device_name(), "rows": rows},
+                                                              indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
