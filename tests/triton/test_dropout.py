@@ -9,8 +9,8 @@ import torch
 from triformers._triton import can_run_triton
 from triformers.components.activations import Activation
 from triformers.triton import FusedDropoutBias, dropout
-from triformers.triton._kernels.dropout import BLOCK_N_MAX
-from triformers.triton.dropout import dropout_with_keep_mask
+from triformers.triton._kernels.dropout import BLOCK_S_MAX, LANES
+from triformers.triton.dropout import dropout_with_keep_mask, effective_p
 
 # (atol, rtol) per dtype against float64 on the same inputs and mask.
 TOL = {
@@ -67,7 +67,7 @@ def test_matches_reference_with_same_mask(device, dtype, activation):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("width", [1, 3, 17, 129, 1000, BLOCK_N_MAX + 1])
+@pytest.mark.parametrize("width", [1, 3, 17, 129, 1000, LANES * BLOCK_S_MAX + 1])
 def test_widths_backward_regenerates_forward_mask(device, width):
     p = 0.4
     x = torch.randn(5, width, device=device, requires_grad=True)
@@ -77,8 +77,9 @@ def test_widths_backward_regenerates_forward_mask(device, width):
     dy = torch.randn_like(y)
     gx, gb = torch.autograd.grad(y, (x, b), dy)
     kept = y != 0  # x + b is nonzero almost surely
-    torch.testing.assert_close(y, torch.where(kept, (x + b) / (1 - p), 0.0), atol=1e-6, rtol=1e-6)
-    expected = torch.where(kept, dy / (1 - p), 0.0)
+    q = effective_p(p)
+    torch.testing.assert_close(y, torch.where(kept, (x + b) / (1 - q), 0.0), atol=1e-6, rtol=1e-6)
+    expected = torch.where(kept, dy / (1 - q), 0.0)
     torch.testing.assert_close(gx, expected, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(gb, expected.sum(0), atol=1e-5, rtol=1e-5)
 
@@ -94,7 +95,8 @@ def test_keep_rate_and_unbiased(device, p):
     assert abs(kept - (1 - p)) < 5 * sigma, (kept, 1 - p)
     # E[y] = x: the mean over n elements is within 5 sigma of 2
     assert abs(y.mean().item() - 2.0) < 5 * 2.0 * (p / (1 - p) / n) ** 0.5
-    assert torch.all((y == 0) | torch.isclose(y, torch.full_like(y, 2.0 / (1 - p))))
+    assert torch.all((y == 0) | torch.isclose(y, torch.full_like(y, 2.0 / (1 - effective_p(p)))))
+    assert abs(effective_p(p) - p) <= 2**-17
 
 
 @pytest.mark.parametrize("device", DEVICES)

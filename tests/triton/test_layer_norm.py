@@ -55,9 +55,7 @@ def _check(x, weight, bias, eps=1e-6):
     for name, g, g_ref in zip(names, grads, grads_ref):
         atol, rtol = TOL[x.dtype] if name == "x" else GRAD_W_TOL[x.dtype]
         assert g.dtype == dict(zip(("x", "weight", "bias"), inputs))[name].dtype
-        torch.testing.assert_close(
-            g.double(), g_ref, atol=atol, rtol=rtol, msg=lambda m, n=name: f"d{n}: {m}"
-        )
+        torch.testing.assert_close(g.double(), g_ref, atol=atol, rtol=rtol, msg=lambda m, n=name: f"d{n}: {m}")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -124,9 +122,7 @@ def test_module_matches_torch_layernorm(device):
     torch.testing.assert_close(m(x), ref(x), atol=1e-5, rtol=1e-5)
     m2 = FusedLayerNorm((3, 16)).to(device)  # normalised over the last two dims
     x2 = torch.randn(4, 3, 16, device=device)
-    torch.testing.assert_close(
-        m2(x2), torch.nn.functional.layer_norm(x2, (3, 16), eps=1e-6), atol=1e-5, rtol=1e-5
-    )
+    torch.testing.assert_close(m2(x2), torch.nn.functional.layer_norm(x2, (3, 16), eps=1e-6), atol=1e-5, rtol=1e-5)
     m2.init_weights()
     assert torch.equal(m2.weight, torch.ones(3, 16, device=device))
 

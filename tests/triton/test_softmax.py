@@ -42,9 +42,7 @@ def _check(fn, ref, x, mask=None, causal=False):
     xr = x.detach().double().requires_grad_(x.requires_grad)
     mr = mask.detach().double().requires_grad_(mask.requires_grad) if mask is not None else None
     y_ref = ref(xr, mr, causal)
-    grads_ref = torch.autograd.grad(
-        y_ref, [t for t in (xr, mr) if t is not None and t.requires_grad], dy.double()
-    )
+    grads_ref = torch.autograd.grad(y_ref, [t for t in (xr, mr) if t is not None and t.requires_grad], dy.double())
     assert y.shape == x.shape and y.dtype == x.dtype
     atol, rtol = TOL[x.dtype]
     if fn is log_softmax:
@@ -95,9 +93,7 @@ def test_strides_broadcast_mask_and_1d(device):
     x = torch.randn(5, 2 * 41, device=device)[:, ::2].requires_grad_()  # column stride 2
     mask = torch.randn(41, device=device).expand(5, 41)  # stride 0 rows
     _check(softmax, softmax_reference, x, mask)
-    xt = (
-        torch.randn(41, 4, 3, device=device).transpose(0, 2).requires_grad_()
-    )  # [3, 4, 41], leading dims unmerged
+    xt = torch.randn(41, 4, 3, device=device).transpose(0, 2).requires_grad_()  # [3, 4, 41], leading dims unmerged
     _check(log_softmax, log_softmax_reference, xt, torch.randn(1, 4, 41, device=device), causal=True)
     _check(softmax, softmax_reference, torch.randn(23, device=device, requires_grad=True), causal=True)
 
@@ -145,7 +141,5 @@ def test_torch_path_without_interpreter(monkeypatch, recwarn):
     )
     x = torch.randn(4, 6)
     y = softmax(x, causal=True)
-    torch.testing.assert_close(
-        y, torch.softmax(x.masked_fill(torch.ones(4, 6).triu(1).bool(), float("-inf")), -1)
-    )
+    torch.testing.assert_close(y, torch.softmax(x.masked_fill(torch.ones(4, 6).triu(1).bool(), float("-inf")), -1))
     assert not [w for w in recwarn if "pure-torch" in str(w.message)]

@@ -63,17 +63,11 @@ class _RMSNormFn(torch.autograd.Function):
     def backward(ctx, dy):
         x2, weight, rstd = ctx.saved_tensors
         dx, dw, _ = norm_bwd(
-            rows_2d(dy),
-            x2,
-            weight,
-            None,
-            rstd,
-            rms=True,
-            dx_dtype=ctx.x_dtype,
-            compute_dw=ctx.needs_input_grad[1],
-            compute_db=False,
-        )
-        return dx.view(ctx.x_shape), dw.to(weight.dtype) if dw is not None else None, None, None
+            rows_2d(dy), x2, weight, None, rstd, rms=True, dx_dtype=ctx.x_dtype,
+            compute_dw=ctx.needs_input_grad[1], compute_db=False,
+            param_dtype=weight.dtype if weight is not None else torch.float32,
+        )  # fmt: skip
+        return dx.view(ctx.x_shape), dw, None, None
 
 
 class _RMSNormAddFn(torch.autograd.Function):
@@ -141,9 +135,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6) ->
     return y.view(x.shape)
 
 
-def rms_norm_add(
-    x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6
-) -> torch.Tensor:
+def rms_norm_add(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6) -> torch.Tensor:
     """``x += y`` in place, then :func:`rms_norm` of the updated x, in one pass.
 
     Args:

@@ -9,6 +9,7 @@ silently runs slower than asked.
 from __future__ import annotations
 
 import functools
+import os
 import warnings
 
 import torch
@@ -33,9 +34,7 @@ def use_triton(op: str, *tensors: torch.Tensor | None) -> bool:
     present = [t for t in tensors if t is not None]
     reason = triton_unavailable_reason(*present)
     if reason is None:
-        bad = sorted(
-            {str(t.dtype) for t in present if t.is_floating_point() and t.dtype not in KERNEL_DTYPES}
-        )
+        bad = sorted({str(t.dtype) for t in present if t.is_floating_point() and t.dtype not in KERNEL_DTYPES})
         if not bad:
             return True
         reason = f"the kernels take float16/bfloat16/float32, got {', '.join(bad)}"
@@ -80,41 +79,99 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-def tuned(kernel, configs, key, **autotune_kwargs):
-    """``kernel`` autotuned over ``configs`` on the GPU; the plain kernel under the interpreter.
+def autotune_enabled() -> bool:
+    """Autotuning runs on the GPU unless ``TRIFORMERS_AUTOTUNE=0`` (e.g. for quick GPU test runs)."""
+    return not interpret_mode() and os.environ.get("TRIFORMERS_AUTOTUNE", "1") != "0"
 
-    Under the interpreter every config would run (slowly) for nothing, so launchers name the
-    meta-parameters to use there (see :func:`launch`).
+
+class Tuner:
+    """Launches a ``@triton.jit`` kernel with meta-parameters chosen per problem key.
+
+    The first call with a new key times every candidate config (after ``prune``) and keeps the fastest;
+    later calls cost one dict lookup on top of the launch. ``triton.autotune`` re-derives its key from
+    every argument on each call, which is noticeable for the memory-bound kernels, whose launch cost is
+    comparable to their run time at small sizes. Without autotuning (interpreter, ``TRIFORMERS_AUTOTUNE=0``)
+    the launcher's ``default`` config runs.
+
+    Args:
+        kernel: the ``@triton.jit`` function.
+        configs: candidate meta-parameters, e.g. ``{"BLOCK_M": 4, "num_warps": 8}``.
+        prune: ``prune(configs, meta) -> configs`` for the call's constexprs ``meta``.
+        restore: positions of arguments the kernel writes in place, restored after each timed trial.
     """
-    import triton
 
-    if interpret_mode():
-        return kernel
-    return triton.autotune(configs=configs, key=key, **autotune_kwargs)(kernel)
+    def __init__(self, kernel, configs: list[dict], prune=None, restore: tuple[int, ...] = ()) -> None:
+        self.kernel, self.configs, self.prune, self.restore = kernel, configs, prune, restore
+        self.enabled = autotune_enabled()
+        self.best: dict = {}
+
+    def __call__(self, grid, args: tuple, key: tuple, default: dict, **meta):
+        """Launch on ``grid(config)`` (a function of the chosen config)."""
+        if not self.enabled:
+            config = default
+        else:
+            config = self.best.get(key)
+            if config is None:
+                config = self._tune(grid, args, key, meta)
+        return self.kernel[grid(config)](*args, **meta, **config)
+
+    def _tune(self, grid, args, key, meta) -> dict:
+        from triton.testing import do_bench
+
+        candidates = self.prune(self.configs, meta) if self.prune else self.configs
+        saved = {i: args[i].clone() for i in self.restore}
+        times = []
+        for config in candidates:
+            try:
+                ms = do_bench(
+                    lambda c=config: self.kernel[grid(c)](*args, **meta, **c), warmup=10, rep=40, return_mode="median"
+                )
+            except Exception:  # a config that does not compile or fit (shared memory, registers): skipped
+                ms = float("inf")
+            times.append(ms)
+            for i, t in saved.items():
+                args[i].copy_(t)
+        best = min(range(len(candidates)), key=times.__getitem__)
+        if times[best] == float("inf"):
+            raise RuntimeError(f"no config of {self.kernel.__name__} runs for key {key}")
+        self.best[key] = candidates[best]
+        if os.environ.get("TRITON_PRINT_AUTOTUNING") == "1":
+            print(
+                f"tuned {self.kernel.__name__} {key}: {candidates[best]} {times[best]:.4f} ms "
+                f"(of {len(candidates)}: {', '.join(f'{t:.4f}' for t in times)})"
+            )
+        return candidates[best]
 
 
-def launch(kernel, grid, *args, interp: dict, **kwargs):
-    """Launch a :func:`tuned` kernel; ``interp`` holds the meta-parameters the interpreter uses."""
-    if interpret_mode():
-        kwargs = {**interp, **kwargs}
-    return kernel[grid](*args, **kwargs)
+def default_tile(block_n: int, elements: int = 4096) -> dict:
+    """Meta-parameters of a row kernel that is not autotuned: tiles of ~``elements`` over 4 or 8 warps.
+
+    Correct for every shape; the autotuned configs are the fast ones.
+    """
+    block_m = max(1, min(64, elements // block_n))
+    return {"BLOCK_M": block_m, "num_warps": 8 if block_m * block_n >= 8192 else 4}
 
 
-def prune_by_tile(min_tile: int, max_tile: int, min_per_thread: int, max_per_thread: int):
-    """An ``early_config_prune`` keeping configs whose ``BLOCK_M x BLOCK_N`` tile and elements per thread
-    fall in the given ranges (falls back to the smallest tile when none does, e.g. for very wide rows)."""
+def tile_configs() -> list[dict]:
+    """Row-kernel candidates: BLOCK_M rows of the BLOCK_N-wide tile, over 4, 8 or 16 warps."""
+    return [{"BLOCK_M": bm, "num_warps": w} for bm in (1, 2, 4, 8, 16, 32, 64) for w in (4, 8, 16)]
 
-    def prune(configs, named_args, **kwargs):
-        block_n = kwargs["BLOCK_N"]
+
+def prune_by_tile(min_tile: int, max_tile: int, min_per_thread: int, max_per_thread: int, columns=None):
+    """A ``prune`` keeping configs whose ``BLOCK_M x columns`` tile and elements per thread fall in the
+    given ranges (or the smallest tiles, when none does); ``columns(meta)`` defaults to ``BLOCK_N``."""
+
+    def prune(configs, meta):
+        block_n = columns(meta) if columns is not None else meta["BLOCK_N"]
         keep = []
         for c in configs:
-            tile = c.kwargs["BLOCK_M"] * block_n
-            per_thread = tile // (32 * c.num_warps)
+            tile = c["BLOCK_M"] * block_n
+            per_thread = tile // (32 * c["num_warps"])
             if min_tile <= tile <= max_tile and min_per_thread <= per_thread <= max_per_thread:
                 keep.append(c)
         if not keep:
-            smallest = min(c.kwargs["BLOCK_M"] for c in configs)
-            keep = [c for c in configs if c.kwargs["BLOCK_M"] == smallest]
+            smallest = min(c["BLOCK_M"] for c in configs)
+            keep = [c for c in configs if c["BLOCK_M"] == smallest]
         return keep
 
     return prune

@@ -1,7 +1,9 @@
 """Fused dropout(activation(x + bias)) (xFormers' ``xformers.triton.dropout`` / ``FusedDropoutBias``).
 
 One pass forward, one pass backward that regenerates the dropout mask from the seed (no mask is stored);
-``triformers.triton._kernels.dropout`` counts the traffic. Gradients for x and the bias. The seed is drawn
+``triformers.triton._kernels.dropout`` counts the traffic. The drop probability is applied at 16-bit
+resolution (:func:`effective_p`: p rounded to a multiple of 2⁻¹⁶) and kept values are scaled by
+1 / (1 - effective_p(p)), so the output stays unbiased. Gradients for x and the bias. The seed is drawn
 from torch's default generator, so ``torch.manual_seed`` makes a call reproducible. Output dtype: the type
 promotion of x and bias (the autocast dtype under autocast). CPU tensors without Triton's interpreter run
 :func:`dropout_reference` (torch's own dropout: same distribution, different random stream).
@@ -17,7 +19,7 @@ from triformers.triton._common import autocast_dtype, rows_2d, use_triton
 from triformers.triton._kernels.activations import get_triton_activation_index
 from triformers.triton._kernels.dropout import dropout_bwd, dropout_fwd
 
-__all__ = ["dropout", "FusedDropoutBias", "dropout_reference", "dropout_with_keep_mask"]
+__all__ = ["dropout", "FusedDropoutBias", "dropout_reference", "dropout_with_keep_mask", "effective_p"]
 
 
 def dropout_with_keep_mask(
@@ -30,7 +32,13 @@ def dropout_with_keep_mask(
     """``keep * activation(x + bias) / (1 - p)`` for a given boolean ``keep`` mask (the tests' reference)."""
     z = x + bias if bias is not None else x
     y = activation_fn(activation, z)
-    return y * keep.to(y.dtype) * (0.0 if p >= 1 else 1.0 / (1.0 - p))
+    q = effective_p(p)
+    return y * keep.to(y.dtype) * (0.0 if q >= 1 else 1.0 / (1.0 - q))
+
+
+def effective_p(p: float) -> float:
+    """The drop probability the kernels apply: p rounded to a multiple of 2⁻¹⁶ (16-bit random numbers)."""
+    return round(p * 65536) / 65536
 
 
 def dropout_reference(

@@ -66,17 +66,12 @@ class _LayerNormFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x2, weight, mean, rstd = ctx.saved_tensors
+        dtypes = {t for t in (weight.dtype if weight is not None else None, ctx.bias_dtype) if t is not None}
         dx, dw, db = norm_bwd(
-            rows_2d(dy),
-            x2,
-            weight,
-            mean,
-            rstd,
-            rms=False,
-            dx_dtype=ctx.x_dtype,
-            compute_dw=ctx.needs_input_grad[1],
-            compute_db=ctx.needs_input_grad[2] and ctx.bias_dtype is not None,
-        )
+            rows_2d(dy), x2, weight, mean, rstd, rms=False, dx_dtype=ctx.x_dtype,
+            compute_dw=ctx.needs_input_grad[1], compute_db=ctx.needs_input_grad[2] and ctx.bias_dtype is not None,
+            param_dtype=dtypes.pop() if len(dtypes) == 1 else torch.float32,
+        )  # fmt: skip
         dw = dw.to(weight.dtype) if dw is not None else None
         db = db.to(ctx.bias_dtype) if db is not None else None
         return dx.view(ctx.x_shape), dw, db, None, None
@@ -105,9 +100,7 @@ def layer_norm(
         return layer_norm_reference(x, weight, bias, eps).to(out_dtype)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
         return _LayerNormFn.apply(x, weight, bias, float(eps), out_dtype)
-    y, _, _ = norm_fwd(
-        rows_2d(x), weight, bias, float(eps), rms=False, out_dtype=out_dtype, store_stats=False
-    )
+    y, _, _ = norm_fwd(rows_2d(x), weight, bias, float(eps), rms=False, out_dtype=out_dtype, store_stats=False)
     return y.view(x.shape)
 
 
@@ -120,15 +113,11 @@ class FusedLayerNorm(nn.Module):
         eps: added to the variance (default 1e-6).
     """
 
-    def __init__(
-        self, normalized_shape: int | tuple[int, ...], affine: bool = True, eps: float = 1e-6
-    ) -> None:
+    def __init__(self, normalized_shape: int | tuple[int, ...], affine: bool = True, eps: float = 1e-6) -> None:
         super().__init__()
         shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
         if not shape or any(int(d) <= 0 for d in shape):
-            raise ValueError(
-                f"normalized_shape must be positive sizes, got normalized_shape={normalized_shape!r}"
-            )
+            raise ValueError(f"normalized_shape must be positive sizes, got normalized_shape={normalized_shape!r}")
         self.normalized_shape = shape
         self.epsilon = eps
         if affine:
@@ -148,9 +137,7 @@ class FusedLayerNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k = len(self.normalized_shape)
         if tuple(x.shape[x.dim() - k :]) != self.normalized_shape:
-            raise ValueError(
-                f"x.shape={tuple(x.shape)} does not end with normalized_shape={self.normalized_shape}"
-            )
+            raise ValueError(f"x.shape={tuple(x.shape)} does not end with normalized_shape={self.normalized_shape}")
         if k == 1:
             return layer_norm(x, self.weight, self.bias, self.epsilon)
         w = self.weight.flatten() if self.weight is not None else None

@@ -30,16 +30,12 @@ def _reference(x, mask, causal, log):
     return y.to(x.dtype)
 
 
-def softmax_reference(
-    x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False
-) -> torch.Tensor:
+def softmax_reference(x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
     """Pure-torch softmax of ``x + mask`` over the last dim (j > i hidden when causal); x's dtype out."""
     return _reference(x, mask, causal, log=False)
 
 
-def log_softmax_reference(
-    x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False
-) -> torch.Tensor:
+def log_softmax_reference(x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
     """Pure-torch log-softmax, as :func:`softmax_reference`."""
     return _reference(x, mask, causal, log=True)
 

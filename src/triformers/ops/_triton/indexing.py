@@ -48,10 +48,7 @@ def _scaled_index_add_fwd_kernel(
     ok = (rows < M)[:, None] & (cols < D)[None, :]
     dst = tl.load(index_ptr + i).to(tl.int64)
     src = tl.load(
-        source_ptr
-        + i.to(tl.int64) * stride_src_b
-        + rows[:, None] * stride_src_m
-        + cols[None, :] * stride_src_d,
+        source_ptr + i.to(tl.int64) * stride_src_b + rows[:, None] * stride_src_m + cols[None, :] * stride_src_d,
         mask=ok,
         other=0.0,
     ).to(tl.float32)
@@ -109,10 +106,7 @@ def _scaled_index_add_bwd_kernel(
         )
     if COMPUTE_GRAD_SCALING:
         src = tl.load(
-            source_ptr
-            + i.to(tl.int64) * stride_src_b
-            + rows[:, None] * stride_src_m
-            + cols[None, :] * stride_src_d,
+            source_ptr + i.to(tl.int64) * stride_src_b + rows[:, None] * stride_src_m + cols[None, :] * stride_src_d,
             mask=ok,
             other=0.0,
         ).to(tl.float32)
@@ -173,11 +167,7 @@ def scaled_index_add_bwd(
     block_d = _block_d(D)
     grid = (Bi, triton.cdiv(M, BLOCK_M), triton.cdiv(D, block_d))
     gs = torch.empty((Bi, M, D), device=grad.device, dtype=source.dtype) if compute_grad_source else None
-    partial = (
-        torch.empty((Bi * grid[1], D), device=grad.device, dtype=torch.float32)
-        if compute_grad_scaling
-        else None
-    )
+    partial = torch.empty((Bi * grid[1], D), device=grad.device, dtype=torch.float32) if compute_grad_scaling else None
     _scaled_index_add_bwd_kernel[grid](
         grad,
         index,

@@ -19,15 +19,12 @@ import torch
 import triton
 import triton.language as tl
 
-from triformers.triton._common import launch, next_pow2, prune_by_tile, sm_count, tuned
+from triformers.triton._common import Tuner, default_tile, next_pow2, prune_by_tile, sm_count, tile_configs
 
 # As for the dropout kernels: 1024-column blocks (2 KB contiguous per bf16 row), autotuned row counts.
 BLOCK_N_MAX = 1024
 BWD_PROGRAMS_PER_SM = 4  # persistent backward: 4 x 8-warp programs of 8K-element tiles fit an SM's registers
-_TILE_CONFIGS = [
-    triton.Config({"BLOCK_M": bm}, num_warps=w) for bm in (1, 2, 4, 8, 16, 32, 64) for w in (4, 8, 16)
-]
-_PRUNE = {"early_config_prune": prune_by_tile(4096, 16384, 8, 64)}
+_PRUNE = prune_by_tile(4096, 16384, 8, 64)
 
 
 @triton.jit
@@ -50,12 +47,8 @@ def _silu_mul_fwd_kernel(
     rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     ok = (rows < M)[:, None] & (cols < N)[None, :]
-    a = tl.load(a_ptr + rows[:, None] * stride_a_m + cols[None, :] * stride_a_n, mask=ok, other=0.0).to(
-        tl.float32
-    )
-    b = tl.load(b_ptr + rows[:, None] * stride_b_m + cols[None, :] * stride_b_n, mask=ok, other=0.0).to(
-        tl.float32
-    )
+    a = tl.load(a_ptr + rows[:, None] * stride_a_m + cols[None, :] * stride_a_n, mask=ok, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + rows[:, None] * stride_b_m + cols[None, :] * stride_b_n, mask=ok, other=0.0).to(tl.float32)
     g = a * tl.sigmoid(a) * b
     tl.store(g_ptr + rows[:, None] * stride_g_m + cols[None, :], g.to(g_ptr.dtype.element_ty), mask=ok)
 
@@ -108,12 +101,8 @@ def _silu_mul_bwd_kernel(
         silu = a * sig
         da = dg * b * sig * (1.0 + a * (1.0 - sig))
         db = dg * silu
-        tl.store(
-            da_ptr + rows[:, None] * stride_da_m + cols[None, :], da.to(da_ptr.dtype.element_ty), mask=ok
-        )
-        tl.store(
-            db_ptr + rows[:, None] * stride_db_m + cols[None, :], db.to(db_ptr.dtype.element_ty), mask=ok
-        )
+        tl.store(da_ptr + rows[:, None] * stride_da_m + cols[None, :], da.to(da_ptr.dtype.element_ty), mask=ok)
+        tl.store(db_ptr + rows[:, None] * stride_db_m + cols[None, :], db.to(db_ptr.dtype.element_ty), mask=ok)
         if STORE_G:
             tl.store(
                 g_ptr + rows[:, None] * stride_g_m + cols[None, :],
@@ -128,10 +117,8 @@ def _silu_mul_bwd_kernel(
         tl.store(dbias_ptr + pid_m * 2 * N + N + cols, acc_b, mask=col_ok)
 
 
-_fwd = tuned(_silu_mul_fwd_kernel, _TILE_CONFIGS, ["N", "BLOCK_N"], prune_configs_by=_PRUNE)
-_bwd = tuned(
-    _silu_mul_bwd_kernel, _TILE_CONFIGS, ["N", "BLOCK_N", "STORE_G", "COMPUTE_DBIAS"], prune_configs_by=_PRUNE
-)
+_fwd = Tuner(_silu_mul_fwd_kernel, tile_configs(), _PRUNE)
+_bwd = Tuner(_silu_mul_bwd_kernel, tile_configs(), _PRUNE)
 
 
 def _block_n(N: int) -> int:
@@ -143,22 +130,12 @@ def silu_mul_fwd(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = No
     M, N = a.shape
     g = out if out is not None else torch.empty((M, N), device=a.device, dtype=a.dtype)
     block_n = _block_n(N)
-    launch(
-        _fwd,
-        lambda c: (triton.cdiv(M, c["BLOCK_M"]), triton.cdiv(N, block_n)),
-        a,
-        b,
-        g,
-        M,
-        N,
-        a.stride(0),
-        a.stride(1),
-        b.stride(0),
-        b.stride(1),
-        g.stride(0),
-        interp={"BLOCK_M": max(1, 4096 // block_n)},
-        BLOCK_N=block_n,
-    )
+    # fmt: off
+    args = (a, b, g, M, N, a.stride(0), a.stride(1), b.stride(0), b.stride(1), g.stride(0))
+    # fmt: on
+    key = (N, a.dtype, b.dtype, g.dtype, block_n)
+    grid = lambda c: (triton.cdiv(M, c["BLOCK_M"]), triton.cdiv(N, block_n))  # noqa: E731
+    _fwd(grid, args, key, default_tile(block_n), BLOCK_N=block_n)
     return g
 
 
@@ -178,30 +155,12 @@ def silu_mul_bwd(
     col_blocks = triton.cdiv(N, block_n)
     chunks = max(1, min(M, triton.cdiv(BWD_PROGRAMS_PER_SM * sm_count(a), col_blocks)))
     dbias = torch.empty((chunks, 2 * N), device=a.device, dtype=torch.float32) if compute_dbias else None
-    launch(
-        _bwd,
-        (chunks, col_blocks),
-        a,
-        b,
-        dg,
-        da,
-        db,
-        g if g is not None else da,
-        dbias if dbias is not None else da,
-        M,
-        N,
-        a.stride(0),
-        a.stride(1),
-        b.stride(0),
-        b.stride(1),
-        dg.stride(0),
-        dg.stride(1),
-        da.stride(0),
-        db.stride(0),
-        g.stride(0) if g is not None else 0,
-        interp={"BLOCK_M": max(1, 4096 // block_n)},
-        STORE_G=g is not None,
-        COMPUTE_DBIAS=compute_dbias,
-        BLOCK_N=block_n,
-    )
+    # fmt: off
+    args = (a, b, dg, da, db, g if g is not None else da, dbias if dbias is not None else da, M, N,
+            a.stride(0), a.stride(1), b.stride(0), b.stride(1), dg.stride(0), dg.stride(1),
+            da.stride(0), db.stride(0), g.stride(0) if g is not None else 0)
+    # fmt: on
+    meta = dict(STORE_G=g is not None, COMPUTE_DBIAS=compute_dbias, BLOCK_N=block_n)
+    key = (N, a.dtype, b.dtype, dg.dtype, da.dtype, *meta.values())
+    _bwd(lambda c: (chunks, col_blocks), args, key, default_tile(block_n), **meta)
     return dbias.sum(0) if dbias is not None else None

@@ -18,16 +18,13 @@ import torch
 import triton
 import triton.language as tl
 
-from triformers.triton._common import launch, next_pow2, prune_by_tile, tuned
+from triformers.triton._common import Tuner, default_tile, next_pow2, prune_by_tile, tile_configs
 
 # One row in registers up to 8192 columns (x, and y/dy in the backward, as float32 at 16 warps: 16-32
 # registers each); wider rows loop, like the norms.
 MAX_BLOCK_N = 8192
 LOOP_BLOCK_N = 4096
-_TILE_CONFIGS = [
-    triton.Config({"BLOCK_M": bm}, num_warps=w) for bm in (1, 2, 4, 8, 16, 32, 64) for w in (4, 8, 16)
-]
-_PRUNE = {"early_config_prune": prune_by_tile(4096, 16384, 8, 64)}
+_PRUNE = prune_by_tile(4096, 16384, 8, 64)  # as for the norms: 4K-16K element tiles, 8-64 per thread
 _LOG2E = tl.constexpr(1.4426950408889634)
 
 
@@ -55,9 +52,9 @@ def _load_logits(
         other=float("-inf"),
     ).to(tl.float32)
     if HAS_MASK:
-        z += tl.load(
-            mask_ptr + qi[:, None] * stride_mask_m + cols[None, :] * stride_mask_n, mask=ok, other=0.0
-        ).to(tl.float32)
+        z += tl.load(mask_ptr + qi[:, None] * stride_mask_m + cols[None, :] * stride_mask_n, mask=ok, other=0.0).to(
+            tl.float32
+        )
     if CAUSAL:
         z = tl.where(cols[None, :] > qi[:, None], float("-inf"), z)
     return z, ok
@@ -135,9 +132,7 @@ def _softmax_fwd_kernel(
             )
             m_new = tl.maximum(m_i, tl.max(z, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: keep l_i at 0, not NaN
-            l_i = l_i * tl.exp2((m_i - m_safe) * _LOG2E) + tl.sum(
-                tl.exp2((z - m_safe[:, None]) * _LOG2E), axis=1
-            )
+            l_i = l_i * tl.exp2((m_i - m_safe) * _LOG2E) + tl.sum(tl.exp2((z - m_safe[:, None]) * _LOG2E), axis=1)
             m_i = m_new
         lse = m_i + tl.log(l_i)
         for start in range(0, N, BLOCK_N):
@@ -219,22 +214,15 @@ def _softmax_bwd_kernel(
             tl.store(dx_row + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=ok)
 
 
-_fwd = tuned(
-    _softmax_fwd_kernel,
-    _TILE_CONFIGS,
-    ["N", "BLOCK_N", "LOG", "HAS_MASK", "CAUSAL", "SINGLE_PASS"],
-    prune_configs_by=_PRUNE,
-)
-_bwd = tuned(
-    _softmax_bwd_kernel, _TILE_CONFIGS, ["N", "BLOCK_N", "LOG", "SINGLE_PASS"], prune_configs_by=_PRUNE
-)
+_fwd = Tuner(_softmax_fwd_kernel, tile_configs(), _PRUNE)
+_bwd = Tuner(_softmax_bwd_kernel, tile_configs(), _PRUNE)
 
 
-def _blocks(N: int, max_block_n: int | None) -> tuple[bool, int, int]:
+def _blocks(N: int, max_block_n: int | None) -> tuple[bool, int]:
     max_block_n = max_block_n or MAX_BLOCK_N
     single = next_pow2(N) <= max_block_n
     block_n = next_pow2(N) if single else min(LOOP_BLOCK_N, next_pow2(max_block_n))
-    return single, block_n, max(1, min(64, 4096 // block_n))
+    return single, block_n
 
 
 def softmax_fwd(
@@ -250,12 +238,13 @@ def softmax_fwd(
     """(Log-)softmax of the rows of ``x``; returns a contiguous ``[R, N]`` tensor of ``out_dtype``."""
     R, N = x.shape
     y = torch.empty((R, N), device=x.device, dtype=out_dtype)
-    single, block_n, interp_m = _blocks(N, max_block_n)
+    single, block_n = _blocks(N, max_block_n)
     m = mask if mask is not None else x
     args = (x, m, y, R, N, seq_m, x.stride(0), x.stride(1), m.stride(0), m.stride(1), y.stride(0))
     meta = dict(LOG=log, HAS_MASK=mask is not None, CAUSAL=causal, BLOCK_N=block_n, SINGLE_PASS=single)
     if single:
-        launch(_fwd, lambda c: (triton.cdiv(R, c["BLOCK_M"]),), *args, interp={"BLOCK_M": interp_m}, **meta)
+        key = (N, x.dtype, m.dtype, y.dtype, *meta.values())
+        _fwd(lambda c: (triton.cdiv(R, c["BLOCK_M"]),), args, key, default_tile(block_n), **meta)
     else:
         _softmax_fwd_kernel[(R,)](*args, BLOCK_M=1, num_warps=8, **meta)
     return y
@@ -272,18 +261,12 @@ def softmax_bwd(
     """Gradient of :func:`softmax_fwd` with respect to its logits, ``[R, N]``."""
     R, N = y.shape
     dx = torch.empty((R, N), device=y.device, dtype=dx_dtype)
-    single, block_n, interp_m = _blocks(N, max_block_n)
+    single, block_n = _blocks(N, max_block_n)
     args = (y, dy, dx, R, N, y.stride(0), dy.stride(0), dy.stride(1), dx.stride(0))
     if single:
-        launch(
-            _bwd,
-            lambda c: (triton.cdiv(R, c["BLOCK_M"]),),
-            *args,
-            interp={"BLOCK_M": interp_m},
-            LOG=log,
-            BLOCK_N=block_n,
-            SINGLE_PASS=True,
-        )
+        meta = dict(LOG=log, BLOCK_N=block_n, SINGLE_PASS=True)
+        key = (N, y.dtype, dy.dtype, dx.dtype, *meta.values())
+        _bwd(lambda c: (triton.cdiv(R, c["BLOCK_M"]),), args, key, default_tile(block_n), **meta)
     else:
         _softmax_bwd_kernel[(R,)](*args, LOG=log, BLOCK_M=1, BLOCK_N=block_n, SINGLE_PASS=False, num_warps=8)
     return dx
