@@ -44,9 +44,7 @@ def _check(x, weight, eps=1e-6):
     xr = x.detach().double().requires_grad_(x.requires_grad)
     wr = weight.detach().double().requires_grad_(weight.requires_grad) if weight is not None else None
     y_ref = rms_norm_reference(xr, wr, eps)
-    grads_ref = torch.autograd.grad(
-        y_ref, [t for t in (xr, wr) if t is not None and t.requires_grad], dy.double()
-    )
+    grads_ref = torch.autograd.grad(y_ref, [t for t in (xr, wr) if t is not None and t.requires_grad], dy.double())
     assert y.dtype == x.dtype and y.shape == x.shape
     torch.testing.assert_close(y.double(), y_ref, atol=TOL[x.dtype][0], rtol=TOL[x.dtype][1])
     for leaf, g, g_ref in zip(leaves, grads, grads_ref):
@@ -85,9 +83,7 @@ def test_leading_dims_strides_no_weight(device):
     _check(x, torch.randn(45, device=device, requires_grad=True))
     with torch.no_grad():
         y = rms_norm(x, None)
-    torch.testing.assert_close(
-        y.double(), rms_norm_reference(x.detach().double(), None), atol=1e-5, rtol=1e-5
-    )
+    torch.testing.assert_close(y.double(), rms_norm_reference(x.detach().double(), None), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -136,9 +132,7 @@ def test_module_and_increment_and_forward(device):
     with torch.no_grad():
         m.weight.normal_()
     x = torch.randn(2, 5, 33, device=device)
-    torch.testing.assert_close(
-        m(x).double(), rms_norm_reference(x.double(), m.weight.double()), atol=1e-5, rtol=1e-5
-    )
+    torch.testing.assert_close(m(x).double(), rms_norm_reference(x.double(), m.weight.double()), atol=1e-5, rtol=1e-5)
     y = torch.randn_like(x)
     x2 = x.clone()
     out = m.increment_and_forward_(x2, y)

@@ -73,9 +73,7 @@ def _check_module(m, x):
     for name, p, g, g_ref in zip(names, params, grads, grads_ref):
         assert g.dtype == p.dtype and g.shape == p.shape
         # weight gradients sum over the 2 x 7 tokens: twice the output tolerance
-        torch.testing.assert_close(
-            g.double(), g_ref, atol=2 * atol, rtol=rtol, msg=lambda s, n=name: f"d{n}: {s}"
-        )
+        torch.testing.assert_close(g.double(), g_ref, atol=2 * atol, rtol=rtol, msg=lambda s, n=name: f"d{n}: {s}")
 
 
 _reference = swiglu_reference  # bound before the fixture patches the module attribute
@@ -123,9 +121,7 @@ def test_explicit_ops(device):
     unpacked = [p.clone() if p is not None else None for p in params]
     with pytest.raises(NotImplementedError, match="w1/w2 needs to be properly packed"):
         swiglu(x, *unpacked, op=SwiGLUPackedFusedOp)
-    assert (
-        SwiGLUFusedOp.NAME == "fused" and SwiGLUEagerOp.NAME == "eager" and SwiGLUPackedFusedOp.PACKED_WEIGHTS
-    )
+    assert SwiGLUFusedOp.NAME == "fused" and SwiGLUEagerOp.NAME == "eager" and SwiGLUPackedFusedOp.PACKED_WEIGHTS
 
 
 def test_eager_op_and_float64_dispatch():
@@ -197,6 +193,4 @@ def test_torch_path_without_interpreter(monkeypatch):
     )
     m = _module(8, 12, 8, True, True, "cpu", torch.float32)
     x = torch.randn(3, 8, requires_grad=True)
-    torch.testing.assert_close(
-        swiglu(x, *m._ordered_params(), op=SwiGLUFusedOp), _reference(x, *m._ordered_params())
-    )
+    torch.testing.assert_close(swiglu(x, *m._ordered_params(), op=SwiGLUFusedOp), _reference(x, *m._ordered_params()))

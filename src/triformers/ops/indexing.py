@@ -30,9 +30,7 @@ def scaled_index_add_reference(
     return input.index_add_(0, index, source * scaling if scaling is not None else source, alpha=alpha)
 
 
-def index_select_cat_reference(
-    sources: Sequence[torch.Tensor], indices: Sequence[torch.Tensor]
-) -> torch.Tensor:
+def index_select_cat_reference(sources: Sequence[torch.Tensor], indices: Sequence[torch.Tensor]) -> torch.Tensor:
     """Pure torch: ``torch.cat([s[i].flatten() for s, i in zip(sources, indices)])``."""
     return torch.cat([s[i.long()].flatten() for s, i in zip(sources, indices)])
 
@@ -44,8 +42,7 @@ def _check_index(name: str, index: torch.Tensor, rows: int | None = None) -> Non
         )
     if rows is not None and index.shape[0] != rows:
         raise ValueError(
-            f"{name} has {index.shape[0]} entries but source has {rows} rows (source.shape[0]); "
-            "they must match"
+            f"{name} has {index.shape[0]} entries but source has {rows} rows (source.shape[0]); they must match"
         )
 
 
@@ -57,8 +54,7 @@ def _check_scaled_index_add(input, index, source, scaling) -> None:
         )
     if input.shape[1:] != source.shape[1:]:
         raise ValueError(
-            f"input.shape={tuple(input.shape)} and source.shape={tuple(source.shape)} must agree on "
-            "dims 1 and 2"
+            f"input.shape={tuple(input.shape)} and source.shape={tuple(source.shape)} must agree on dims 1 and 2"
         )
     if input.shape[0] < source.shape[0]:
         raise ValueError(
@@ -67,14 +63,10 @@ def _check_scaled_index_add(input, index, source, scaling) -> None:
         )
     _check_index("index", index, source.shape[0])
     if scaling is not None and tuple(scaling.shape) != (input.shape[2],):
-        raise ValueError(
-            f"scaling.shape={tuple(scaling.shape)} must be ({input.shape[2]},), the last dim of input"
-        )
+        raise ValueError(f"scaling.shape={tuple(scaling.shape)} must be ({input.shape[2]},), the last dim of input")
     devices = {t.device for t in (input, index, source, scaling) if t is not None}
     if len(devices) != 1:
-        raise ValueError(
-            f"input, index, source and scaling must be on one device, got {sorted(map(str, devices))}"
-        )
+        raise ValueError(f"input, index, source and scaling must be on one device, got {sorted(map(str, devices))}")
 
 
 class _ScaledIndexAddFn(torch.autograd.Function):

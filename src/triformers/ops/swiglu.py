@@ -137,9 +137,7 @@ class _SwiGLUFn(torch.autograd.Function):
         dg = dout2 @ w3  # [T, H]
         dh = torch.empty((T, 2 * H), device=a.device, dtype=a.dtype)
         g = torch.empty_like(dg) if need[5] else None
-        db12 = silu_mul_bwd(
-            a, b, dg, dh[:, :H], dh[:, H:], g, compute_dbias=ctx.has_b12 and (need[2] or need[4])
-        )
+        db12 = silu_mul_bwd(a, b, dg, dh[:, :H], dh[:, H:], g, compute_dbias=ctx.has_b12 and (need[2] or need[4]))
         dw3 = dout2.t() @ g if need[5] else None
         db3 = dout2.sum(0) if ctx.has_b3 and need[6] else None
         dx = dw1 = dw2 = None
@@ -271,9 +269,7 @@ class SwiGLUOpDispatch:
 
 def _check(x, w1, b1, w2, b2, w3, b3) -> None:
     if w1.dim() != 2 or w1.shape != w2.shape:
-        raise ValueError(
-            f"w1 and w2 must be 2-D of one shape [H, D], got w1: {tuple(w1.shape)}, w2: {tuple(w2.shape)}"
-        )
+        raise ValueError(f"w1 and w2 must be 2-D of one shape [H, D], got w1: {tuple(w1.shape)}, w2: {tuple(w2.shape)}")
     if x.shape[-1] != w1.shape[1]:
         raise ValueError(f"x.shape={tuple(x.shape)} does not end with w1's input size {w1.shape[1]}")
     for name, bias, size in (("b1", b1, w1.shape[0]), ("b2", b2, w2.shape[0])):
@@ -282,9 +278,7 @@ def _check(x, w1, b1, w2, b2, w3, b3) -> None:
     if (b1 is None) != (b2 is None):
         raise ValueError("pass both b1 and b2, or neither")
     if w3.dim() != 2 or w3.shape[1] != w2.shape[0]:
-        raise ValueError(
-            f"w3.shape={tuple(w3.shape)} must be [O, {w2.shape[0]}] (its input is the hidden size)"
-        )
+        raise ValueError(f"w3.shape={tuple(w3.shape)} must be [O, {w2.shape[0]}] (its input is the hidden size)")
     if b3 is not None and tuple(b3.shape) != (w3.shape[0],):
         raise ValueError(f"b3.shape={tuple(b3.shape)} must be ({w3.shape[0]},), the rows of w3")
 
