@@ -4,9 +4,9 @@ import time
 
 import torch
 import torch.nn.functional as F
-import triton
 import triton.language as tl
 
+import triton
 from triformers.ops import rms_norm
 from triformers.ops.swiglu import silu_mul
 from triformers.triton import dropout, layer_norm, softmax

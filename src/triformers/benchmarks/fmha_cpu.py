@@ -102,6 +102,29 @@ def _fmt(r: dict) -> str:
     return f"{what} {r['mode']:4s} {r['provider']:8s} {res}"
 
 
+def markdown_summary(doc: dict) -> str:
+    """README table: milliseconds per case and provider, and auto's ratio to the faster operator."""
+    env = doc["env"]
+    rows: dict[tuple, dict] = {}
+    for r in doc["records"]:
+        key = (r["case"], r["M"], r["causal"], r.get("avg_block"), r["mode"])
+        rows.setdefault(key, {})[r["provider"]] = r.get("ms")
+    lines = [
+        f"CPU ({env.get('threads')} threads), torch {env['torch']}, fp32, B=1, H=8, K=64, commit {env['commit']}; "
+        "milliseconds (lower is better).",
+        "",
+        "| case | M | causal | avg block | mode | chunked | sdpa | auto | auto / best |",
+        "| --- | ---: | --- | ---: | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for (case, M, causal, avg, mode), ms in rows.items():
+        best = min(v for k, v in ms.items() if k != "auto" and v is not None)
+        cells = [f"{ms[p]:.1f}" if ms.get(p) is not None else "-" for p in ("chunked", "sdpa", "auto")]
+        ratio = f"{ms['auto'] / best:.2f}" if ms.get("auto") else "-"
+        lines.append(f"| {case} | {M} | {'y' if causal else 'n'} | {avg or '-'} | {mode} | " + " | ".join(cells)
+                     + f" | {ratio} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results/cpu/fmha_cpu.json")

@@ -8,18 +8,20 @@ run the inputs the call raises ``ValueError`` with its reasons.
 
 Priority rules
 --------------
-CPU (measured with ``python -m triformers.benchmarks.fmha_cpu``, fp32, 2 cores; see benchmarks/NOTES.md):
+CPU (measured with ``python -m triformers.benchmarks.fmha_cpu``, fp32, 2 threads, B=1, H=8, K=64; the
+records are in ``benchmarks/results/cpu/fmha_cpu.json`` and the README):
 
-1. ``sdpa`` first whenever it can run the inputs: torch's fused CPU flash kernel (no mask, top-left
-   causal with Mq == Mkv, tensor biases that need no gradient, GQA) was faster than ``chunked`` on every
-   measured record, between 1.3x and 6x, forward and forward+backward. Block-diagonal masks go to SDPA as
-   one call per block when the average block has at least ``CPU_SDPA_MIN_BLOCK`` queries; below that the
-   per-call overhead made ``chunked`` (which loops over blocks without launching a kernel each) faster.
-2. ``chunked`` for everything else: bottom-right and local masks, padded keys, dropout, bias gradients,
-   the low-level API (which needs the lse).
+1. ``sdpa`` first whenever it can run the inputs: torch's fused CPU flash kernel (no mask, top-left causal
+   with Mq == Mkv, tensor biases without gradient, GQA) beat ``chunked`` on every dense, bias and GQA
+   record, forward (1.6x to 3x) and forward+backward (1.4x to 3x). Block-diagonal masks run as one SDPA
+   call per block; without gradients that won at every block size measured (32 to 1024 queries per block).
+2. With gradients, block-diagonal masks whose blocks average fewer than ``CPU_SDPA_MIN_BLOCK_GRAD``
+   queries go to ``chunked`` first: per-block autograd graphs made SDPA 1.5x to 6x slower there.
+3. ``chunked`` for everything else: bottom-right and local masks, padded keys, dropout, bias gradients,
+   and the low-level API (which needs the lse).
 
-CUDA: ``triton`` (our kernels) then ``sdpa`` then ``chunked``, refined by the measured rules of the Triton
-operator (see ``_cuda_priority``).
+CUDA: ``triton`` (our kernels) then ``sdpa`` then ``chunked``, refined by the measured rules of
+``_cuda_priority``.
 """
 
 from __future__ import annotations
@@ -34,10 +36,9 @@ from triformers.ops.fmha import attn_bias as ab
 from triformers.ops.fmha import chunked, sdpa
 from triformers.ops.fmha.common import AttentionBwOpBase, AttentionFwOpBase, AttentionOpBase, Inputs
 
-# Smallest average block (queries per block) for which one SDPA call per block beat the chunked operator
-# on the CPU (2 cores, fp32, H = 8, K = 64: 64-query blocks were 1.6x slower through SDPA, 256-query blocks
-# 1.4x faster).
-CPU_SDPA_MIN_BLOCK = 128
+# Smallest average block (queries per block) for which per-block SDPA with autograd beat the chunked
+# operator on the CPU (fp32, H = 8, K = 64, 4096 tokens): at 128 it was 1.6x slower, at 256 1.4x faster.
+CPU_SDPA_MIN_BLOCK_GRAD = 256
 
 _OP_FAMILIES = {"chunked": (chunked.FwOp, chunked.BwOp), "sdpa": (sdpa.FwOp, sdpa.BwOp)}
 
@@ -76,9 +77,9 @@ def _avg_block(bias) -> float:
     return bias.q_seqinfo.seqstart_py[-1] / max(n, 1)
 
 
-def _cpu_priority(inp: Inputs) -> list[type[AttentionFwOpBase]]:
+def _cpu_priority(inp: Inputs, needs_gradient: bool) -> list[type[AttentionFwOpBase]]:
     bias = inp.attn_bias
-    if isinstance(bias, ab.BlockDiagonalMask) and _avg_block(bias) < CPU_SDPA_MIN_BLOCK:
+    if needs_gradient and isinstance(bias, ab.BlockDiagonalMask) and _avg_block(bias) < CPU_SDPA_MIN_BLOCK_GRAD:
         return [chunked.FwOp, sdpa.FwOp]
     return [sdpa.FwOp, chunked.FwOp]
 
@@ -97,7 +98,7 @@ def fw_priority_list(inp: Inputs, needs_gradient: bool) -> list[type[AttentionFw
     if inp.query.device.type == "cuda":
         return _cuda_priority(inp)
     if inp.query.device.type == "cpu":
-        return _cpu_priority(inp)
+        return _cpu_priority(inp, needs_gradient)
     return [chunked.FwOp]
 
 

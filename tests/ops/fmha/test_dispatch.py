@@ -1,0 +1,113 @@
+"""Dispatch: the documented CPU choices, plain-words reasons, forcing with op= and TRIFORMERS_FMHA_OP."""
+
+import pytest
+import torch
+
+from triformers.benchmarks._harness import bench_interleaved
+from triformers.ops import fmha
+from triformers.ops.fmha import attn_bias as ab
+from triformers.ops.fmha import chunked, dispatch, sdpa
+
+
+def _pick(q, k, v, bias=None, p=0.0, needs_gradient=False, needs_lse=False):
+    inp = fmha.Inputs(q, k, v, bias, p)
+    inp.normalize_bmhk()
+    return dispatch.dispatch_fw(inp, needs_gradient=needs_gradient, needs_lse=needs_lse)
+
+
+def _qkv(B=1, Mq=64, Mkv=64, H=2, K=16, requires_grad=False):
+    return (torch.randn(B, Mq, H, K, requires_grad=requires_grad),
+            torch.randn(B, Mkv, H, K, requires_grad=requires_grad),
+            torch.randn(B, Mkv, H, K, requires_grad=requires_grad))
+
+
+@pytest.mark.parametrize("needs_gradient", [False, True])
+def test_cpu_prefers_sdpa_where_it_runs(needs_gradient):
+    q, k, v = _qkv(requires_grad=needs_gradient)
+    assert _pick(q, k, v, needs_gradient=needs_gradient) is sdpa.FwOp
+    assert _pick(q, k, v, ab.LowerTriangularMask(), needs_gradient=needs_gradient) is sdpa.FwOp
+    assert _pick(q, k, v, torch.randn(1, 2, 64, 64), needs_gradient=needs_gradient) is sdpa.FwOp
+    k5 = torch.randn(1, 64, 2, 1, 16).expand(1, 64, 2, 3, 16)
+    assert _pick(torch.randn(1, 64, 2, 3, 16), k5, k5, needs_gradient=needs_gradient) is sdpa.FwOp
+
+
+def test_cpu_chunked_for_what_sdpa_cannot_express():
+    q, k, v = _qkv(Mq=40, Mkv=64)
+    for bias in (ab.LowerTriangularMask(), ab.LowerTriangularFromBottomRightMask(),
+                 ab.LocalAttentionFromBottomRightMask(3, 2)):
+        assert _pick(q, k, v, bias) is chunked.FwOp
+    assert _pick(*_qkv(), p=0.1) is chunked.FwOp  # SDPA's CPU dropout runs in its math backend
+    qg, kg, vg = _qkv(requires_grad=True)
+    bias = torch.randn(1, 2, 64, 64, requires_grad=True)  # gradient of the mask: math backend
+    assert _pick(qg, kg, vg, bias, needs_gradient=True) is chunked.FwOp
+    assert _pick(*_qkv(), needs_lse=True) is chunked.FwOp  # the low-level API needs the lse
+
+
+def test_cpu_block_diagonal_rule():
+    small = ab.BlockDiagonalMask.from_seqlens([64] * 8).make_causal()  # 64 < CPU_SDPA_MIN_BLOCK_GRAD
+    big = ab.BlockDiagonalMask.from_seqlens([512] * 2).make_causal()
+    q, k, v = _qkv(Mq=512, Mkv=512)
+    assert _pick(q, k, v, small, needs_gradient=False) is sdpa.FwOp
+    assert _pick(q, k, v, small, needs_gradient=True) is chunked.FwOp
+    assert _pick(q, k, v, big, needs_gradient=True) is sdpa.FwOp
+    assert dispatch.CPU_SDPA_MIN_BLOCK_GRAD > 64 and dispatch.CPU_SDPA_MIN_BLOCK_GRAD <= 512
+
+
+def test_reasons_are_plain_words():
+    q, k, v = _qkv(Mq=40, Mkv=64)
+    reasons = sdpa.FwOp.not_supported_reasons(fmha.Inputs(q, k, v, ab.LowerTriangularMask()))
+    assert any("Mq == Mkv" in r for r in reasons)
+    reasons = sdpa.FwOp.not_supported_reasons(fmha.Inputs(q, k, v, ab.LocalAttentionFromBottomRightMask(1, 1)))
+    assert reasons == ["attn_bias type is LocalAttentionFromBottomRightMask"]
+    q16 = q.to(torch.float64)
+    assert any("dtype=torch.float64" in r for r in sdpa.FwOp.not_supported_reasons(fmha.Inputs(q16, q16, q16)))
+
+
+def test_explicit_op_that_cannot_run_raises_value_error():
+    q, k, v = _qkv(Mq=40, Mkv=64)
+    with pytest.raises(ValueError, match="`sdpaF` is not supported because:\n.*attn_bias type is Local"):
+        fmha.memory_efficient_attention(q, k, v, ab.LocalAttentionFromBottomRightMask(1, 1),
+                                        op=fmha.MemoryEfficientAttentionSdpaOp)
+
+
+def test_nothing_fits_lists_every_reason():
+    q = torch.randn(1, 8, 2, 16, device="meta")
+    with pytest.raises(NotImplementedError) as info:
+        fmha.memory_efficient_attention_forward(q, q, q)
+    msg = str(info.value)
+    assert "No operator found for `memory_efficient_attention_forward`" in msg
+    assert "`chunkedF` is not supported because:" in msg and "device=meta" in msg
+    assert "query       : shape=(1, 8, 2, 16)" in msg
+
+
+def test_env_forces_operator(monkeypatch):
+    q, k, v = _qkv()
+    monkeypatch.setenv("TRIFORMERS_FMHA_OP", "chunked")
+    assert _pick(q, k, v) is chunked.FwOp
+    monkeypatch.setenv("TRIFORMERS_FMHA_OP", "chunkedF")
+    assert _pick(q, k, v) is chunked.FwOp
+    monkeypatch.setenv("TRIFORMERS_FMHA_OP", "sdpa")
+    with pytest.raises(ValueError, match="does not support inputs"):
+        fmha.memory_efficient_attention(*_qkv(Mq=40), ab.LocalAttentionFromBottomRightMask(1, 1))
+    monkeypatch.setenv("TRIFORMERS_FMHA_OP", "nonsense")
+    with pytest.raises(ValueError, match="names no operator"):
+        fmha.memory_efficient_attention(q, k, v)
+    monkeypatch.setenv("TRIFORMERS_FMHA_OP", "auto")
+    assert _pick(q, k, v) is sdpa.FwOp
+
+
+@pytest.mark.slow
+def test_cpu_auto_within_1_2x_of_the_faster_operator():
+    """Acceptance: dense causal, B=1, M=4096, H=8, K=64, fp32 on the CPU."""
+    q, k, v = (torch.randn(1, 4096, 8, 64) for _ in range(3))
+    bias = ab.LowerTriangularMask()
+
+    def run(op):
+        def fn():
+            with torch.no_grad():
+                fmha.memory_efficient_attention(q, k, v, bias, op=op)
+        return fn
+
+    ms = bench_interleaved({"auto": run(None), "chunked": run(fmha.MemoryEfficientAttentionChunkedOp),
+                            "sdpa": run(fmha.MemoryEfficientAttentionSdpaOp)}, rounds=5, budget_s=15)
+    assert ms["auto"] <= 1.2 * min(ms["chunked"], ms["sdpa"]), ms
