@@ -55,18 +55,21 @@ def sweep(dims, ns, quick: bool) -> list[dict]:
                 bias = ab.LowerTriangularMask() if causal else None
                 flops = 4 * b * h * n * n * d * (0.5 if causal else 1.0)
                 with torch.no_grad():
-                    out, lse = fmha.memory_efficient_attention_forward_requires_grad(q, k, v, bias, op=fmha.triton.FwOp)
+                    out, lse = fmha.memory_efficient_attention_forward_requires_grad(q, k, v, bias,
+                                                                                     op=fmha.triton.FwOp)
                 g = torch.randn_like(out)
                 for direction in ("fwd", "bwd"):
                     best = None
                     for cfg in _candidates(direction, d, quick):
                         with configs.override(direction, cfg):
                             if direction == "fwd":
-                                fn = lambda: fmha.memory_efficient_attention_forward(q, k, v, bias, op=fmha.triton.FwOp)  # noqa: E731
+                                def fn(q=q, k=k, v=v, bias=bias):
+                                    return fmha.memory_efficient_attention_forward(q, k, v, bias, op=fmha.triton.FwOp)
                                 mult = 1.0
                             else:
-                                fn = lambda: fmha.memory_efficient_attention_backward(g, out, lse, q, k, v, bias,  # noqa: E731
-                                                                                      op=fmha.triton.BwOp)
+                                def fn(q=q, k=k, v=v, bias=bias, g=g, out=out, lse=lse):
+                                    return fmha.memory_efficient_attention_backward(g, out, lse, q, k, v, bias,
+                                                                                    op=fmha.triton.BwOp)
                                 mult = 2.5
                             try:
                                 fn()
