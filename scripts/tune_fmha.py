@@ -14,9 +14,9 @@ import sys
 from pathlib import Path
 
 import torch
+import triton
 import triton.testing
 
-import triton
 from triformers.ops import fmha
 from triformers.ops.fmha import attn_bias as ab
 from triformers.ops.fmha._triton import configs

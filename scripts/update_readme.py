@@ -38,7 +38,8 @@ def main() -> int:
     for name in SECTIONS:
         pattern = re.compile(rf"(<!-- BEGIN {name} -->).*?(<!-- END {name} -->)", re.S)
         if pattern.search(text):
-            text = pattern.sub(lambda m: m.group(1) + "\n" + render(name) + "\n" + m.group(2), text)
+            body = render(name)
+            text = pattern.sub(lambda m, body=body: m.group(1) + "\n" + body + "\n" + m.group(2), text)
     readme.write_text(text)
     return 0
 

@@ -24,9 +24,8 @@ def is_triton_available() -> bool:
         ok = os.environ.get("TRIFORMERS_DISABLE_TRITON", "0") != "1"
         if ok:
             try:
-                import triton.language  # noqa: F401
-
                 import triton  # noqa: F401
+                import triton.language  # noqa: F401
             except Exception:  # ImportError, or a broken install raising anything else
                 ok = False
         _AVAILABLE["triton"] = ok

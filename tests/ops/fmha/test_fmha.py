@@ -346,3 +346,44 @@ def test_seed_examples_verbatim():
     out = fmha_mod.memory_efficient_attention(q, k, v, attn_bias=attn_bias)
     list_out = attn_bias.split(out)
     assert tuple(list_out[0].shape) == (1, 3, 1, K)
+
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+BLOCK_KINDS = ["plain", "causal", "causal_br", "local", "local_br", "padded"]
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    q_lens=st.lists(st.integers(0, 23), min_size=1, max_size=4),
+    extra=st.lists(st.integers(0, 9), min_size=4, max_size=4),
+    window=st.integers(1, 12),
+    kind=st.sampled_from(BLOCK_KINDS),
+    op_name=st.sampled_from(["chunked", "triton", "auto"]),
+    seed=st.integers(0, 2**16),
+)
+def test_block_diagonal_random_lengths(q_lens, extra, window, kind, op_name, seed):
+    """Packed sequences of random lengths (empty ones included) for every block-diagonal bias."""
+    k_lens = [q + e for q, e in zip(q_lens, extra)]
+    base = ab.BlockDiagonalMask.from_seqlens(q_lens, k_lens)
+    if kind == "padded":
+        bias = ab.BlockDiagonalCausalWithOffsetPaddedKeysMask.from_seqlens(q_lens, max(k_lens) + 2, k_lens)
+    else:
+        bias = {"plain": base, "causal": base.make_causal(), "causal_br": base.make_causal_from_bottomright(),
+                "local_br": base.make_local_attention_from_bottomright(window)}.get(kind)
+        if kind == "local":
+            # top-left windows need every block's last query to see a key: window > nq - nk
+            bias = base.make_local_attention(max(window, max(q - k for q, k in zip(q_lens, k_lens)) + 1))
+    gen = torch.Generator().manual_seed(seed)
+    Mq, Mkv = sum(q_lens), bias.k_seqinfo.seqstart_py[-1]
+    q = torch.randn(1, Mq, 2, 8, generator=gen, requires_grad=True)
+    k = torch.randn(1, Mkv, 2, 8, generator=gen, requires_grad=True)
+    v = torch.randn(1, Mkv, 2, 8, generator=gen, requires_grad=True)
+    out = fmha.memory_efficient_attention(q, k, v, bias, op=OPS[op_name])
+    ref, _ = ref_attention(q, k, v, bias)
+    _assert_close(out, ref, TOL_OUT[torch.float32], "out")
+    if Mq:
+        g = torch.randn_like(out)
+        for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g.double())):
+            _assert_close(a, b.double(), TOL_GRAD[torch.float32], "grad")

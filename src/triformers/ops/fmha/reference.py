@@ -66,6 +66,9 @@ def ref_attention(
         else:
             bias = attn_bias.materialize(tuple(scores.shape), dtype=compute, device=scores.device)
         scores = scores + bias
+    if scores.shape[-1] == 0:  # no keys at all
+        lse = scores.new_full(scores.shape[:-1], -math.inf)
+        return _from_bhmk(scores @ v, ndim), lse
     m = scores.amax(-1, keepdim=True)
     m = torch.where(m == -math.inf, torch.zeros_like(m), m)
     e = torch.exp(scores - m)

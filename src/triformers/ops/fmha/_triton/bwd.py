@@ -10,9 +10,9 @@
   key tiles and accumulates ``dQ = dS K`` without atomics.
 """
 
+import triton
 import triton.language as tl
 
-import triton
 from triformers.ops.fmha._triton.common import LOG2E, dropout_keep, key_tiles, query_tiles, tile_allowed
 
 

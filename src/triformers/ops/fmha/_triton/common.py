@@ -5,9 +5,8 @@ Mask rule (see ``_mask.py``): block-local query ``i`` and key ``j`` are allowed 
 hides are never visited and tiles it allows entirely skip the mask.
 """
 
-import triton.language as tl
-
 import triton
+import triton.language as tl
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453

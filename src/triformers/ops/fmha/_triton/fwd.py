@@ -6,9 +6,9 @@ One program computes ``BLOCK_M`` query rows of one head of one batch element (de
 ``out = acc / l_i`` and ``lse = (m_i + log2(l_i)) * ln(2)``. Rows that see no key give out 0, lse -inf.
 """
 
+import triton
 import triton.language as tl
 
-import triton
 from triformers.ops.fmha._triton.common import LN2, LOG2E, dropout_keep, key_tiles, tile_allowed
 
 

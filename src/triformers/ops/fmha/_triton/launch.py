@@ -11,8 +11,8 @@ import math
 from dataclasses import dataclass
 
 import torch
-
 import triton
+
 from triformers.ops.fmha import _layout
 from triformers.ops.fmha._mask import mask_spec
 from triformers.ops.fmha._triton import bwd as _bwd
