@@ -26,8 +26,10 @@ from triformers.ops.fmha._triton.configs import Config
 def _candidates(direction: str, d: int, quick: bool):
     if direction == "fwd":
         bms, bns, ws, ss = (64, 128), (32, 64, 128), (4, 8), (2, 3, 4)
-    else:
+    elif direction == "bwd":
         bms, bns, ws, ss = (16, 32, 64), (64, 128), (4, 8), (1, 2, 3)
+    else:  # dq: query tiles over key tiles
+        bms, bns, ws, ss = (64, 128), (16, 32, 64), (4, 8), (1, 2, 3)
     if quick:
         ss = ss[1:]
     out = []
@@ -85,6 +87,28 @@ def sweep(dims, ns, quick: bool) -> list[dict]:
                             best = (ms, tf, cfg)
                     print(f"{direction} D={d} N={n} causal={int(causal)}: best {best[2]} {best[1]:.0f} TFLOP/s "
                           f"({best[0]:.3f} ms)", flush=True)
+                    if direction == "bwd":
+                        # the deterministic backward: dK/dV kernel without atomics + a separate dQ kernel
+                        torch.use_deterministic_algorithms(True)
+                        try:
+                            with configs.override("bwd", best[2]):
+                                bestq = None
+                                for cfg in _candidates("dq", d, quick):
+                                    with configs.override("dq", cfg):
+                                        try:
+                                            fn()
+                                            ms = triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
+                                        except Exception:
+                                            continue
+                                    if bestq is None or ms < bestq[0]:
+                                        bestq = (ms, cfg)
+                        finally:
+                            torch.use_deterministic_algorithms(False)
+                        tf = flops * 2.5 / (bestq[0] * 1e-3) / 1e12
+                        rows.append(dict(direction="bwd_deterministic", D=d, N=n, causal=causal,
+                                         cfg=bestq[1].__dict__, ms=bestq[0], tflops=tf))
+                        print(f"bwd_deterministic D={d} N={n} causal={int(causal)}: best dq {bestq[1]} "
+                              f"{tf:.0f} TFLOP/s ({bestq[0]:.3f} ms)", flush=True)
     return rows
 
 
