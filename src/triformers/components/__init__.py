@@ -4,10 +4,7 @@ Importing this package fills the registries (``ATTENTION_REGISTRY``, ``FEEDFORWA
 ``POSITION_EMBEDDING_REGISTRY``) through the explicit imports of its subpackages.
 """
 
-try:  # activations.py comes with the fused layers; the zoo itself does not need it at import time
-    from triformers.components.activations import Activation, build_activation
-except ImportError:  # pragma: no cover
-    pass
+from triformers.components.activations import Activation, build_activation
 from triformers.components.attention import (
     ATTENTION_REGISTRY,
     Attention,
