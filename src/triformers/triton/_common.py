@@ -14,7 +14,7 @@ import warnings
 
 import torch
 
-from triformers._triton import interpret_mode, triton_unavailable_reason
+from triformers._triton import interpret_mode, is_triton_available, triton_unavailable_reason
 
 #: dtypes the kernels read and write (they compute in float32).
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -31,6 +31,10 @@ def warn_once(message: str) -> None:
 
 def use_triton(op: str, *tensors: torch.Tensor | None) -> bool:
     """Whether ``op`` runs its Triton kernels on ``tensors``; warns once if not, for a surprising reason."""
+    # Fast path, checked on every call: CUDA tensors of a kernel dtype.
+    if all(t is None or (t.is_cuda and t.dtype in KERNEL_DTYPES) for t in tensors) and is_triton_available():
+        if any(t is not None for t in tensors):
+            return True
     present = [t for t in tensors if t is not None]
     reason = triton_unavailable_reason(*present)
     if reason is None:

@@ -97,7 +97,7 @@ def _softmax(x, mask, causal, log, name):
         raise ValueError(f"{name} needs a floating-point x, got x.dtype={x.dtype}")
     if x.dim() == 0:
         raise ValueError(f"{name} needs at least one dim, got a 0-d x")
-    _mask_2d(x, mask)
+    mask2 = _mask_2d(x, mask)
     out_dtype = torch.float32 if autocast_dtype(x.device.type) is not None else x.dtype
     if x.numel() == 0 or not use_triton(name, x, mask):
         reference = log_softmax_reference if log else softmax_reference
@@ -105,7 +105,7 @@ def _softmax(x, mask, causal, log, name):
     if torch.is_grad_enabled() and (x.requires_grad or (mask is not None and mask.requires_grad)):
         return _SoftmaxFn.apply(x, mask, bool(causal), log, out_dtype)
     seq_m = x.shape[-2] if x.dim() >= 2 else 1
-    y = softmax_fwd(rows_2d(x), _mask_2d(x, mask), seq_m, log=log, causal=bool(causal), out_dtype=out_dtype)
+    y = softmax_fwd(rows_2d(x), mask2, seq_m, log=log, causal=bool(causal), out_dtype=out_dtype)
     return y.view(x.shape)
 
 

@@ -3,13 +3,21 @@
 The formulas are those of :mod:`triformers.components.activations` (the pure-torch reference); the
 index map is xFormers' ``get_triton_activation_index``: None 0, relu 1, leaky_relu 2, gelu 3,
 squared_relu 4, smelu 5, star_relu 6. Inputs are float32 (the kernels upcast before calling).
+
+GeLU is the exact x·Φ(x), with erf by Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7, so |GeLU error|
+< 2.2e-7: below float32 resolution for |x| > 2, invisible after a 16-bit rounding). libdevice's erff
+costs ~36 instructions per element in these kernels (SASS count, sm_90), which made the fused dropout
++ GeLU forward compute-bound at ~55 % of the H100's bandwidth; this form costs ~15 and shares its
+exp(-x²/2) with the derivative.
 """
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
+from triformers._triton import interpret_mode
 from triformers.components.activations import (
     LEAKY_RELU_SLOPE,
     SMELU_BETA,
@@ -35,11 +43,36 @@ _STAR_SCALE = tl.constexpr(STAR_RELU_SCALE)
 _STAR_BIAS = tl.constexpr(STAR_RELU_BIAS)
 _INV_SQRT2 = tl.constexpr(0.7071067811865476)
 _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
+# Abramowitz & Stegun 7.1.26: erf(z) = 1 - t (a1 + t (a2 + t (a3 + t (a4 + t a5)))) exp(-z²), t = 1 / (1 + p z)
+_AS_P = tl.constexpr(0.3275911)
+# On the GPU: approximate exp2 and reciprocal (ex2.approx.ftz, div.approx.ftz; ~2^-22 relative error) instead of
+# the denormal-safe forms, 8 fewer instructions per element. The interpreter has no libdevice.
+_FAST_MATH = tl.constexpr(not interpret_mode())
+_AS_A1 = tl.constexpr(0.254829592)
+_AS_A2 = tl.constexpr(-0.284496736)
+_AS_A3 = tl.constexpr(1.421413741)
+_AS_A4 = tl.constexpr(-1.453152027)
+_AS_A5 = tl.constexpr(1.061405429)
 
 
 def get_triton_activation_index(activation: Activation | str | None) -> int:
     """The constexpr ``ACTIVATION`` index of an activation (0 for None)."""
     return _INDEX[to_activation(activation)]
+
+
+@triton.jit
+def _gelu_parts(x):
+    """(Φ(x), exp(-x²/2)) for float32 x."""
+    z = tl.abs(x) * _INV_SQRT2
+    if _FAST_MATH:
+        t = libdevice.fast_dividef(1.0, 1.0 + _AS_P * z)
+        e = libdevice.fast_expf(-z * z)
+    else:
+        t = 1.0 / (1.0 + _AS_P * z)
+        e = tl.exp(-z * z)
+    poly = t * (_AS_A1 + t * (_AS_A2 + t * (_AS_A3 + t * (_AS_A4 + t * _AS_A5))))
+    erf_abs = 1.0 - poly * e
+    return 0.5 + 0.5 * tl.where(x >= 0, erf_abs, -erf_abs), e
 
 
 @triton.jit
@@ -50,7 +83,8 @@ def apply_activation(x, ACTIVATION: tl.constexpr):
     elif ACTIVATION == 2:
         y = tl.where(x > 0, x, x * _SLOPE)
     elif ACTIVATION == 3:
-        y = 0.5 * x * (1.0 + tl.math.erf(x * _INV_SQRT2))
+        cdf, _ = _gelu_parts(x)
+        y = x * cdf
     elif ACTIVATION == 4:
         r = tl.maximum(x, 0.0)
         y = r * r
@@ -73,8 +107,8 @@ def activation_grad(x, ACTIVATION: tl.constexpr):
     elif ACTIVATION == 2:
         d = tl.where(x > 0, 1.0, _SLOPE)
     elif ACTIVATION == 3:
-        cdf = 0.5 * (1.0 + tl.math.erf(x * _INV_SQRT2))
-        d = cdf + x * tl.exp(-0.5 * x * x) * _INV_SQRT_2PI
+        cdf, e = _gelu_parts(x)
+        d = cdf + x * e * _INV_SQRT_2PI
     elif ACTIVATION == 4:
         d = 2.0 * tl.maximum(x, 0.0)
     elif ACTIVATION == 5:

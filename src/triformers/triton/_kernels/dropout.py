@@ -29,6 +29,7 @@ from triformers.triton._common import Tuner, default_tile, next_pow2, prune_by_t
 from triformers.triton._kernels.activations import activation_grad, apply_activation
 
 LANES = 8  # 16-bit random numbers per Philox call (4 words x 2 halves)
+_LANES = tl.constexpr(LANES)
 # Lane block: 128 columns per lane (2 KB of bf16 per row across the 8 lanes) keeps loads full-width;
 # the row count (BLOCK_M) is tuned so that a tile holds 4K-16K elements.
 BLOCK_S_MAX = 128
@@ -68,7 +69,7 @@ def _dropout_fwd_kernel(
     rows64 = rows.to(tl.int64)
     if HAS_DROPOUT:
         r0, r1, r2, r3 = tl.randint4x(seed, rows64[:, None] * L + offs[None, :])
-    for j in tl.static_range(LANES):
+    for j in tl.static_range(_LANES):
         cols = j * L + offs
         col_ok = (offs < L) & (cols < N)
         ok = row_ok[:, None] & col_ok[None, :]
@@ -111,7 +112,7 @@ def _dropout_bwd_kernel(
         rows64 = rows.to(tl.int64)
         if HAS_DROPOUT:
             r0, r1, r2, r3 = tl.randint4x(seed, rows64[:, None] * L + offs[None, :])
-        for j in tl.static_range(LANES):
+        for j in tl.static_range(_LANES):
             cols = j * L + offs
             col_ok = (offs < L) & (cols < N)
             ok = row_ok[:, None] & col_ok[None, :]
@@ -145,7 +146,7 @@ def _dropout_bwd_kernel(
                 else:
                     acc7 += s
     if COMPUTE_DB:
-        for j in tl.static_range(LANES):
+        for j in tl.static_range(_LANES):
             cols = j * L + offs
             if j == 0:
                 acc = acc0
