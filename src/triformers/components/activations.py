@@ -70,9 +70,7 @@ def to_activation(activation: Activation | str | None) -> Activation | None:
         return Activation(str(activation).lower())
     except ValueError:
         names = ", ".join(repr(a.value) for a in Activation)
-        raise ValueError(
-            f"activation={activation!r} is not a known activation; use None or one of {names}"
-        ) from None
+        raise ValueError(f"activation={activation!r} is not a known activation; use None or one of {names}") from None
 
 
 class SquaredReLU(nn.Module):
