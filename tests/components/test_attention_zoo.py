@@ -99,13 +99,15 @@ def test_global(causal):
         att(*qkv(s=41))
 
 
+@pytest.mark.parametrize("rows_per_chunk", [64, 2])
 @pytest.mark.parametrize("causal", [False, True])
-def test_blocksparse(causal):
+def test_blocksparse(causal, rows_per_chunk):
     bs, nb, heads = 4, 5, 3
     layout = torch.rand(heads, nb, nb) > 0.5
     layout[1, 2] = False  # query block 2 of head 1 attends nothing
     layout[0].fill_diagonal_(True)
     att = build_attention({"name": "blocksparse", "dropout": 0.0, "layout": layout, "block_size": bs, "causal": causal})
+    att.ROWS_PER_CHUNK = rows_per_chunk  # 2: rows of several widths spread over several chunks
     q, k, v = (torch.randn(2, heads, nb * bs, 8) for _ in range(3))
     keep = torch.kron(layout.long(), torch.ones(bs, bs, dtype=torch.long)).bool()  # [H, S, S]
     ref = torch.stack([dense_attention(q[:, h], k[:, h], v[:, h], keep[h], causal) for h in range(heads)], 1)
@@ -261,3 +263,26 @@ def test_compositional_variants_run(qk_rule, nonlinear, q_compose):
     y = att(x, x, x)
     y.sum().backward()
     assert y.shape == (2, 7, 12) and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_local_window_runs_as_a_kernel_mask(monkeypatch, causal):
+    import triformers.ops
+    from triformers.ops.fmha import attn_bias
+
+    calls = []
+    mea = triformers.ops.memory_efficient_attention
+
+    def spy(q, k, v, bias=None, **kw):
+        calls.append(bias)
+        return mea(q, k, v, bias, **kw)
+
+    monkeypatch.setattr(triformers.ops, "memory_efficient_attention", spy)
+    att = build_attention({"name": "local", "dropout": 0.0, "causal": causal, "window_size": 5})
+    att(*qkv())
+    expected = (
+        attn_bias.LowerTriangularFromBottomRightLocalAttentionMask
+        if causal
+        else attn_bias.LocalAttentionFromBottomRightMask
+    )
+    assert len(calls) == 1 and isinstance(calls[0], expected)

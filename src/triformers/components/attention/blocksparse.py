@@ -1,8 +1,9 @@
 """Layout-driven block-sparse attention (xFormers' ``blocksparse``), correct in plain torch.
 
 Only the attended blocks are computed: the queries of block r attend the keys of the blocks c with
-``layout[h, r, c] == 1``. The torch path gathers the attended key blocks of every query block, so work
-and memory scale with the number of non-zero blocks, not with S².
+``layout[h, r, c] == 1``. The torch path gathers the attended key blocks of each query block (rows sorted by
+their number of blocks and processed in chunks), so work and memory scale with the non-zero blocks, not
+with S².
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ class BlockSparseAttention(Attention):
         self.block_size = block_size
         self.causal = causal
         self.attn_drop = nn.Dropout(dropout)
+        self.ROWS_PER_CHUNK = 64  # query blocks per gather: bounds the padded working set
         self.requires_head_dimension = True
         self.requires_same_k_q_dimensions = True
         self.supports_attention_mask = False
@@ -77,35 +79,44 @@ class BlockSparseAttention(Attention):
         bs, nb = self.block_size, self.layout.shape[-1]
         if S != nb * bs:
             raise ValueError(
-                f"sequence length {S} does not match the layout: {nb} blocks of {bs} = {nb * bs}; pad the "
-                "inputs "
-                "or build the layout for this length"
+                f"sequence length {S} does not match the layout: {nb} blocks of {bs} = {nb * bs}; "
+                "pad the inputs or build the layout for this length"
             )
         if self.layout.shape[0] not in (1, H):
             raise ValueError(f"layout has {self.layout.shape[0]} heads but the inputs have {H}")
-        layout = self.layout.expand(H, nb, nb)
-        width = int(layout.sum(-1).max().item())  # most attended blocks in any row
-        # per (head, query block): indices of its attended key blocks, padded with block 0 (masked out below)
-        order = torch.argsort((~layout).to(torch.int8), dim=-1, stable=True)[..., :width]  # [H, nb, w]
-        valid = torch.gather(layout, -1, order)  # [H, nb, w]
+        layout = self.layout.expand(H, nb, nb).reshape(H * nb, nb)  # one row per (head, query block)
+        widths = layout.sum(-1)
+        # rows sorted by how many key blocks they attend, processed in chunks padded to the chunk's widest row:
+        # a few dense (global) rows do not inflate the memory of all the others
+        order = torch.argsort(widths, stable=True)
+        qb = q.reshape(B, H * nb, bs, D)
+        kb = k.reshape(B, H * nb, bs, D)
+        vb = v.reshape(B, H * nb, bs, v.shape[-1])
+        outs = []
+        for rows in order.split(self.ROWS_PER_CHUNK):
+            outs.append(self._attend_rows(qb, kb, vb, layout, rows, int(widths[rows].max()), nb, scale))
+        out = torch.cat(outs, dim=1)[:, torch.argsort(order)]  # back to (head, block) order
+        return out.reshape(B, H, S, v.shape[-1])
 
-        qb = q.reshape(B, H, nb, bs, D)
-        kb = k.reshape(B, H, nb, bs, D)
-        vb = v.reshape(B, H, nb, bs, v.shape[-1])
-        idx = order.reshape(1, H, nb * width, 1, 1)
-        k_sel = torch.gather(kb, 2, idx.expand(B, H, nb * width, bs, D)).reshape(B, H, nb, width * bs, D)
-        v_sel = torch.gather(vb, 2, idx.expand(B, H, nb * width, bs, v.shape[-1]))
-        v_sel = v_sel.reshape(B, H, nb, width * bs, v.shape[-1])
-
-        scores = (qb @ k_sel.transpose(-1, -2)) * (scale / math.sqrt(D))  # [B, H, nb, bs, w*bs]
-        allowed = valid.repeat_interleave(bs, dim=-1)[None, :, :, None, :]  # [1, H, nb, 1, w*bs]
+    def _attend_rows(self, qb, kb, vb, layout, rows, width, nb, scale):
+        """Attention of the query blocks ``rows`` (flat head * nb + block) over their attended key blocks."""
+        B, _, bs, D = qb.shape
+        if width == 0:  # nothing attended: zeros
+            return qb.new_zeros(B, len(rows), bs, vb.shape[-1])
+        sub = layout[rows]  # [c, nb]
+        cols = torch.argsort((~sub).to(torch.int8), dim=-1, stable=True)[:, :width]  # attended blocks first
+        valid = torch.gather(sub, 1, cols)  # [c, w]; False where the row has fewer blocks than w
+        key_blocks = (torch.div(rows, nb, rounding_mode="floor")[:, None] * nb + cols).flatten()  # same head
+        k_sel = kb[:, key_blocks].reshape(B, len(rows), width * bs, D)
+        v_sel = vb[:, key_blocks].reshape(B, len(rows), width * bs, vb.shape[-1])
+        scores = (qb[:, rows] @ k_sel.transpose(-1, -2)) * (scale / math.sqrt(D))  # [B, c, bs, w*bs]
+        allowed = valid.repeat_interleave(bs, dim=-1)[:, None, :]  # [c, 1, w*bs]
         if self.causal:
-            q_pos = torch.arange(nb, device=q.device)[:, None] * bs + torch.arange(bs, device=q.device)
-            k_pos = (order[..., None] * bs + torch.arange(bs, device=q.device)).flatten(-2)  # [H, nb, w*bs]
-            allowed = allowed & (k_pos[:, :, None, :] <= q_pos[None, :, :, None]).unsqueeze(0)
-        any_allowed = allowed.any(-1, keepdim=True)
-        finite_min = torch.finfo(scores.dtype).min
-        att = torch.softmax(scores.masked_fill(~allowed, finite_min), dim=-1)
-        att = torch.where(allowed & any_allowed, att, torch.zeros_like(att))
-        att = self.attn_drop(att)
-        return (att @ v_sel).reshape(B, H, S, v.shape[-1])
+            offs = torch.arange(bs, device=qb.device)
+            q_pos = (rows % nb)[:, None] * bs + offs  # [c, bs]
+            k_pos = (cols[..., None] * bs + offs).flatten(-2)  # [c, w*bs]
+            allowed = allowed & (k_pos[:, None, :] <= q_pos[:, :, None])
+        allowed = allowed.unsqueeze(0)
+        att = torch.softmax(scores.masked_fill(~allowed, torch.finfo(scores.dtype).min), dim=-1)
+        att = torch.where(allowed & allowed.any(-1, keepdim=True), att, torch.zeros_like(att))
+        return self.attn_drop(att) @ v_sel

@@ -164,6 +164,16 @@ def _dense_attention(q, k, v, additive, causal, dropout) -> torch.Tensor:
     return dropout(att) @ v if dropout is not None else att @ v
 
 
+def attention_with_bias(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_bias, dropout: nn.Module | None = None
+) -> torch.Tensor:
+    """``memory_efficient_attention`` on folded heads ``[N, S, D]`` with an ``AttentionBias`` object
+    (e.g. a local window) that the kernel applies without materialising it."""
+    p = _dropout_p(dropout)
+    out = ops.memory_efficient_attention(q.unsqueeze(2), k.unsqueeze(2), v.unsqueeze(2), attn_bias, p=p or 0.0)
+    return out.squeeze(2)
+
+
 def scaled_dot_product_attention(
     q: torch.Tensor,
     k: torch.Tensor,

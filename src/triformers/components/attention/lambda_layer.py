@@ -27,7 +27,8 @@ class LambdaLayer(Attention):
     and the position lambda ``lambda^p_n = sum_m E[m - n]^T v_m`` (learned relative embeddings ``E``,
     ``[2 seq_len - 1, Dh]``).
 
-    Shapes: q, k ``[N, S, Dh]``, v ``[N, S, Dv]`` with ``S <= seq_len`` -> ``[N, S, Dv]``.
+    Shapes: q, k ``[N, S, Dh]``, v ``[N, S, Dv]`` with ``S <= seq_len`` -> ``[N, S, Dv]``. The position term is
+    computed through relative logits (``q E^T``, gathered by offset): O(N S²) memory, no ``[S, S, Dh]`` table.
 
     Args:
         dropout: dropout on the output.
@@ -55,7 +56,8 @@ class LambdaLayer(Attention):
             )
         content_lambda = torch.softmax(k, dim=1).transpose(1, 2) @ v  # [N, Dh, Dv]
         content_output = q @ content_lambda  # [N, S, Dv]
-        rel_pos_emb = self.rel_pos_emb[self.rel_pos[:S, :S]]  # [S(n), S(m), Dh]
-        position_lambdas = torch.einsum("nmk,bmv->bnkv", rel_pos_emb, v)  # [N, S, Dh, Dv]
-        position_output = (q.unsqueeze(2) @ position_lambdas).squeeze(2)  # [N, S, Dv]
+        # q_n . lambda^p_n = sum_m (q_n . E[m - n]) v_m: relative logits q E^T, gathered at offset m - n
+        rel_logits = q @ self.rel_pos_emb.t()  # [N, S, 2 seq_len - 1]
+        index = self.rel_pos[:S, :S].unsqueeze(0).expand(q.shape[0], -1, -1)
+        position_output = torch.gather(rel_logits, -1, index) @ v  # [N, S, Dv]
         return self.attn_drop(content_output + position_output)

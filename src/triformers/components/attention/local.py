@@ -7,11 +7,17 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from triformers import ops
 from triformers.components.attention import register_attention
 from triformers.components.attention.attention_mask import AttentionMask
 from triformers.components.attention.attention_patterns import causal_1d_pattern, local_1d_pattern
 from triformers.components.attention.base import Attention, AttentionConfig
-from triformers.components.attention.core import maybe_sparsify, scaled_dot_product_attention, sparsify
+from triformers.components.attention.core import (
+    attention_with_bias,
+    maybe_sparsify,
+    scaled_dot_product_attention,
+    sparsify,
+)
 from triformers.components.attention.utils import combine_masks
 
 
@@ -26,8 +32,11 @@ class LocalAttentionConfig(AttentionConfig):
 class LocalAttention(Attention):
     """Attention within a window: ``|i - j| <= window_size // 2``, or ``i - window_size <= j <= i`` if causal.
 
-    Sparse windows (under 30% of the pairs, or ``force_sparsity``) run the O(S x window) sparse path;
-    denser ones go through ``memory_efficient_attention`` with the window as a bias.
+    Without ``att_mask`` the window is a kernel-side mask of ``memory_efficient_attention``
+    (``LocalAttentionFromBottomRightMask``, or ``LowerTriangularFromBottomRightLocalAttentionMask`` when
+    causal): nothing is materialised and the tiles outside the window are skipped. With a mask (or
+    ``force_sparsity``) the window becomes a pattern combined with it: sparse windows (under 30% of the
+    pairs, or ``force_sparsity``) run the O(S x window) sparse path, denser ones a tensor bias.
 
     Shapes: q, k, v ``[N, S, D]`` -> ``[N, S, D]``.
 
@@ -49,9 +58,7 @@ class LocalAttention(Attention):
     ) -> None:
         super().__init__()
         if not causal and window_size % 2 != 1:
-            raise ValueError(
-                f"a non-causal window is centred on the token: window_size must be odd, got {window_size}"
-            )
+            raise ValueError(f"a non-causal window is centred on the token: window_size must be odd, got {window_size}")
         self.attn_drop = nn.Dropout(dropout, inplace=False)
         self.causal = causal
         self.force_sparsity = force_sparsity
@@ -78,6 +85,14 @@ class LocalAttention(Attention):
         S = q.shape[-2]
         if k.shape[-2] != S:
             raise ValueError(f"local attention needs equal query and key lengths, got {S} and {k.shape[-2]}")
+        if att_mask is None and not self.force_sparsity:
+            # the window as a kernel-side mask: memory_efficient_attention skips the tiles outside it
+            if self.causal:
+                bias = ops.attn_bias.LowerTriangularFromBottomRightLocalAttentionMask(self.window_size + 1)
+            else:
+                half = self.window_size // 2
+                bias = ops.attn_bias.LocalAttentionFromBottomRightMask(window_left=half, window_right=half)
+            return attention_with_bias(q, k, v, bias, dropout=self.attn_drop)
         current = self.attention_mask
         if current is None or current.shape[-1] != S or current.device != q.device:
             self.attention_mask = current = self._get_local_mask(S, q.device)

@@ -76,12 +76,12 @@ class OrthoFormerAttention(Attention):
         similarity to the chosen ones is smallest. ``[N, M, D]``."""
         x = self._samples(q)
         N, S, D = x.shape
-        xn = F.normalize(x, p=2, dim=-1)
+        xn = F.normalize(x.float(), p=2, dim=-1)  # float32 similarities: fewer spurious ties in half precision
         rows = torch.arange(N, device=x.device)
-        idx = x.norm(dim=-1).argmax(-1)  # [N]
+        idx = x.float().norm(dim=-1).argmax(-1)  # [N]
         chosen = torch.zeros(N, S, dtype=torch.bool, device=x.device)
         chosen[rows, idx] = True
-        max_sim = torch.zeros(N, S, dtype=x.dtype, device=x.device)
+        max_sim = torch.zeros(N, S, dtype=torch.float32, device=x.device)
         picks = [idx]
         for _ in range(1, self.num_landmarks):
             sim = (xn @ xn[rows, idx].unsqueeze(-1)).squeeze(-1).abs()  # [N, S]
