@@ -23,7 +23,12 @@ def test_schemas_are_registered():
     assert "favor_schema.yaml" in cs.list("xformers/attention")
     assert {"MLP_schema.yaml", "FusedMLP_schema.yaml"} <= set(cs.list("xformers/ff"))
     assert {"vocab_schema.yaml", "sine_schema.yaml", "learnable_schema.yaml"} <= set(cs.list("xformers/pe"))
-    assert "xformers/attention/local_schema" in stored
+    from triformers.components import ATTENTION_REGISTRY, FEEDFORWARD_REGISTRY, POSITION_EMBEDDING_REGISTRY
+
+    for group, registry in (("attention", ATTENTION_REGISTRY), ("ff", FEEDFORWARD_REGISTRY),
+                            ("pe", POSITION_EMBEDDING_REGISTRY)):  # fmt: skip
+        for name in registry:
+            assert f"xformers/{group}/{name}_schema" in stored  # every component has its schema
 
 
 def _dict_stacks():

@@ -25,9 +25,7 @@ from triformers.components.attention.base import Attention, AttentionConfig
 ATTENTION_REGISTRY: dict = {}
 ATTENTION_CLASS_NAMES: set[str] = set()
 
-register_attention = get_registry_decorator(
-    ATTENTION_REGISTRY, ATTENTION_CLASS_NAMES, Attention, AttentionConfig
-)
+register_attention = get_registry_decorator(ATTENTION_REGISTRY, ATTENTION_CLASS_NAMES, Attention, AttentionConfig)
 
 
 def build_attention(config: dict[str, Any] | AttentionConfig) -> Attention:

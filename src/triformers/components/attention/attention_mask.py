@@ -56,9 +56,7 @@ class AttentionMask:
     def from_multiplicative(cls, x: torch.Tensor) -> AttentionMask:
         """From a multiplicative (0/1) mask: non-zero = attend."""
         if x.dtype == torch.bool:
-            raise ValueError(
-                "from_multiplicative expects a numeric 0/1 tensor; use from_bool for a bool tensor"
-            )
+            raise ValueError("from_multiplicative expects a numeric 0/1 tensor; use from_bool for a bool tensor")
         return cls.from_bool(x != 0)
 
     @classmethod
@@ -72,9 +70,7 @@ class AttentionMask:
         """The causal mask ``[1, seq_len, to_seq_len]``: query i attends keys j <= i (top-left aligned)."""
         to_seq_len = to_seq_len or seq_len
         dtype = dtype or torch.float32
-        additive = torch.full((seq_len, to_seq_len), float("-inf"), device=device, dtype=dtype).triu(
-            diagonal=1
-        )
+        additive = torch.full((seq_len, to_seq_len), float("-inf"), device=device, dtype=dtype).triu(diagonal=1)
         return cls(additive, is_causal=True)
 
     def make_crop(self, seq_len: int, to_seq_len: int | None = None) -> AttentionMask:

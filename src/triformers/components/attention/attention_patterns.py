@@ -37,9 +37,7 @@ def local_nd_distance(*sizes: int, p: float = 2.0, weights: Sequence[float] | No
     if weights is None:
         weights = (1,) * len(sizes)
     if len(weights) != len(sizes):
-        raise ValueError(
-            f"weights has {len(weights)} entries but there are {len(sizes)} sizes; pass one per axis"
-        )
+        raise ValueError(f"weights has {len(weights)} entries but there are {len(sizes)} sizes; pass one per axis")
     grid = [g.flatten() * w for g, w in zip(_generate_nd_grid(*sizes), weights)]
     coords = torch.stack(grid, dim=1).float()
     return torch.cdist(coords, coords, p=p)

@@ -61,9 +61,7 @@ class Attention(nn.Module, metaclass=ABCMeta):
         return cls(**config_to_kwargs(config))
 
     @abstractmethod
-    def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: Any, **kwargs: Any
-    ) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         raise NotImplementedError
 
     @staticmethod

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -20,7 +21,7 @@ from triformers.components.attention.base import Attention, AttentionConfig
 
 @dataclass
 class BlockSparseConfig(AttentionConfig):
-    layout: torch.Tensor | None
+    layout: Any  # 0/1 tensor [heads, S/block, S/block] (typed Any so the Hydra schema can be stored)
     block_size: int | None
     num_heads: int | None
     causal: bool | None = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -29,7 +30,7 @@ class CompositionalAttentionConfig(AttentionConfig):
     q_compose: bool = False
     bias: bool = True
     causal: bool | None = False
-    in_proj_container: InputProjection | None = None
+    in_proj_container: Any = None  # an InputProjection (typed Any so the Hydra schema can be stored)
     use_separate_proj_weight: bool | None = False
 
 
@@ -91,9 +92,7 @@ class CompositionalAttention(Attention):
         if dim_key % num_heads:
             raise ValueError(f"dim_key={dim_key} must be divisible by num_heads={num_heads}")
         if dim_value != dim_attn:
-            raise ValueError(
-                f"dim_value={dim_value} must equal dim_attn={dim_attn} (values are split over the rules)"
-            )
+            raise ValueError(f"dim_value={dim_value} must equal dim_attn={dim_attn} (values are split over the rules)")
         self.dim_model, self.num_heads, self.num_rules = dim_model, num_heads, num_rules
         self.dim_selection, self.qk_rule, self.nonlinear, self.q_compose = (
             dim_selection,

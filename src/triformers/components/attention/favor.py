@@ -60,9 +60,7 @@ class FavorAttention(Attention):
     ) -> None:
         super().__init__()
         self.causal = causal
-        self.iter_before_redraw = (
-            2 * iter_before_redraw if iter_before_redraw is not None else None
-        )  # k and q
+        self.iter_before_redraw = 2 * iter_before_redraw if iter_before_redraw is not None else None  # k and q
         self.normalize_inputs = normalize_inputs
         self.feature_map_type = FeatureMapType(feature_map if feature_map is not None else feature_map_type)
         self.attn_drop = nn.Dropout(dropout, inplace=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -17,7 +18,7 @@ from triformers.components.attention.utils import combine_masks
 
 @dataclass
 class GlobalAttentionConfig(AttentionConfig):
-    attention_query_mask: torch.Tensor | None  # bool [S, 1], True for the global tokens
+    attention_query_mask: Any  # bool tensor [S, 1], True for the global tokens (Any: Hydra-storable)
     causal: bool | None
     force_sparsity: bool | None
 
@@ -54,9 +55,7 @@ class GlobalAttention(Attention):
                 raise ValueError(f"attention_query_mask must be [S, 1] or [S], got shape={tuple(mask.shape)}")
             mask = mask[:, 0]
         if mask.dtype != torch.bool:
-            raise ValueError(
-                f"attention_query_mask must be bool (True = global token), got dtype={mask.dtype}"
-            )
+            raise ValueError(f"attention_query_mask must be bool (True = global token), got dtype={mask.dtype}")
         pattern = global_token_pattern(mask) | torch.eye(mask.shape[0], dtype=torch.bool)
         if causal:
             pattern &= causal_1d_pattern(mask.shape[0])

@@ -51,9 +51,7 @@ class LambdaLayer(Attention):
         if S > self.seq_len:
             raise ValueError(f"sequence length {S} exceeds seq_len={self.seq_len} of the lambda layer")
         if q.shape[-1] != self.rel_pos_emb.shape[-1]:
-            raise ValueError(
-                f"queries have {q.shape[-1]} features per head but dim_head={self.rel_pos_emb.shape[-1]}"
-            )
+            raise ValueError(f"queries have {q.shape[-1]} features per head but dim_head={self.rel_pos_emb.shape[-1]}")
         content_lambda = torch.softmax(k, dim=1).transpose(1, 2) @ v  # [N, Dh, Dv]
         content_output = q @ content_lambda  # [N, S, Dv]
         # q_n . lambda^p_n = sum_m (q_n . E[m - n]) v_m: relative logits q E^T, gathered at offset m - n

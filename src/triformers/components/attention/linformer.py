@@ -47,11 +47,7 @@ class LinformerAttention(Attention):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         S = k.shape[-2]
         if S > self.seq_len:
-            raise ValueError(
-                f"sequence length {S} exceeds seq_len={self.seq_len} of the Linformer projections"
-            )
+            raise ValueError(f"sequence length {S} exceeds seq_len={self.seq_len} of the Linformer projections")
         k_projected = self.E.weight[:, :S] @ k  # [N, k, D]
         v_projected = self.F.weight[:, :S] @ v  # [N, k, Dv]
-        return scaled_dot_product_attention(
-            q, k_projected, v_projected, att_mask=None, dropout=self.attn_drop
-        )
+        return scaled_dot_product_attention(q, k_projected, v_projected, att_mask=None, dropout=self.attn_drop)

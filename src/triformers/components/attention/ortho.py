@@ -92,9 +92,7 @@ class OrthoFormerAttention(Attention):
         return x[rows[:, None], torch.stack(picks, dim=1)]
 
     @torch.no_grad()
-    def _cluster_landmarks(
-        self, q: torch.Tensor, spherical: bool = False, num_iters: int = 6
-    ) -> torch.Tensor:
+    def _cluster_landmarks(self, q: torch.Tensor, spherical: bool = False, num_iters: int = 6) -> torch.Tensor:
         x = self._samples(q)
         if spherical:
             x = F.normalize(x, p=2, dim=-1)
@@ -124,9 +122,7 @@ class OrthoFormerAttention(Attention):
                 lq = q[:, torch.randperm(q.size(1), device=q.device)[:half]]
                 lk = k[:, torch.randperm(k.size(1), device=k.device)[: self.num_landmarks - half]]
             return torch.cat((lq, lk), dim=-2)
-        return self._cluster_landmarks(
-            q, spherical=self.landmark_selection == LandmarkSelection.KMeans_Spherical
-        )
+        return self._cluster_landmarks(q, spherical=self.landmark_selection == LandmarkSelection.KMeans_Spherical)
 
     def forward(
         self,

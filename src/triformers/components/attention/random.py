@@ -60,11 +60,7 @@ class RandomAttention(Attention):
         self.rand_attention_mask: torch.Tensor | AttentionMask | None = None
 
     def _get_rand_mask(self, seq_len: int, device: torch.device):
-        mask = (
-            random_pattern(seq_len, sparsity=1 - self.r)
-            if self.r < 1
-            else torch.ones(seq_len, seq_len).bool()
-        )
+        mask = random_pattern(seq_len, sparsity=1 - self.r) if self.r < 1 else torch.ones(seq_len, seq_len).bool()
         mask |= torch.eye(seq_len, dtype=torch.bool)
         if self.causal:
             mask &= causal_1d_pattern(seq_len)
@@ -84,12 +80,7 @@ class RandomAttention(Attention):
         if k.shape[-2] != S:
             raise ValueError(f"random attention needs equal query and key lengths, got {S} and {k.shape[-2]}")
         current = self.rand_attention_mask
-        if (
-            not self.constant_masking
-            or current is None
-            or current.shape[-1] != S
-            or current.device != q.device
-        ):
+        if not self.constant_masking or current is None or current.shape[-1] != S or current.device != q.device:
             self.rand_attention_mask = current = self._get_rand_mask(S, q.device)
         mask = current if att_mask is None else combine_masks(current, att_mask)
         return scaled_dot_product_attention(q, k, v, att_mask=mask, dropout=self.attn_drop)

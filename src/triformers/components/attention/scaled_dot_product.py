@@ -61,6 +61,4 @@ class ScaledDotProduct(Attention):
         **kwargs,
     ) -> torch.Tensor:
         """Attend; ``att_mask`` is bool (True = attend), additive float, AttentionMask or sparse."""
-        return scaled_dot_product_attention(
-            q, k, v, att_mask=att_mask, dropout=self.attn_drop, causal=self.causal
-        )
+        return scaled_dot_product_attention(q, k, v, att_mask=att_mask, dropout=self.attn_drop, causal=self.causal)

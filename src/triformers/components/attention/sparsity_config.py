@@ -14,9 +14,7 @@ import torch
 
 def _check_attention(attention: str) -> None:
     if attention not in ("unidirectional", "bidirectional"):
-        raise NotImplementedError(
-            f"attention={attention!r}: only 'unidirectional' and 'bidirectional' are supported"
-        )
+        raise NotImplementedError(f"attention={attention!r}: only 'unidirectional' and 'bidirectional' are supported")
 
 
 def _sample(n: int, k: int) -> torch.Tensor:
@@ -49,8 +47,7 @@ class SparsityConfig:
         """
         if seq_len % self.block_size != 0:
             raise ValueError(
-                f"Sequence length {seq_len} must be divisible by block_size {self.block_size}; pad the "
-                "sequence"
+                f"Sequence length {seq_len} must be divisible by block_size {self.block_size}; pad the sequence"
             )
         num_blocks = seq_len // self.block_size
         return torch.zeros((self.num_heads, num_blocks, num_blocks), dtype=torch.int64)
@@ -98,8 +95,7 @@ class FixedSparsityConfig(SparsityConfig):
         super().__init__(num_heads, block_size, different_layout_per_head)
         if num_local_blocks % num_global_blocks != 0:
             raise ValueError(
-                f"num_local_blocks={num_local_blocks} must be divisible by "
-                f"num_global_blocks={num_global_blocks}"
+                f"num_local_blocks={num_local_blocks} must be divisible by num_global_blocks={num_global_blocks}"
             )
         _check_attention(attention)
         if attention != "bidirectional" and horizontal_global_attention:
@@ -191,18 +187,14 @@ class VariableSparsityConfig(SparsityConfig):
         self.num_random_blocks = num_random_blocks
         self.local_window_blocks = list(local_window_blocks)
         self.global_block_indices = list(global_block_indices)
-        self.global_block_end_indices = (
-            None if global_block_end_indices is None else list(global_block_end_indices)
-        )
+        self.global_block_end_indices = None if global_block_end_indices is None else list(global_block_end_indices)
         self.attention = attention
         self.horizontal_global_attention = horizontal_global_attention
 
     def set_random_layout(self, h: int, layout: torch.Tensor) -> torch.Tensor:
         num_blocks = layout.shape[1]
         if num_blocks < self.num_random_blocks:
-            raise ValueError(
-                f"num_random_blocks={self.num_random_blocks} exceeds the {num_blocks} blocks of a row"
-            )
+            raise ValueError(f"num_random_blocks={self.num_random_blocks} exceeds the {num_blocks} blocks of a row")
         for row in range(num_blocks):
             layout[h, row, _sample(num_blocks, self.num_random_blocks)] = 1
         return layout
@@ -283,9 +275,7 @@ class BigBirdSparsityConfig(SparsityConfig):
     def set_random_layout(self, h: int, layout: torch.Tensor) -> torch.Tensor:
         num_blocks = layout.shape[1]
         if num_blocks < self.num_random_blocks:
-            raise ValueError(
-                f"num_random_blocks={self.num_random_blocks} exceeds the {num_blocks} blocks of a row"
-            )
+            raise ValueError(f"num_random_blocks={self.num_random_blocks} exceeds the {num_blocks} blocks of a row")
         for row in range(num_blocks):
             n = num_blocks if self.attention == "bidirectional" else row + 1
             layout[h, row, _sample(n, min(self.num_random_blocks, n))] = 1
@@ -298,9 +288,7 @@ class BigBirdSparsityConfig(SparsityConfig):
     def set_global_layout_itc(self, h: int, layout: torch.Tensor) -> torch.Tensor:
         num_blocks = layout.shape[1]
         if num_blocks < self.num_global_blocks:
-            raise ValueError(
-                f"num_global_blocks={self.num_global_blocks} exceeds the {num_blocks} blocks of a row"
-            )
+            raise ValueError(f"num_global_blocks={self.num_global_blocks} exceeds the {num_blocks} blocks of a row")
         layout[h, : self.num_global_blocks, :] = 1
         layout[h, :, : self.num_global_blocks] = 1
         if self.attention == "unidirectional":
@@ -339,18 +327,14 @@ class BSLongformerSparsityConfig(SparsityConfig):
         super().__init__(num_heads, block_size, different_layout_per_head)
         if global_block_end_indices is not None:
             if len(global_block_indices) != len(global_block_end_indices):
-                raise ValueError(
-                    "global_block_indices and global_block_end_indices must have the same length"
-                )
+                raise ValueError("global_block_indices and global_block_end_indices must have the same length")
             for start, stop in zip(global_block_indices, global_block_end_indices):
                 if start >= stop:
                     raise ValueError(f"global block start {start} must be smaller than its end {stop}")
         _check_attention(attention)
         self.num_sliding_window_blocks = num_sliding_window_blocks
         self.global_block_indices = list(global_block_indices)
-        self.global_block_end_indices = (
-            None if global_block_end_indices is None else list(global_block_end_indices)
-        )
+        self.global_block_end_indices = None if global_block_end_indices is None else list(global_block_end_indices)
         self.attention = attention
 
     def set_sliding_window_layout(self, h: int, layout: torch.Tensor) -> torch.Tensor:

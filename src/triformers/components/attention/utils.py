@@ -23,11 +23,7 @@ def reshape_key_padding_mask(key_padding_mask: torch.Tensor, batched_dim: int) -
     if batched_dim % batch:
         raise ValueError(f"batched dim {batched_dim} is not a multiple of the key_padding_mask batch {batch}")
     num_heads = batched_dim // batch
-    return (
-        key_padding_mask.view(batch, 1, 1, src_len)
-        .expand(-1, num_heads, -1, -1)
-        .reshape(batched_dim, 1, src_len)
-    )
+    return key_padding_mask.view(batch, 1, 1, src_len).expand(-1, num_heads, -1, -1).reshape(batched_dim, 1, src_len)
 
 
 def maybe_merge_masks(
@@ -77,9 +73,7 @@ def combine_masks(a: torch.Tensor | AttentionMask | None, b: torch.Tensor | Atte
     return a + b
 
 
-def iterative_pinv(
-    softmax_mat: torch.Tensor, n_iter: int = 6, pinverse_original_init: bool = False
-) -> torch.Tensor:
+def iterative_pinv(softmax_mat: torch.Tensor, n_iter: int = 6, pinverse_original_init: bool = False) -> torch.Tensor:
     """Moore-Penrose pseudo-inverse of a batch of softmax matrices, Razavi et al. (2014) iteration.
 
     ``Z <- Z/4 (13 I - K Z (15 I - K Z (7 I - K Z)))`` from ``Z0 = K^T / ||K||``.

@@ -69,9 +69,7 @@ class Conv2DFeedforward(Feedforward):
         B, L, C = x.shape
         H = math.isqrt(L)
         if H * H != L:
-            raise ValueError(
-                f"Conv2DFeedforward needs a square token grid: sequence length {L} is not a square"
-            )
+            raise ValueError(f"Conv2DFeedforward needs a square token grid: sequence length {L} is not a square")
         x = x.transpose(1, 2).reshape(B, C, H, H)
         x = self.conv_mlp(x)
         return x.flatten(2).transpose(1, 2)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 import torch
 from torch import nn
@@ -55,9 +56,7 @@ class RoundRobinGate(nn.Module):
         super().__init__()
         self.num_experts = num_experts
 
-    def forward(
-        self, x: torch.Tensor, positions: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         idx = (positions % self.num_experts).unsqueeze(-1)  # [T, 1]
         return x.new_zeros(()), idx, x.new_ones(idx.shape)
 
@@ -67,9 +66,9 @@ class MoEConfig(FeedforwardConfig):
     number_of_experts: int
     gate: GateConfig
     number_of_local_experts: int | None = None
-    expert_constructor: Callable[..., nn.Module] | None = None
+    expert_constructor: Any = None  # callable -> nn.Module (typed Any so the Hydra schema can be stored)
     hidden_layer_multiplier: int | None = None
-    group: object | None = None
+    group: Any = None
 
 
 @register_feedforward("MixtureOfExperts", MoEConfig)

@@ -51,9 +51,7 @@ class SoftMaxPositiveEstimators(FeatureMap):
 
     def pre_scale(self, x: torch.Tensor) -> torch.Tensor:
         """Redraw the projection if due, scale x and set ``self.offset = -|x|²/2 - log sqrt(m)``."""
-        redraw = (
-            self.features is None or self.features.device != x.device or self.features.shape[0] != x.shape[-1]
-        )
+        redraw = self.features is None or self.features.device != x.device or self.features.shape[0] != x.shape[-1]
         if self.training and self.iter_before_redraw is not None:
             redraw = redraw or self._iter_counter >= self.iter_before_redraw
             self._iter_counter += 1
@@ -112,8 +110,7 @@ class _PlusMinus(SoftMaxPositiveEstimators):
         super().__init__(dim_features, *args, **kwargs)
         if dim_features % 2:
             raise ValueError(
-                f"{type(self).__name__} concatenates +/- features: dim_features must be even, got "
-                f"{dim_features}"
+                f"{type(self).__name__} concatenates +/- features: dim_features must be even, got {dim_features}"
             )
         self.dim_feature_map = dim_features // 2
 
