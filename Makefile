@@ -16,6 +16,7 @@ $(STAMP): pyproject.toml requirements-pins.txt
 
 demo: $(STAMP)
 	$(PY) -m triformers.demo
+	$(PY) examples/microGPT.py --demo
 
 # TRITON_INTERPRET=1 runs every Triton kernel on CPU tensors, so the suite covers the kernels without a GPU.
 test: $(STAMP)

@@ -3,6 +3,8 @@
     triformers info                 versions, devices and every operator with its availability
     triformers bench fmha [ARGS]    attention benchmark (python -m triformers.benchmarks.fmha)
     triformers bench layers [ARGS]  fused-layer benchmark (python -m triformers.benchmarks.layers)
+    triformers bench attention [ARGS]  attention-zoo benchmark (python -m triformers.benchmarks.attention)
+    triformers bench fmha_cpu [ARGS]   CPU attention operators (python -m triformers.benchmarks.fmha_cpu)
 """
 
 from __future__ import annotations

@@ -4,16 +4,20 @@
 - ``attn_bwd_dkdv``: one program per key tile and K/V head; it loops over the query heads that share the
   K/V head (GQA: dK/dV summed over the group in registers, no atomics) and over the query tiles the mask
   lets see its keys, accumulating ``dV += P^T dO`` and ``dK += dS^T Q``. With ``ATOMIC_DQ`` it also adds
-  ``dS K`` into a float32 dQ buffer (5 matrix products per tile in all); the tensor-bias gradient ``dS``
-  is stored (or atomically added where the bias is broadcast) in the same pass.
+  ``dS K`` into a float32 dQ buffer (a TMA reduce-add when ``USE_TMA``): 5 matrix products per tile in
+  all. The tensor-bias gradient ``dS`` is stored (or atomically added where the bias is broadcast) in the
+  same pass.
 - ``attn_bwd_dq``: one program per query tile (deterministic mode): recomputes ``dS`` over the allowed
   key tiles and accumulates ``dQ = dS K`` without atomics.
+
+Tiles of Q, K, V, dO come through TMA descriptors when ``USE_TMA`` (see ``fwd.py`` for why).
 """
 
 import triton
 import triton.language as tl
 
-from triformers.ops.fmha._triton.common import LOG2E, dropout_keep, key_tiles, query_tiles, tile_allowed
+from triformers.ops.fmha._triton.common import LOG2E, dropout_keep, key_tiles, load_rows, query_tiles, tile_allowed
+from triformers.ops.fmha._triton.fwd import load_bias_tile
 
 
 @triton.jit
@@ -44,40 +48,40 @@ def attn_bwd_preprocess(
 
 
 @triton.jit
-def _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, b_ptrs, db_ptrs, dq_ptrs, lo, hi,
-                offs_m, offs_jT, offs_d, offs_dv, q_len, k_len, off, WL, WR,
-                stride_qm, stride_dom, stride_bm, stride_dbm, stride_dqm, qk_scale,
-                seed, dropout_p, drop_rows0, drop_colsT, drop_head, K_DIM, KV_DIM,
-                BLOCK_M: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr,
+def _dkdv_tiles(dk, dv, k, v, desc_q, desc_do, desc_b, desc_dq, q_ptr, do_ptr, lse_ptr, delta_ptr, b_ptr, db_ptr,
+                dq_ptr, lo, hi, b, g, h, q_start, k_start, n_start, offs_m, offs_jT, q_len, k_len, off, WL, WR,
+                stride_qm, stride_dom, stride_bm, stride_bn, stride_dbm, stride_dbn, stride_dqm, qk_scale,
+                seed, dropout_p, drop_head, K_DIM, KV_DIM,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                MASKED: tl.constexpr, USE_TMA: tl.constexpr, BIAS_TMA: tl.constexpr,
                 HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                DB_MODE: tl.constexpr, ATOMIC_DQ: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+                DB_MODE: tl.constexpr, ATOMIC_DQ: tl.constexpr, DQ_TMA: tl.constexpr,
+                INPUT_PRECISION: tl.constexpr):
     dtype = k.dtype
+    offs_d = tl.arange(0, BLOCK_D)
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
-        start64 = start_m.to(tl.int64)
         rows = start_m + offs_m  # [BM] block-local query index
         rows_t = rows[None, :]  # [1, BM]
         row_ok = rows < q_len
-        if MASKED or not EVEN_D:
-            q = tl.load(q_ptrs + start64 * stride_qm, mask=row_ok[:, None] & (offs_d[None, :] < K_DIM), other=0.0)
-            do = tl.load(do_ptrs + start64 * stride_dom, mask=row_ok[:, None] & (offs_dv[None, :] < KV_DIM),
-                         other=0.0)
-        else:
-            q = tl.load(q_ptrs + start64 * stride_qm)
-            do = tl.load(do_ptrs + start64 * stride_dom)
-        lse = tl.load(lse_ptrs + start_m, mask=row_ok, other=0.0)
+        q = load_rows(desc_q, q_ptr, b, q_start + start_m, g, h, q_start + q_len, stride_qm, K_DIM,
+                      BLOCK_M, BLOCK_D, USE_TMA, MASKED)
+        do = load_rows(desc_do, do_ptr, b, q_start + start_m, g, h, q_start + q_len, stride_dom, KV_DIM,
+                       BLOCK_M, BLOCK_DV, USE_TMA, MASKED)
+        lse = tl.load(lse_ptr + start_m + offs_m, mask=row_ok, other=0.0)
         lse2 = tl.where(lse == -float("inf"), float("inf"), lse * LOG2E)
-        delta = tl.load(delta_ptrs + start_m, mask=row_ok, other=0.0)
+        delta = tl.load(delta_ptr + start_m + offs_m, mask=row_ok, other=0.0)
         qkT = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION) * qk_scale  # [BN, BM]
         if HAS_BIAS:
-            biasT = tl.load(b_ptrs + start64 * stride_bm, mask=(offs_jT < k_len) & (rows_t < q_len), other=0.0)
-            qkT += biasT.to(tl.float32) * LOG2E
+            bias = load_bias_tile(desc_b, b_ptr, b, g, h, start_m, n_start, q_len, k_len, stride_bm, stride_bn,
+                                  BLOCK_M, BLOCK_N, BIAS_TMA)
+            qkT += tl.trans(bias) * LOG2E
         pT = tl.math.exp2(qkT - lse2[None, :])
         if MASKED:
             pT = tl.where(tile_allowed(rows_t, offs_jT, q_len, k_len, off, WL, WR, HAS_WL, HAS_WR), pT, 0.0)
         dpT = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)  # [BN, BM]
         if HAS_DROPOUT:
-            keepT = dropout_keep(seed, drop_rows0 + rows_t, drop_colsT, drop_head, dropout_p)
+            keepT = dropout_keep(seed, q_start + rows_t, k_start + offs_jT, drop_head, dropout_p)
             z = 1.0 / (1.0 - dropout_p)
             dv = tl.dot(tl.where(keepT, pT * z, 0.0).to(dtype), do, dv, input_precision=INPUT_PRECISION)
             dpT = tl.where(keepT, dpT * z, 0.0)
@@ -87,21 +91,28 @@ def _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, b_ptrs, db_
         dk = tl.dot(dsT.to(dtype), q, dk, input_precision=INPUT_PRECISION)
         if ATOMIC_DQ:
             dq = tl.dot(tl.trans(dsT.to(dtype)), k, input_precision=INPUT_PRECISION)  # [BM, BD]
-            tl.atomic_add(dq_ptrs + start64 * stride_dqm, dq, mask=row_ok[:, None] & (offs_d[None, :] < K_DIM),
-                          sem="relaxed")
-        if DB_MODE == 1:
-            tl.store(db_ptrs + start64 * stride_dbm, dsT, mask=(offs_jT < k_len) & (rows_t < q_len))
-        elif DB_MODE == 2:
-            tl.atomic_add(db_ptrs + start64 * stride_dbm, dsT, mask=(offs_jT < k_len) & (rows_t < q_len),
-                          sem="relaxed")
-        elif DB_MODE == 3:  # bias broadcast over queries: reduce the rows first
-            tl.atomic_add(db_ptrs, tl.sum(dsT, 1)[:, None], mask=offs_jT < k_len, sem="relaxed")
+            if DQ_TMA:  # rows past q_len have dS = 0 (masked), so adding them is harmless
+                desc_dq.atomic_add([b, q_start + start_m, g, h, 0], dq.reshape(1, BLOCK_M, 1, 1, BLOCK_D))
+            else:
+                dq_ptrs = dq_ptr + (q_start + rows).to(tl.int64)[:, None] * stride_dqm + offs_d[None, :]
+                tl.atomic_add(dq_ptrs, dq, mask=row_ok[:, None] & (offs_d[None, :] < K_DIM), sem="relaxed")
+        if DB_MODE != 0:
+            key_ok = offs_jT < k_len
+            if DB_MODE == 3:  # bias broadcast over queries: reduce the rows first
+                tl.atomic_add(db_ptr + offs_jT.to(tl.int64) * stride_dbn, tl.sum(dsT, 1)[:, None], mask=key_ok,
+                              sem="relaxed")
+            else:
+                db_ptrs = db_ptr + rows_t.to(tl.int64) * stride_dbm + offs_jT.to(tl.int64) * stride_dbn
+                if DB_MODE == 1:
+                    tl.store(db_ptrs, dsT, mask=key_ok & (rows_t < q_len))
+                else:
+                    tl.atomic_add(db_ptrs, dsT, mask=key_ok & (rows_t < q_len), sem="relaxed")
     return dk, dv
 
 
 @triton.jit
 def attn_bwd_dkdv(
-    Q, K, V, DO, LSE, Delta, Bias, DB, DQ, DK, DV,
+    Q, K, V, DO, LSE, Delta, Bias, DB, DQ, DK, DV, desc_q, desc_k, desc_v, desc_do, desc_b, desc_dq,
     SEQ_Q, K_START, K_LEN,
     stride_qb, stride_qm, stride_qg, stride_qh,
     stride_kb, stride_kn, stride_kg, stride_kh,
@@ -115,9 +126,10 @@ def attn_bwd_dkdv(
     stride_dvb, stride_dvn, stride_dvg, stride_dvh,
     num_heads, HG, Mq, Mkv, qk_scale, sm_scale, WL, WR, dropout_p, seed, K_DIM, KV_DIM,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    EVEN_D: tl.constexpr, IS_VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
+    IS_VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, KV_SHARED: tl.constexpr,
     HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    DB_MODE: tl.constexpr, ATOMIC_DQ: tl.constexpr, KV_SHARED: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    DB_MODE: tl.constexpr, ATOMIC_DQ: tl.constexpr, USE_TMA: tl.constexpr, BIAS_TMA: tl.constexpr,
+    DQ_TMA: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     # program (z * kv_heads + kv_head, key tile); kv_head = g * HK + hk, HK = 1 when a group's HG query
     # heads share one K/V head (GQA), else HK = HG
@@ -138,9 +150,9 @@ def attn_bwd_dkdv(
         k_len = tl.load(K_LEN + z)
     else:
         b = z
-        q_start = 0
+        q_start = z * 0
         q_len = Mq
-        k_start = 0
+        k_start = z * 0
         k_len = Mkv
     n_start = tl.program_id(1) * BLOCK_N
     if n_start >= k_len:
@@ -150,22 +162,19 @@ def attn_bwd_dkdv(
         off = k_len - q_len
 
     offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
+    offs_jT = (n_start + tl.arange(0, BLOCK_N))[:, None]  # [BN, 1] block-local key index
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    offs_jT = (n_start + offs_n)[:, None]  # [BN, 1] block-local key index
-    b64 = b.to(tl.int64)
-    g64 = g.to(tl.int64)
-    keys = (k_start + offs_jT).to(tl.int64)
-    key_ok = offs_jT < k_len
-    k = tl.load(K + b64 * stride_kb + g64 * stride_kg + hk * stride_kh + keys * stride_kn + offs_d[None, :],
-                mask=key_ok & (offs_d[None, :] < K_DIM), other=0.0)
-    v = tl.load(V + b64 * stride_vb + g64 * stride_vg + hk * stride_vh + keys * stride_vn + offs_dv[None, :],
-                mask=key_ok & (offs_dv[None, :] < KV_DIM), other=0.0)
+    b64, g64, hk64 = b.to(tl.int64), g.to(tl.int64), hk.to(tl.int64)
+    k_ptr = K + b64 * stride_kb + g64 * stride_kg + hk64 * stride_kh
+    v_ptr = V + b64 * stride_vb + g64 * stride_vg + hk64 * stride_vh
+    k = load_rows(desc_k, k_ptr, b, k_start + n_start, g, hk, k_start + k_len, stride_kn, K_DIM,
+                  BLOCK_N, BLOCK_D, USE_TMA, True)
+    v = load_rows(desc_v, v_ptr, b, k_start + n_start, g, hk, k_start + k_len, stride_vn, KV_DIM,
+                  BLOCK_N, BLOCK_DV, USE_TMA, True)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     lo, mid_lo, mid_hi, hi = query_tiles(n_start, q_len, k_len, off, WL, WR, BLOCK_M, BLOCK_N, HAS_WL, HAS_WR)
-    rows0 = (q_start + offs_m).to(tl.int64)
     if KV_SHARED:
         h_lo = hk * 0
         h_hi = h_lo + HG
@@ -174,87 +183,70 @@ def attn_bwd_dkdv(
         h_hi = hk + 1
     for h in range(h_lo, h_hi):
         h64 = g64 * 0 + h  # int64 (the loop variable may be a Python int under the interpreter)
-        q_ptrs = Q + b64 * stride_qb + g64 * stride_qg + h64 * stride_qh + rows0[:, None] * stride_qm + offs_d[None, :]
-        do_ptrs = (DO + b64 * stride_dob + g64 * stride_dog + h64 * stride_doh + rows0[:, None] * stride_dom
-                   + offs_dv[None, :])
-        lse_ptrs = LSE + b64 * stride_lb + g64 * stride_lg + h64 * stride_lh + q_start + offs_m
-        delta_ptrs = Delta + ((b64 * (num_heads // HG) + g64) * HG + h64) * Mq + q_start + offs_m
-        b_ptrs = Bias
-        db_ptrs = DB
-        dq_ptrs = DQ
-        if HAS_BIAS:
-            b_ptrs = (Bias + b64 * stride_bb + g64 * stride_bg + h64 * stride_bh + offs_m[None, :] * stride_bm
-                      + offs_jT * stride_bn)  # [BN, BM]
-        if DB_MODE == 3:  # [BN, 1]: one gradient per key, summed over the query rows in registers
-            db_ptrs = DB + b64 * stride_dbb + g64 * stride_dbg + h64 * stride_dbh + offs_jT * stride_dbn
-        elif DB_MODE != 0:
-            db_ptrs = (DB + b64 * stride_dbb + g64 * stride_dbg + h64 * stride_dbh + offs_m[None, :] * stride_dbm
-                       + offs_jT * stride_dbn)
-        if ATOMIC_DQ:
-            dq_ptrs = (DQ + b64 * stride_dqb + g64 * stride_dqg + h64 * stride_dqh + rows0[:, None] * stride_dqm
-                       + offs_d[None, :])
-        drop_head = b * num_heads + g * HG + h
-        drop_colsT = k_start + offs_jT
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, b_ptrs, db_ptrs, dq_ptrs, lo,
-                             mid_lo, offs_m, offs_jT, offs_d, offs_dv, q_len, k_len, off, WL, WR, stride_qm, stride_dom,
-                             stride_bm, stride_dbm, stride_dqm, qk_scale, seed, dropout_p, q_start, drop_colsT,
-                             drop_head, K_DIM, KV_DIM, BLOCK_M, True, EVEN_D, HAS_WL, HAS_WR, HAS_BIAS,
-                             HAS_DROPOUT, DB_MODE, ATOMIC_DQ, INPUT_PRECISION)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, b_ptrs, db_ptrs, dq_ptrs, mid_lo,
-                             mid_hi, offs_m, offs_jT, offs_d, offs_dv, q_len, k_len, off, WL, WR, stride_qm, stride_dom,
-                             stride_bm, stride_dbm, stride_dqm, qk_scale, seed, dropout_p, q_start, drop_colsT,
-                             drop_head, K_DIM, KV_DIM, BLOCK_M, False, EVEN_D, HAS_WL, HAS_WR, HAS_BIAS,
-                             HAS_DROPOUT, DB_MODE, ATOMIC_DQ, INPUT_PRECISION)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, b_ptrs, db_ptrs, dq_ptrs, mid_hi,
-                             hi, offs_m, offs_jT, offs_d, offs_dv, q_len, k_len, off, WL, WR, stride_qm, stride_dom,
-                             stride_bm, stride_dbm, stride_dqm, qk_scale, seed, dropout_p, q_start, drop_colsT,
-                             drop_head, K_DIM, KV_DIM, BLOCK_M, True, EVEN_D, HAS_WL, HAS_WR, HAS_BIAS,
-                             HAS_DROPOUT, DB_MODE, ATOMIC_DQ, INPUT_PRECISION)
-    dk_ptrs = DK + b64 * stride_dkb + g64 * stride_dkg + hk * stride_dkh + keys * stride_dkn + offs_d[None, :]
+        hh = hk * 0 + h  # int32 descriptor coordinate
+        q_ptr = Q + b64 * stride_qb + g64 * stride_qg + h64 * stride_qh
+        do_ptr = DO + b64 * stride_dob + g64 * stride_dog + h64 * stride_doh
+        lse_ptr = LSE + b64 * stride_lb + g64 * stride_lg + h64 * stride_lh + q_start
+        delta_ptr = Delta + ((b64 * (num_heads // HG) + g64) * HG + h64) * Mq + q_start
+        b_ptr = Bias + b64 * stride_bb + g64 * stride_bg + h64 * stride_bh
+        db_ptr = DB + b64 * stride_dbb + g64 * stride_dbg + h64 * stride_dbh
+        dq_ptr = DQ + b64 * stride_dqb + g64 * stride_dqg + h64 * stride_dqh
+        drop_head = b * num_heads + g * HG + hh
+        for seg in tl.static_range(3):  # masked, full, masked query-tile ranges
+            if seg == 0:
+                s_lo, s_hi = lo, mid_lo
+            elif seg == 1:
+                s_lo, s_hi = mid_lo, mid_hi
+            else:
+                s_lo, s_hi = mid_hi, hi
+            dk, dv = _dkdv_tiles(dk, dv, k, v, desc_q, desc_do, desc_b, desc_dq, q_ptr, do_ptr, lse_ptr, delta_ptr,
+                                 b_ptr, db_ptr, dq_ptr, s_lo, s_hi, b, g, hh, q_start, k_start, n_start, offs_m,
+                                 offs_jT, q_len, k_len, off, WL, WR, stride_qm, stride_dom, stride_bm, stride_bn,
+                                 stride_dbm, stride_dbn, stride_dqm, qk_scale, seed, dropout_p, drop_head, K_DIM,
+                                 KV_DIM, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, seg != 1, USE_TMA, BIAS_TMA, HAS_WL,
+                                 HAS_WR, HAS_BIAS, HAS_DROPOUT, DB_MODE, ATOMIC_DQ, DQ_TMA, INPUT_PRECISION)
+    keys = (k_start + offs_jT).to(tl.int64)
+    key_ok = offs_jT < k_len
+    dk_ptrs = DK + b64 * stride_dkb + g64 * stride_dkg + hk64 * stride_dkh + keys * stride_dkn + offs_d[None, :]
     tl.store(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=key_ok & (offs_d[None, :] < K_DIM))
-    dv_ptrs = DV + b64 * stride_dvb + g64 * stride_dvg + hk * stride_dvh + keys * stride_dvn + offs_dv[None, :]
+    dv_ptrs = DV + b64 * stride_dvb + g64 * stride_dvg + hk64 * stride_dvh + keys * stride_dvn + offs_dv[None, :]
     tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=key_ok & (offs_dv[None, :] < KV_DIM))
 
 
 @triton.jit
-def _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, b_ptrs, lo, hi, offs_i, offs_j, offs_d, offs_dv,
-              q_len, k_len, off, WL, WR, stride_kn, stride_vn, stride_bn, qk_scale,
-              seed, dropout_p, drop_rows, drop_cols0, drop_head, K_DIM, KV_DIM,
-              BLOCK_N: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr,
+def _dq_tiles(dq, q, do, lse2, delta, desc_k, desc_v, desc_b, k_ptr, v_ptr, b_ptr, lo, hi,
+              b, g, h, hk, m_start, q_start, k_start, offs_i, offs_j, q_len, k_len, off, WL, WR,
+              stride_kn, stride_vn, stride_bm, stride_bn, qk_scale, seed, dropout_p, drop_head, K_DIM, KV_DIM,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+              MASKED: tl.constexpr, USE_TMA: tl.constexpr, BIAS_TMA: tl.constexpr,
               HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
               INPUT_PRECISION: tl.constexpr):
     dtype = q.dtype
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
-        start64 = start_n.to(tl.int64)
-        cols = start_n + offs_j  # [1, BN]
-        cols_t = start_n + tl.arange(0, BLOCK_N)[:, None]  # [BN, 1]
-        if MASKED or not EVEN_D:
-            kT = tl.load(k_ptrs + start64 * stride_kn, mask=(cols < k_len) & (offs_d[:, None] < K_DIM), other=0.0)
-            v = tl.load(v_ptrs + start64 * stride_vn, mask=(cols_t < k_len) & (offs_dv[None, :] < KV_DIM),
-                        other=0.0)
-        else:
-            kT = tl.load(k_ptrs + start64 * stride_kn)
-            v = tl.load(v_ptrs + start64 * stride_vn)
-        qk = tl.dot(q, kT, input_precision=INPUT_PRECISION) * qk_scale
+        k = load_rows(desc_k, k_ptr, b, k_start + start_n, g, hk, k_start + k_len, stride_kn, K_DIM,
+                      BLOCK_N, BLOCK_D, USE_TMA, MASKED)
+        v = load_rows(desc_v, v_ptr, b, k_start + start_n, g, hk, k_start + k_len, stride_vn, KV_DIM,
+                      BLOCK_N, BLOCK_DV, USE_TMA, MASKED)
+        qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
         if HAS_BIAS:
-            bias = tl.load(b_ptrs + start64 * stride_bn, mask=(offs_i < q_len) & (cols < k_len), other=0.0)
-            qk += bias.to(tl.float32) * LOG2E
+            qk += load_bias_tile(desc_b, b_ptr, b, g, h, m_start, start_n, q_len, k_len, stride_bm, stride_bn,
+                                 BLOCK_M, BLOCK_N, BIAS_TMA) * LOG2E
         p = tl.math.exp2(qk - lse2[:, None])
         if MASKED:
-            p = tl.where(tile_allowed(offs_i, cols, q_len, k_len, off, WL, WR, HAS_WL, HAS_WR), p, 0.0)
+            p = tl.where(tile_allowed(offs_i, start_n + offs_j, q_len, k_len, off, WL, WR, HAS_WL, HAS_WR), p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
         if HAS_DROPOUT:
-            keep = dropout_keep(seed, drop_rows, drop_cols0 + cols, drop_head, dropout_p)
+            keep = dropout_keep(seed, q_start + offs_i, k_start + start_n + offs_j, drop_head, dropout_p)
             dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
         ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(dtype), tl.trans(kT), dq, input_precision=INPUT_PRECISION)
+        dq = tl.dot(ds.to(dtype), k, dq, input_precision=INPUT_PRECISION)
     return dq
 
 
 @triton.jit
 def attn_bwd_dq(
-    Q, K, V, DO, LSE, Delta, Bias, DQ,
+    Q, K, V, DO, LSE, Delta, Bias, DQ, desc_q, desc_k, desc_v, desc_do, desc_b,
     SEQ_Q, K_START, K_LEN,
     stride_qb, stride_qm, stride_qg, stride_qh,
     stride_kb, stride_kn, stride_kg, stride_kh,
@@ -265,14 +257,19 @@ def attn_bwd_dq(
     stride_dqb, stride_dqm, stride_dqg, stride_dqh,
     num_heads, HG, Mq, Mkv, qk_scale, sm_scale, WL, WR, dropout_p, seed, K_DIM, KV_DIM,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    EVEN_D: tl.constexpr, IS_VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
+    IS_VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, KV_SHARED: tl.constexpr,
     HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr, BIAS_TMA: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     # program (z * heads + head, query tile), like the forward
     pid_zh = tl.program_id(0)
     z = pid_zh // num_heads
     head = pid_zh % num_heads
+    g = head // HG
+    h = head % HG
+    hk = h
+    if KV_SHARED:
+        hk = h * 0
     if IS_VARLEN:
         b = z * 0
         q_start = tl.load(SEQ_Q + z)
@@ -281,9 +278,9 @@ def attn_bwd_dq(
         k_len = tl.load(K_LEN + z)
     else:
         b = z
-        q_start = 0
+        q_start = z * 0
         q_len = Mq
-        k_start = 0
+        k_start = z * 0
         k_len = Mkv
     m_start = tl.program_id(1) * BLOCK_M
     if m_start >= q_len:
@@ -291,48 +288,41 @@ def attn_bwd_dq(
     off = 0
     if BOTTOM_RIGHT:
         off = k_len - q_len
-    g = (head // HG).to(tl.int64)
-    h = (head % HG).to(tl.int64)
-    hk = h  # shared K/V heads come with stride_kh = stride_vh = 0
-    b64 = b.to(tl.int64)
+    b64, g64, h64, hk64 = b.to(tl.int64), g.to(tl.int64), h.to(tl.int64), hk.to(tl.int64)
     offs_m = tl.arange(0, BLOCK_M)
     offs_i = (m_start + offs_m)[:, None]
     offs_j = tl.arange(0, BLOCK_N)[None, :]
     offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    rows = (q_start + offs_i).to(tl.int64)
-    row_ok = offs_i < q_len
-    q = tl.load(Q + b64 * stride_qb + g * stride_qg + h * stride_qh + rows * stride_qm + offs_d[None, :],
-                mask=row_ok & (offs_d[None, :] < K_DIM), other=0.0)
-    do = tl.load(DO + b64 * stride_dob + g * stride_dog + h * stride_doh + rows * stride_dom + offs_dv[None, :],
-                 mask=row_ok & (offs_dv[None, :] < KV_DIM), other=0.0)
-    lse = tl.load(LSE + b64 * stride_lb + g * stride_lg + h * stride_lh + q_start + m_start + offs_m,
-                  mask=m_start + offs_m < q_len, other=0.0)
+    q_ptr = Q + b64 * stride_qb + g64 * stride_qg + h64 * stride_qh
+    do_ptr = DO + b64 * stride_dob + g64 * stride_dog + h64 * stride_doh
+    k_ptr = K + b64 * stride_kb + g64 * stride_kg + hk64 * stride_kh
+    v_ptr = V + b64 * stride_vb + g64 * stride_vg + hk64 * stride_vh
+    b_ptr = Bias + b64 * stride_bb + g64 * stride_bg + h64 * stride_bh
+    q = load_rows(desc_q, q_ptr, b, q_start + m_start, g, h, q_start + q_len, stride_qm, K_DIM,
+                  BLOCK_M, BLOCK_D, USE_TMA, True)
+    do = load_rows(desc_do, do_ptr, b, q_start + m_start, g, h, q_start + q_len, stride_dom, KV_DIM,
+                   BLOCK_M, BLOCK_DV, USE_TMA, True)
+    row_ok = m_start + offs_m < q_len
+    lse = tl.load(LSE + b64 * stride_lb + g64 * stride_lg + h64 * stride_lh + q_start + m_start + offs_m,
+                  mask=row_ok, other=0.0)
     lse2 = tl.where(lse == -float("inf"), float("inf"), lse * LOG2E)
-    delta = tl.load(Delta + ((b64 * (num_heads // HG) + g) * HG + h) * Mq + q_start + m_start + offs_m,
-                    mask=m_start + offs_m < q_len, other=0.0)
-    k_ptrs = (K + b64 * stride_kb + g * stride_kg + hk * stride_kh + (k_start + offs_j).to(tl.int64) * stride_kn
-              + offs_d[:, None])  # [BD, BN]
-    v_ptrs = (V + b64 * stride_vb + g * stride_vg + hk * stride_vh
-              + (k_start + tl.arange(0, BLOCK_N)[:, None]).to(tl.int64) * stride_vn + offs_dv[None, :])
-    b_ptrs = Bias
-    if HAS_BIAS:
-        b_ptrs = (Bias + b64 * stride_bb + g * stride_bg + h * stride_bh + offs_i.to(tl.int64) * stride_bm
-                  + offs_j * stride_bn)
+    delta = tl.load(Delta + ((b64 * (num_heads // HG) + g64) * HG + h64) * Mq + q_start + m_start + offs_m,
+                    mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     drop_head = b * num_heads + head
     lo, mid_lo, mid_hi, hi = key_tiles(m_start, q_len, k_len, off, WL, WR, BLOCK_M, BLOCK_N, HAS_WL, HAS_WR)
-    dq = _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, b_ptrs, lo, mid_lo, offs_i, offs_j, offs_d, offs_dv,
-                   q_len, k_len, off, WL, WR, stride_kn, stride_vn, stride_bn, qk_scale, seed, dropout_p,
-                   q_start + offs_i, k_start, drop_head, K_DIM, KV_DIM, BLOCK_N, True, EVEN_D, HAS_WL, HAS_WR,
-                   HAS_BIAS, HAS_DROPOUT, INPUT_PRECISION)
-    dq = _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, b_ptrs, mid_lo, mid_hi, offs_i, offs_j, offs_d, offs_dv,
-                   q_len, k_len, off, WL, WR, stride_kn, stride_vn, stride_bn, qk_scale, seed, dropout_p,
-                   q_start + offs_i, k_start, drop_head, K_DIM, KV_DIM, BLOCK_N, False, EVEN_D, HAS_WL, HAS_WR,
-                   HAS_BIAS, HAS_DROPOUT, INPUT_PRECISION)
-    dq = _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, b_ptrs, mid_hi, hi, offs_i, offs_j, offs_d, offs_dv,
-                   q_len, k_len, off, WL, WR, stride_kn, stride_vn, stride_bn, qk_scale, seed, dropout_p,
-                   q_start + offs_i, k_start, drop_head, K_DIM, KV_DIM, BLOCK_N, True, EVEN_D, HAS_WL, HAS_WR,
-                   HAS_BIAS, HAS_DROPOUT, INPUT_PRECISION)
-    dq_ptrs = DQ + b64 * stride_dqb + g * stride_dqg + h * stride_dqh + rows * stride_dqm + offs_d[None, :]
-    tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok & (offs_d[None, :] < K_DIM))
+    for seg in tl.static_range(3):  # masked, full, masked key-tile ranges
+        if seg == 0:
+            s_lo, s_hi = lo, mid_lo
+        elif seg == 1:
+            s_lo, s_hi = mid_lo, mid_hi
+        else:
+            s_lo, s_hi = mid_hi, hi
+        dq = _dq_tiles(dq, q, do, lse2, delta, desc_k, desc_v, desc_b, k_ptr, v_ptr, b_ptr, s_lo, s_hi,
+                       b, g, h, hk, m_start, q_start, k_start, offs_i, offs_j, q_len, k_len, off, WL, WR,
+                       stride_kn, stride_vn, stride_bm, stride_bn, qk_scale, seed, dropout_p, drop_head, K_DIM,
+                       KV_DIM, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, seg != 1, USE_TMA, BIAS_TMA, HAS_WL, HAS_WR,
+                       HAS_BIAS, HAS_DROPOUT, INPUT_PRECISION)
+    rows = (q_start + offs_i).to(tl.int64)
+    dq_ptrs = DQ + b64 * stride_dqb + g64 * stride_dqg + h64 * stride_dqh + rows * stride_dqm + offs_d[None, :]
+    tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=(offs_i < q_len) & (offs_d[None, :] < K_DIM))

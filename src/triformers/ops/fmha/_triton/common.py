@@ -8,8 +8,10 @@ hides are never visited and tiles it allows entirely skip the mask.
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+LOG2E_F = 1.4426950408889634  # host-side floats
+LN2_F = 0.6931471805599453
+LOG2E = tl.constexpr(LOG2E_F)  # kernel globals must be constexpr in compiled (non-interpreted) Triton
+LN2 = tl.constexpr(LN2_F)
 
 
 @triton.jit
@@ -84,3 +86,19 @@ def dropout_keep(seed, rows, cols, head, p):
     zero = rows * 0 + cols * 0
     r0, _, _, _ = tl.random.philox(seed, cols + zero, rows + zero, head + zero, zero)
     return tl.random.uint_to_uniform_float(r0) >= p
+
+
+@triton.jit
+def load_rows(desc, ptr, b, row0, g, h, rows_hi, stride_row, DIM, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+              USE_TMA: tl.constexpr, CHECK_ROWS: tl.constexpr):
+    """Rows ``[row0, row0 + BLOCK_R)`` x ``[0, BLOCK_D)`` of head (b, g, h) of a canonical
+    ``[B, M, G, H, D]`` tensor, through its TMA descriptor (out-of-bounds reads as 0) or from ``ptr`` (the
+    head's base pointer), zero past ``rows_hi`` (when ``CHECK_ROWS``) and past ``DIM``."""
+    if USE_TMA:
+        return desc.load([b, row0, g, h, 0]).reshape(BLOCK_R, BLOCK_D)
+    rows = row0 + tl.arange(0, BLOCK_R)[:, None]
+    cols = tl.arange(0, BLOCK_D)[None, :]
+    ptrs = ptr + rows.to(tl.int64) * stride_row + cols
+    if CHECK_ROWS:
+        return tl.load(ptrs, mask=(rows < rows_hi) & (cols < DIM), other=0.0)
+    return tl.load(ptrs, mask=cols < DIM, other=0.0)

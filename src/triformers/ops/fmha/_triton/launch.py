@@ -18,9 +18,12 @@ from triformers.ops.fmha._mask import mask_spec
 from triformers.ops.fmha._triton import bwd as _bwd
 from triformers.ops.fmha._triton import configs
 from triformers.ops.fmha._triton import fwd as _fwd
-from triformers.ops.fmha._triton.common import LOG2E
+from triformers.ops.fmha._triton.common import LOG2E_F as LOG2E
 
 NO_WINDOW = -1
+# Read Q/K/V/dO tiles through TMA tensor descriptors where the strides allow it (see fwd.py). Tests switch
+# it off to cover the pointer path too.
+USE_TMA = True
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,24 @@ def _input_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
+def _descriptor(x: torch.Tensor, block: list[int]):
+    """A TMA descriptor of ``x`` with the given block shape, or None when TMA cannot address it (base or
+    strides not 16-byte aligned, stride-0 broadcast dims, last dim not contiguous)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    size = x.element_size()
+    if x.numel() == 0 or x.data_ptr() % 16 or x.stride(-1) != 1:
+        return None
+    strides = []
+    for n, st in zip(x.shape[:-1], x.stride()[:-1]):
+        if n == 1:
+            st = 16 // size  # never stepped over: any aligned stride
+        elif st == 0 or (st * size) % 16:
+            return None
+        strides.append(st)
+    return TensorDescriptor(x, list(x.shape), strides + [1], block)
+
+
 def _strides4(x5: torch.Tensor) -> tuple[int, int, int, int]:
     return x5.stride(0), x5.stride(1), x5.stride(2), x5.stride(3)
 
@@ -107,8 +128,8 @@ class _Call:
         self.block_d = max(16, triton.next_power_of_2(self.K))
         self.block_dv = max(16, triton.next_power_of_2(self.Kv))
         self.flags = dict(
-            EVEN_D=self.block_d == self.K and self.block_dv == self.Kv,
             IS_VARLEN=self.varlen,
+            KV_SHARED=self.kv_shared,
             BOTTOM_RIGHT=m.bottom_right,
             HAS_WL=m.window_left != NO_WINDOW,
             HAS_WR=m.window_right != NO_WINDOW,
@@ -119,6 +140,27 @@ class _Call:
         self.wl, self.wr = max(m.window_left, 0), max(m.window_right, 0)
         self.kind = "local" if m.window_left != NO_WINDOW else ("causal" if m.window_right != NO_WINDOW else "dense")
         self.p = float(p)
+
+    def descriptors(self, cfg, rows_q: int, rows_k: int, extra=()) -> dict | None:
+        """TMA descriptors of q, k, v (and ``extra`` ``(name, tensor, rows, cols)``), or None when any of
+        them cannot be addressed by TMA (then every tile uses the pointer path)."""
+        if not USE_TMA or self.device.type not in ("cuda", "cpu"):
+            return None
+        L = self.L
+        out = {  # canonical K/V views hold one head per shared group already
+            "desc_q": _descriptor(L.q, [1, rows_q, 1, 1, self.block_d]),
+            "desc_k": _descriptor(L.k, [1, rows_k, 1, 1, self.block_d]),
+            "desc_v": _descriptor(L.v, [1, rows_k, 1, 1, self.block_dv]),
+        }
+        for name, x, rows, cols in extra:
+            out[name] = _descriptor(x, [1, rows, 1, 1, cols])
+        return None if any(d is None for d in out.values()) else out
+
+    def bias_descriptor(self, cfg):
+        """TMA descriptor of the canonical bias ``[B, G, Hg, Mq, Mkv]`` (None: pointer loads)."""
+        if not USE_TMA or self.L.bias is None:
+            return None
+        return _descriptor(self.L.bias, [1, 1, 1, cfg.block_m, cfg.block_n])
 
     def kv_strides(self, x5: torch.Tensor) -> tuple[int, int, int, int]:
         """(b, n, g, h) strides of a canonical K/V view; the head stride is 0 when heads share it."""
@@ -159,13 +201,17 @@ def attention_forward(q, k, v, bias, m: MaskArgs, p: float, seed: int, scale: fl
 
     def launch(cfg):
         grid = (c.Z * c.num_heads, triton.cdiv(m.max_q, cfg.block_m))
+        desc = c.descriptors(cfg, cfg.block_m, cfg.block_n)
+        desc_b = c.bias_descriptor(cfg) if desc is not None else None
         _fwd.attn_fwd[grid](
             c.L.q, c.L.k, c.L.v, out5, lse5, c.L.bias if c.L.bias is not None else out5,
+            *(desc[n] for n in ("desc_q", "desc_k", "desc_v")) if desc else (None, None, None), desc_b,
             c.seq_q, c.k_start, c.k_len,
             *_strides4(c.L.q), *c.kv_strides(c.L.k), *c.kv_strides(c.L.v), *_strides4(out5),
             lse5.stride(0), lse5.stride(1), lse5.stride(2), *c.bias_strides(),
             c.num_heads, c.HG, c.Mq, c.Mkv, c.scale * LOG2E, c.wl, c.wr, c.p, seed, c.K, c.Kv,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=c.block_d, BLOCK_DV=c.block_dv,
+            USE_TMA=desc is not None, BIAS_TMA=desc_b is not None,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **c.flags,
         )
 
@@ -223,15 +269,25 @@ def attention_backward(grad, q, k, v, out, lse, bias, db_reduce_mask: int, m: Ma
     def launch_dkdv(cfg):
         if atomic_dq:
             dq_acc.zero_()
+        extra = [("desc_do", go5, cfg.block_m, c.block_dv)]
+        dq_tma = atomic_dq and dev.type == "cuda"  # Triton's interpreter has no TMA reduce
+        if dq_tma:
+            extra.append(("desc_dq", dq_acc, cfg.block_m, c.block_d))
+        desc = c.descriptors(cfg, cfg.block_m, cfg.block_n, extra)
+        desc_b = c.bias_descriptor(cfg) if desc is not None else None
+        names = ("desc_q", "desc_k", "desc_v", "desc_do")
         _bwd.attn_bwd_dkdv[(c.Z * num_kv_heads, triton.cdiv(m.max_k, cfg.block_n))](
             L.q, L.k, L.v, go5, lse5, delta, bias_arg, db_target, dq_acc, dk5, dv5,
+            *(desc[n] for n in names) if desc else (None,) * 4, desc_b,
+            desc["desc_dq"] if desc and dq_tma else None,
             *c.common_args(go5),
             lse5.stride(0), lse5.stride(1), lse5.stride(2),
             *c.bias_strides(), *db_strides, *(_strides4(dq_acc) if atomic_dq else (0, 0, 0, 0)),
             *_strides4(dk5), *_strides4(dv5),
             c.num_heads, c.HG, c.Mq, c.Mkv, c.scale * LOG2E, c.scale, c.wl, c.wr, c.p, seed, c.K, c.Kv,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=c.block_d, BLOCK_DV=c.block_dv,
-            DB_MODE=db_mode, ATOMIC_DQ=atomic_dq, KV_SHARED=c.kv_shared,
+            DB_MODE=db_mode, ATOMIC_DQ=atomic_dq, USE_TMA=desc is not None, BIAS_TMA=desc_b is not None,
+            DQ_TMA=desc is not None and dq_tma,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **c.flags,
         )
 
@@ -243,12 +299,17 @@ def attention_backward(grad, q, k, v, out, lse, bias, db_reduce_mask: int, m: Ma
         dq5 = torch.empty(L.q.shape, dtype=q.dtype, device=dev)
 
         def launch_dq(cfg):
+            desc = c.descriptors(cfg, cfg.block_m, cfg.block_n, [("desc_do", go5, cfg.block_m, c.block_dv)])
+            desc_b = c.bias_descriptor(cfg) if desc is not None else None
+            names = ("desc_q", "desc_k", "desc_v", "desc_do")
             _bwd.attn_bwd_dq[(c.Z * c.num_heads, triton.cdiv(m.max_q, cfg.block_m))](
                 L.q, L.k, L.v, go5, lse5, delta, bias_arg, dq5,
+                *(desc[n] for n in names) if desc else (None,) * 4, desc_b,
                 *c.common_args(go5),
                 lse5.stride(0), lse5.stride(1), lse5.stride(2), *c.bias_strides(), *_strides4(dq5),
                 c.num_heads, c.HG, c.Mq, c.Mkv, c.scale * LOG2E, c.scale, c.wl, c.wr, c.p, seed, c.K, c.Kv,
                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=c.block_d, BLOCK_DV=c.block_dv,
+                USE_TMA=desc is not None, BIAS_TMA=desc_b is not None,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages, **c.flags,
             )
 
