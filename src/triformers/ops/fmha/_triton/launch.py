@@ -246,7 +246,7 @@ def attention_backward(grad, q, k, v, out, lse, bias, db_reduce_mask: int, m: Ma
         return torch.zeros_like(q), dk5, dv5, db_buf
 
     delta = torch.empty((c.B, c.G, c.HG, c.Mq), dtype=torch.float32, device=dev)
-    pre_m = 64
+    pre_m = 64 if c.block_dv <= 128 else 16  # 64 x 256 float32 rows spilled (ptxas: 100 bytes/thread)
     _bwd.attn_bwd_preprocess[(c.B * c.num_heads, triton.cdiv(c.Mq, pre_m))](
         o5, go5, delta, *_strides4(o5), *_strides4(go5), delta.stride(0), delta.stride(1), delta.stride(2),
         c.num_heads, c.HG, c.Mq, c.Kv, BLOCK_M=pre_m, BLOCK_DV=c.block_dv,
