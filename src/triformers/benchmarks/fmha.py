@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from triformers.benchmarks._harness import geomean, load_results, write_results
+from triformers.benchmarks._harness import env_info, geomean, load_results, write_results
 from triformers.ops import fmha
 from triformers.ops.fmha import attn_bias as ab
 from triformers.ops.fmha.reference import ref_attention
@@ -288,8 +288,17 @@ def _check(out: torch.Tensor, ref: torch.Tensor) -> None:
         raise AssertionError(f"output differs from the float32 reference by {err:.3g} (tolerance {tol:.3g})")
 
 
-def run(selected: set[str], providers: list[str], quick: bool = False) -> list[dict]:
+def _flex_wanted(c: Case, flex_dense_n: set[int]) -> bool:
+    return c.case != "dense" or c.N in flex_dense_n
+
+
+def run(selected: set[str], providers: list[str], quick: bool = False, flex_dense_n: set[int] | None = None,
+        out_path: Path | None = None) -> list[dict]:
+    """Measure every case and provider; with ``out_path`` the JSON is rewritten after every case (partial
+    results survive an interrupted run)."""
     import triton.testing
+
+    env = env_info()
 
     torch._dynamo.config.recompile_limit = 512
     torch._dynamo.config.accumulated_recompile_limit = 4096
@@ -301,6 +310,10 @@ def run(selected: set[str], providers: list[str], quick: bool = False) -> list[d
             g = torch.randn_like(inp.q) if mode == "fwbw" else None
             for name in providers:
                 rec = dict(c.record(), mode=mode, provider=name)
+                if name == "flex" and flex_dense_n is not None and not _flex_wanted(c, flex_dense_n):
+                    rec["error"] = "not measured: flex compiles for tens of seconds per shape; see --flex-dense-n"
+                    records.append(rec)
+                    continue
                 try:
                     fn = _provider_fn(name, inp)
                     with torch.set_grad_enabled(mode == "fwbw"):
@@ -326,6 +339,8 @@ def run(selected: set[str], providers: list[str], quick: bool = False) -> list[d
                 print(_fmt(rec), flush=True)
             inp = ref = g = None
             torch.cuda.empty_cache()
+            if out_path is not None:
+                write_results(out_path, records, env)
     return records
 
 
@@ -447,6 +462,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", default="dense,varlen,window,bias,gqa")
     parser.add_argument("--providers", default=",".join(PROVIDERS))
     parser.add_argument("--quick", action="store_true", help="fewer sequence lengths")
+    parser.add_argument("--flex-dense-n", default="all",
+                        help="dense sequence lengths at which flex is measured ('all' or e.g. 4096)")
     parser.add_argument("--summary", metavar="JSON", help="print the README summary of a results file and exit")
     args = parser.parse_args(argv)
     if args.summary:
@@ -455,9 +472,11 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("the attention benchmark needs a CUDA GPU", file=sys.stderr)
         return 2
-    records = run(set(args.cases.split(",")), args.providers.split(","), quick=args.quick)
     out = Path(args.out)
-    doc = write_results(out / "fmha.json", records)
+    flex_n = None if args.flex_dense_n == "all" else {int(x) for x in args.flex_dense_n.split(",")}
+    run(set(args.cases.split(",")), args.providers.split(","), quick=args.quick, flex_dense_n=flex_n,
+        out_path=out / "fmha.json")
+    doc = load_results(out / "fmha.json")
     plot(doc, out / "fmha.png")
     print()
     print(markdown_summary(doc))

@@ -20,8 +20,14 @@ records are in ``benchmarks/results/cpu/fmha_cpu.json`` and the README):
 3. ``chunked`` for everything else: bottom-right and local masks, padded keys, dropout, bias gradients,
    and the low-level API (which needs the lse).
 
-CUDA: ``triton`` (our kernels) then ``sdpa`` then ``chunked``, refined by the measured rules of
-``_cuda_priority``.
+CUDA (measured with ``python -m triformers.benchmarks.fmha`` on an H100, bf16; records in
+``benchmarks/results/h100/fmha.json``):
+
+1. Dense inputs SDPA expresses (no bias, top-left causal with Mq == Mkv, GQA): ``sdpa`` first. torch's
+   cuDNN kernel was faster than our Triton kernel on every dense record (forward 1.3x to 1.9x,
+   forward+backward 2x to 3x), so auto dispatch uses it there.
+2. Everything else (tensor biases, block-diagonal/varlen, bottom-right and local masks, padded keys,
+   dropout): ``triton`` first, then ``sdpa`` where it can express the inputs, then ``chunked``.
 """
 
 from __future__ import annotations
@@ -84,13 +90,15 @@ def _cpu_priority(inp: Inputs, needs_gradient: bool) -> list[type[AttentionFwOpB
     return [sdpa.FwOp, chunked.FwOp]
 
 
+_CUDA_SDPA_FIRST = (type(None), ab.LowerTriangularMask, ab.LowerTriangularFromBottomRightMask)
+
+
 def _cuda_priority(inp: Inputs) -> list[type[AttentionFwOpBase]]:
-    ops: list[type[AttentionFwOpBase]] = []
     pair = _triton_pair()
-    if pair is not None:
-        ops.append(pair[0])
-    ops += [sdpa.FwOp, chunked.FwOp]
-    return ops
+    triton_ops = [pair[0]] if pair is not None else []
+    if type(inp.attn_bias) in _CUDA_SDPA_FIRST and inp.p == 0.0:
+        return [sdpa.FwOp, *triton_ops, chunked.FwOp]
+    return [*triton_ops, sdpa.FwOp, chunked.FwOp]
 
 
 def fw_priority_list(inp: Inputs, needs_gradient: bool) -> list[type[AttentionFwOpBase]]:

@@ -30,6 +30,18 @@ _MATH_BACKEND = 0  # torch._C._SDPBackend.MATH
 _ERROR_BACKEND = -1
 
 _CAUSAL_SQUARE = (ab.LowerTriangularMask, ab.LowerTriangularFromBottomRightMask)
+
+
+def _cuda_backends():
+    """On CUDA, try cuDNN first, then flash, then memory-efficient: cuDNN was 1.3x to 1.8x faster than the
+    flash backend on every dense bf16 record of the H100 benchmark (forward and forward+backward)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+    try:
+        return sdpa_kernel(order, set_priority=True)
+    except TypeError:  # torch < 2.6: no priorities, torch's own order
+        return sdpa_kernel(order)
 _BLOCK_TYPES = (ab.BlockDiagonalMask, ab.BlockDiagonalCausalMask, ab.BlockDiagonalCausalFromBottomRightMask)
 
 
@@ -106,7 +118,11 @@ class _Plan:
         if _HAS_GQA:
             kwargs["enable_gqa"] = self.gqa
         try:
-            choice = torch._fused_sdp_choice(q, k, v, self.mask, inp.p, self.is_causal, **kwargs)
+            if q.device.type == "cuda":
+                with _cuda_backends():
+                    choice = torch._fused_sdp_choice(q, k, v, self.mask, inp.p, self.is_causal, **kwargs)
+            else:
+                choice = torch._fused_sdp_choice(q, k, v, self.mask, inp.p, self.is_causal, **kwargs)
         except RuntimeError as e:
             return [f"torch SDPA refuses these inputs: {e}"]
         if choice in (_MATH_BACKEND, _ERROR_BACKEND):
@@ -114,6 +130,12 @@ class _Plan:
         return []
 
     def run(self, inp: Inputs) -> torch.Tensor:
+        if self.q.device.type == "cuda":
+            with _cuda_backends():
+                return self._run(inp)
+        return self._run(inp)
+
+    def _run(self, inp: Inputs) -> torch.Tensor:
         kwargs = {"scale": inp.scale, "dropout_p": inp.p}
         if self.gqa:
             kwargs["enable_gqa"] = True

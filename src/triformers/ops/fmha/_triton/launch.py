@@ -24,6 +24,10 @@ NO_WINDOW = -1
 # Read Q/K/V/dO tiles through TMA tensor descriptors where the strides allow it (see fwd.py). Tests switch
 # it off to cover the pointer path too.
 USE_TMA = True
+# The backward adds dS K into dQ with atomics only when asked: on an H100 (bf16, N=4096) the two-kernel
+# backward (dK/dV kernel without atomics + a dQ kernel) was faster at every measured shape, e.g. D=128
+# 163 vs 128 TFLOP/s, D=64 233 vs 192, and it is deterministic (benchmarks/NOTES.md).
+ATOMIC_DQ = False
 
 
 @dataclass(frozen=True)
@@ -261,7 +265,7 @@ def attention_backward(grad, q, k, v, out, lse, bias, db_reduce_mask: int, m: Ma
             db_target = db_buf.expand(L.bias.shape)
             db_mode = 1 if not reduce_dims else (3 if 3 in reduce_dims and 4 not in reduce_dims else 2)
     db_strides = tuple(db_target.stride()) if db_mode else (0, 0, 0, 0, 0)
-    atomic_dq = not deterministic
+    atomic_dq = ATOMIC_DQ and not deterministic
     dq_acc = torch.zeros(L.q.shape, dtype=torch.float32, device=dev) if atomic_dq else o5
     num_kv_heads = c.G * (1 if c.kv_shared else c.HG)
     bias_arg = L.bias if L.bias is not None else o5
