@@ -168,15 +168,55 @@ def ensure_op_supports(name: str, op: type[AttentionOpBase], inp: Inputs, *, nee
         )
 
 
+# Decisions of dispatch_fw for inputs that differ only in their values: the choice is a pure function of
+# shapes, strides, dtypes, devices, gradient flags, the bias's type and parameters, p, scale, torch's
+# determinism and SDPA backend switches, all in the key. It saves the ~20 us of reasons per call that
+# showed on small kernels (D=128, N=1024 causal forward: 0.25 ms per call instead of the kernel's 0.16).
+_FW_CACHE: dict[tuple, type[AttentionFwOpBase]] = {}
+_FW_CACHE_MAX = 4096
+_CACHEABLE_BIAS = (type(None), torch.Tensor, ab.LowerTriangularMask, ab.LowerTriangularFromBottomRightMask,
+                   ab.LowerTriangularFromBottomRightLocalAttentionMask, ab.LocalAttentionFromBottomRightMask)
+
+
+def _tensor_key(x: torch.Tensor) -> tuple:
+    return (tuple(x.shape), x.stride(), x.dtype, x.device, x.requires_grad, x.is_leaf, x.data_ptr() % 16)
+
+
+def _fw_cache_key(inp: Inputs, needs_gradient: bool, needs_lse: bool) -> tuple | None:
+    bias = inp.attn_bias
+    if type(bias) not in _CACHEABLE_BIAS or torch.compiler.is_compiling():
+        return None
+    if isinstance(bias, torch.Tensor):
+        bias_key = _tensor_key(bias)
+    else:
+        bias_key = (type(bias), getattr(bias, "_window_size", None), getattr(bias, "window_left", None),
+                    getattr(bias, "window_right", None))
+    backends = ()
+    if inp.query.device.type == "cuda":
+        b = torch.backends.cuda
+        backends = (b.flash_sdp_enabled(), b.mem_efficient_sdp_enabled(), b.cudnn_sdp_enabled(),
+                    b.math_sdp_enabled(), b.matmul.allow_tf32)
+    return (needs_gradient, needs_lse, _tensor_key(inp.query), _tensor_key(inp.key), _tensor_key(inp.value),
+            bias_key, inp.p, inp.scale, torch.are_deterministic_algorithms_enabled(), backends)
+
+
 def dispatch_fw(inp: Inputs, needs_gradient: bool, *, needs_lse: bool = False) -> type[AttentionFwOpBase]:
     """The forward operator for ``inp`` (``TRIFORMERS_FMHA_OP`` first, else the priority list)."""
     forced = forced_ops()
     if forced is not None:
         ensure_op_supports("memory_efficient_attention_forward", forced[0], inp, needs_lse=needs_lse)
         return forced[0]
-    return run_priority_list(
+    key = _fw_cache_key(inp, needs_gradient, needs_lse)
+    if key is not None and key in _FW_CACHE:
+        return _FW_CACHE[key]
+    op = run_priority_list(
         "memory_efficient_attention_forward", fw_priority_list(inp, needs_gradient), inp, needs_lse=needs_lse
     )
+    if key is not None:
+        if len(_FW_CACHE) >= _FW_CACHE_MAX:
+            _FW_CACHE.clear()
+        _FW_CACHE[key] = op
+    return op
 
 
 def dispatch_bw(inp: Inputs) -> type[AttentionBwOpBase]:

@@ -51,6 +51,7 @@ class _Plan:
     def __init__(self, inp: Inputs):
         self.reasons: list[str] = []
         q, k, v, bias = inp.query, inp.key, inp.value, inp.attn_bias
+        self.source = (q, k, v, bias)
         self.out_shape = (*q.shape[:-1], v.shape[-1])
         self.gqa = False
         if q.ndim == 5:
@@ -156,6 +157,16 @@ class _Plan:
         return out.reshape(self.out_shape)
 
 
+def _plan(inp: Inputs) -> _Plan:
+    """The plan of ``inp``, built once per Inputs object (reasons and run share it)."""
+    plan = inp.__dict__.get("_sdpa_plan")
+    current = (inp.query, inp.key, inp.value, inp.attn_bias)
+    if plan is None or any(a is not b for a, b in zip(plan.source, current)):
+        plan = _Plan(inp)
+        inp.__dict__["_sdpa_plan"] = plan
+    return plan
+
+
 @register_operator
 class FwOp(AttentionFwOpBase):
     """torch's fused SDPA kernels for the inputs they express exactly (see the module docstring)."""
@@ -177,7 +188,7 @@ class FwOp(AttentionFwOpBase):
         reasons = super().not_supported_reasons(d)
         if reasons:
             return reasons
-        plan = _Plan(d)
+        plan = _plan(d)
         return plan.reasons + plan.backend_reasons(d)
 
     @classmethod
@@ -187,11 +198,11 @@ class FwOp(AttentionFwOpBase):
                 "sdpa.FwOp does not return the lse: use memory_efficient_attention (torch's autograd runs "
                 "the backward) or another operator for the low-level API"
             )
-        return _Plan(inp).run(inp), None
+        return _plan(inp).run(inp), None
 
     @classmethod
     def apply_autograd(cls, inp: Inputs) -> torch.Tensor:
-        return _Plan(inp).run(inp)
+        return _plan(inp).run(inp)
 
 
 @register_operator

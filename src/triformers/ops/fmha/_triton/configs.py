@@ -83,7 +83,10 @@ def _table_config(call, direction: str) -> Config:
         return _INTERPRETER[direction]
     bucket = _d_bucket(max(call.K, call.Kv))
     cfg = _TABLE[(_arch(), direction, bucket)]
-    if direction == "fwd" and call.kind != "dense" and (_arch(), bucket) in _MASKED_FWD:
+    masked = call.kind != "dense" or call.flags["HAS_BIAS"]
+    if direction == "fwd" and masked and (_arch(), bucket) in _MASKED_FWD:
+        # also with a tensor bias: a 128 x 128 bias tile per stage overflowed shared memory (262 KB asked,
+        # 227 KB on an H100)
         cfg = _MASKED_FWD[(_arch(), bucket)]
     if call.dtype == torch.float32:
         cfg = Config(cfg.block_m, max(16, cfg.block_n // _FP32_SHRINK), cfg.num_warps, max(1, cfg.num_stages - 1))
@@ -150,3 +153,35 @@ def backward_config(call, run=None) -> Config:
 
 def dq_config(call, run=None) -> Config:
     return _get(call, "dq", run)
+
+
+_WARNED: set = set()
+
+
+def launch_with_fallback(launch, cfg: Config, direction: str) -> None:
+    """Launch with ``cfg``; if the GPU lacks the shared memory or registers for it, retry with fewer
+    pipeline stages, then smaller tiles (warning once per configuration)."""
+    import triton
+
+    tried = [cfg]
+    while True:
+        try:
+            launch(cfg)
+            return
+        except triton.runtime.errors.OutOfResources as e:
+            if cfg.num_stages > 1:
+                nxt = Config(cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages - 1)
+            elif cfg.block_n > 16:
+                nxt = Config(cfg.block_m, cfg.block_n // 2, cfg.num_warps, 2)
+            elif cfg.block_m > 16:
+                nxt = Config(cfg.block_m // 2, cfg.block_n, cfg.num_warps, 2)
+            else:
+                raise
+            if (direction, cfg) not in _WARNED:
+                _WARNED.add((direction, cfg))
+                import warnings
+
+                warnings.warn(f"attention {direction} kernel: {cfg} does not fit this GPU ({e}); using {nxt}",
+                              stacklevel=3)
+            cfg = nxt
+            tried.append(cfg)

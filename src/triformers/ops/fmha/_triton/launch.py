@@ -219,7 +219,7 @@ def attention_forward(q, k, v, bias, m: MaskArgs, p: float, seed: int, scale: fl
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **c.flags,
         )
 
-    launch(configs.forward_config(c, launch))
+    configs.launch_with_fallback(launch, configs.forward_config(c, launch), "fwd")
     return out, lse
 
 
@@ -296,7 +296,7 @@ def attention_backward(grad, q, k, v, out, lse, bias, db_reduce_mask: int, m: Ma
         )
 
     tune_dkdv = launch_dkdv if not (want_db and db_mode != 1) else None  # atomics accumulate: no re-runs
-    launch_dkdv(configs.backward_config(c, tune_dkdv))
+    configs.launch_with_fallback(launch_dkdv, configs.backward_config(c, tune_dkdv), "bwd")
     if atomic_dq:
         dq = L.from5(dq_acc.mul_(c.scale).to(q.dtype))
     else:
@@ -317,7 +317,7 @@ def attention_backward(grad, q, k, v, out, lse, bias, db_reduce_mask: int, m: Ma
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages, **c.flags,
             )
 
-        launch_dq(configs.dq_config(c, launch_dq))
+        configs.launch_with_fallback(launch_dq, configs.dq_config(c, launch_dq), "dq")
         dq = L.from5(dq5)
     if want_db and deterministic and db_mode == 1 and db_target is not db_buf:
         reduce_dims = tuple(d for d in range(5) if (db_reduce_mask >> d) & 1)
