@@ -145,18 +145,21 @@ def test_deterministic_backward_is_bitwise_repeatable():
         torch.testing.assert_close(a.float(), b.float(), atol=5e-2, rtol=5e-2)
 
 
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("op_name", ["auto", "triton"])
+def test_torch_compile_fullgraph(op_name):
+    """Compiled (fullgraph) and eager calls give the same result through the same operator choice."""
+    op = TRITON if op_name == "triton" else None
     torch._dynamo.reset()
     q, k, v = (torch.randn(2, 512, 8, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                for _ in range(3))
     bias = ab.BlockDiagonalMask.from_seqlens([300, 212, 400, 112]).make_causal()
     qp, kp, vp = (x.reshape(1, 1024, 8, 64) for x in (q, k, v))
     for attn_bias, args in ((ab.LowerTriangularMask(), (q, k, v)), (bias, (qp, kp, vp))):
-        fn = torch.compile(lambda a, b, c, m=attn_bias: fmha.memory_efficient_attention(a, b, c, m),
+        fn = torch.compile(lambda a, b, c, m=attn_bias: fmha.memory_efficient_attention(a, b, c, m, op=op),
                            fullgraph=True)
         out = fn(*args)
-        ref = fmha.memory_efficient_attention(*args, attn_bias, op=TRITON)
-        torch.testing.assert_close(out, ref)
+        ref = fmha.memory_efficient_attention(*args, attn_bias, op=op)
+        torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)
         g = torch.randn_like(out)
         for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
             torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
