@@ -4,13 +4,17 @@ equivalent dict config."""
 import copy
 from pathlib import Path
 
+import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.config_store import ConfigStore
-from hydra.utils import instantiate
 
-from triformers.factory import xFormer, xFormerConfig
-from triformers.factory.hydra_helper import import_xformer_config_schema
+# hydra is the optional `hydra` extra (installed by `make test`); elsewhere this module reports a skip
+pytest.importorskip("hydra", reason="needs the hydra extra: pip install -e '.[hydra]'")
+from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra.core.config_store import ConfigStore  # noqa: E402
+from hydra.utils import instantiate  # noqa: E402
+
+from triformers.factory import xFormer, xFormerConfig  # noqa: E402
+from triformers.factory.hydra_helper import import_xformer_config_schema  # noqa: E402
 
 CONF = Path(__file__).resolve().parents[2] / "examples" / "build_model" / "conf"
 EMB, SEQ, VOCAB = 32, 64, 16
