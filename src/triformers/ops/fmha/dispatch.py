@@ -13,10 +13,12 @@ records are in ``benchmarks/results/cpu/fmha_cpu.json`` and the README):
 
 1. ``sdpa`` first whenever it can run the inputs: torch's fused CPU flash kernel (no mask, top-left causal
    with Mq == Mkv, tensor biases without gradient, GQA) beat ``chunked`` on every dense, bias and GQA
-   record, forward (1.6x to 3x) and forward+backward (1.4x to 3x). Block-diagonal masks run as one SDPA
-   call per block; without gradients that won at every block size measured (32 to 1024 queries per block).
+   record, forward (1.5x to 2.7x) and forward+backward (1.5x to 2.8x). Block-diagonal masks run as one SDPA
+   call per block; without gradients that won at every block size measured (1.9x to 2.8x, 32 to 1024
+   queries per block).
 2. With gradients, block-diagonal masks whose blocks average fewer than ``CPU_SDPA_MIN_BLOCK_GRAD``
-   queries go to ``chunked`` first: per-block autograd graphs made SDPA 1.5x to 6x slower there.
+   queries go to ``chunked`` first: per-block autograd graphs made SDPA 1.2x (128-query blocks) to 3.7x
+   (32-query blocks) slower there.
 3. ``chunked`` for everything else: bottom-right and local masks, padded keys, dropout, bias gradients,
    and the low-level API (which needs the lse).
 
@@ -47,7 +49,7 @@ from triformers.ops.fmha import chunked, sdpa
 from triformers.ops.fmha.common import AttentionBwOpBase, AttentionFwOpBase, AttentionOpBase, Inputs
 
 # Smallest average block (queries per block) for which per-block SDPA with autograd beat the chunked
-# operator on the CPU (fp32, H = 8, K = 64, 4096 tokens): at 128 it was 1.6x slower, at 256 1.4x faster.
+# operator on the CPU (fp32, H = 8, K = 64, 4096 tokens): at 128 it was 1.2x slower, at 256 1.6x faster.
 CPU_SDPA_MIN_BLOCK_GRAD = 256
 
 _OP_FAMILIES = {"chunked": (chunked.FwOp, chunked.BwOp), "sdpa": (sdpa.FwOp, sdpa.BwOp)}
