@@ -156,7 +156,7 @@ def memory_efficient_attention(
     inp = Inputs(query=query, key=key, value=value, attn_bias=attn_bias, p=p, scale=scale)
     inp.validate_inputs()
     if not _needs_grad(inp):
-        return _forward(inp, None if op is None else op[0])
+        return _forward(inp, None if op is None else op[0], "memory_efficient_attention", False)[0]
     output_shape = inp.normalize_bmhk()
     op_fw, op_bw = (None, None) if op is None else op
     needs_lse = op_bw is not None and not (op_fw is not None and op_fw.AUTOGRAD_BW is op_bw)
@@ -206,14 +206,17 @@ class _fMHA(torch.autograd.Function):
         return None, None, None, None, None, grads.dq, grads.dk, grads.dv, db
 
 
-def _forward(inp: Inputs, op: type[AttentionFwOpBase] | None) -> torch.Tensor:
+def _forward(inp: Inputs, op: type[AttentionFwOpBase] | None, name: str, needs_gradient: bool
+             ) -> tuple[torch.Tensor, Context | None]:
+    """Normalize, choose (or check) the forward operator, run it: ``(out in the caller's layout, ctx)``.
+    With ``needs_gradient`` the operator must return the lse (the low-level API's backward needs it)."""
     output_shape = inp.normalize_bmhk()
     if op is None:
-        op = dispatch.dispatch_fw(inp, needs_gradient=False)
+        op = dispatch.dispatch_fw(inp, needs_gradient=needs_gradient, needs_lse=needs_gradient)
     else:
-        dispatch.ensure_op_supports("memory_efficient_attention", op, inp)
-    out, _ = op.apply(inp, needs_gradient=False)
-    return out.reshape(output_shape)
+        dispatch.ensure_op_supports(name, op, inp, needs_lse=needs_gradient)
+    out, ctx = op.apply(inp, needs_gradient=needs_gradient)
+    return out.reshape(output_shape), ctx
 
 
 def memory_efficient_attention_forward(
@@ -229,7 +232,7 @@ def memory_efficient_attention_forward(
     """The forward of :func:`memory_efficient_attention`, without autograd."""
     inp = Inputs(query=query, key=key, value=value, attn_bias=attn_bias, p=p, scale=scale)
     inp.validate_inputs()
-    return _forward(inp, op)
+    return _forward(inp, op, "memory_efficient_attention_forward", False)[0]
 
 
 def memory_efficient_attention_forward_requires_grad(
@@ -248,13 +251,8 @@ def memory_efficient_attention_forward_requires_grad(
         raise NotImplementedError(_DROPOUT_LOW_LEVEL)
     inp = Inputs(query=query, key=key, value=value, attn_bias=attn_bias, p=p, scale=scale)
     inp.validate_inputs()
-    output_shape = inp.normalize_bmhk()
-    if op is None:
-        op = dispatch.dispatch_fw(inp, needs_gradient=True, needs_lse=True)
-    else:
-        dispatch.ensure_op_supports("memory_efficient_attention_forward_requires_grad", op, inp, needs_lse=True)
-    out, ctx = op.apply(inp, needs_gradient=True)
-    return out.reshape(output_shape), ctx.lse
+    out, ctx = _forward(inp, op, "memory_efficient_attention_forward_requires_grad", True)
+    return out, ctx.lse
 
 
 def memory_efficient_attention_backward(
@@ -286,8 +284,7 @@ def memory_efficient_attention_backward(
         if tuple(x.shape) != expected_out:
             raise ValueError(f"{name}.shape={tuple(x.shape)} but the attention output has shape {expected_out}")
     shapes = (query.shape, key.shape, value.shape)
-    output_shape = inp.normalize_bmhk()
-    del output_shape
+    inp.normalize_bmhk()
     q = inp.query
     expected_lse = (q.shape[0], *q.shape[2:-1], q.shape[1])
     if lse.dtype != torch.float32 or tuple(lse.shape) != expected_lse:

@@ -39,10 +39,6 @@ class Layout5:
     ndim: int  # 4 (BMHK) or 5 (BMGHK)
     mqa: bool  # BMHK whose heads share K/V: heads live in Hg
 
-    @property
-    def kv_shared(self) -> bool:
-        return self.k.shape[3] == 1 and self.q.shape[3] > 1
-
     def to5(self, x: torch.Tensor) -> torch.Tensor:
         """A caller-layout tensor ``[B, M, H, X]`` (or 5-D) as ``[B, M, G, Hg, X]``."""
         if self.ndim == 5:

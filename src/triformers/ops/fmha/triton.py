@@ -31,7 +31,6 @@ from triformers.ops.fmha._mask import SUPPORTED_BIAS_TYPES
 from triformers.ops.fmha.common import AttentionBwOpBase, AttentionFwOpBase, Context, Gradients, Inputs
 
 MAX_HEAD_DIM = 256
-_NO_WINDOW = -1
 
 
 def _launch():
@@ -93,9 +92,6 @@ def _flash_bwd_fake(grad, q, k, v, out, lse, bias, db_reduce_mask, seq_q, k_star
     db_shape = launch.db_buffer_shape(q, k, bias, share_kv, db_reduce_mask) if (
         db_reduce_mask >= 0 and bias is not None) else (0,)
     return torch.empty_like(q), dk5, dv5, q.new_empty(db_shape, dtype=torch.float32)
-
-
-_FWD_TENSOR_ARGS = ("q", "k", "v", "bias", "seq_q", "k_start", "k_len", "seed")
 
 
 def _setup_context(ctx, inputs, output):
@@ -224,8 +220,9 @@ class BwOp(AttentionBwOpBase):
         want_db = bias is not None and bias.requires_grad
         mask = sum(1 << d for d in _layout.bias_reduce_dims(bias, L)) if want_db else -1
         with torch.no_grad():
-            dq, dk5, dv5, db = flash_bwd(grad, q, k, v, ctx.out, ctx.lse, bias, mask, *args[4:12], args[12],
-                                         args[13], args[14], share_kv, torch.are_deterministic_algorithms_enabled())
+            # args[4:15]: seq_q, k_start, k_len, max_q, max_k, bottom_right, window_left, window_right, p, seed, scale
+            dq, dk5, dv5, db = flash_bwd(grad, q, k, v, ctx.out, ctx.lse, bias, mask, *args[4:15], share_kv,
+                                         torch.are_deterministic_algorithms_enabled())
         return Gradients(
             dq=dq,
             dk=_layout.shared_kv_grad(dk5, k, L),

@@ -163,7 +163,6 @@ def launch_with_fallback(launch, cfg: Config, direction: str) -> None:
     pipeline stages, then smaller tiles (warning once per configuration)."""
     import triton
 
-    tried = [cfg]
     while True:
         try:
             launch(cfg)
@@ -184,4 +183,3 @@ def launch_with_fallback(launch, cfg: Config, direction: str) -> None:
                 warnings.warn(f"attention {direction} kernel: {cfg} does not fit this GPU ({e}); using {nxt}",
                               stacklevel=3)
             cfg = nxt
-            tried.append(cfg)

@@ -145,7 +145,7 @@ class _Call:
         self.kind = "local" if m.window_left != NO_WINDOW else ("causal" if m.window_right != NO_WINDOW else "dense")
         self.p = float(p)
 
-    def descriptors(self, cfg, rows_q: int, rows_k: int, extra=()) -> dict | None:
+    def descriptors(self, rows_q: int, rows_k: int, extra=()) -> dict | None:
         """TMA descriptors of q, k, v (and ``extra`` ``(name, tensor, rows, cols)``), or None when any of
         them cannot be addressed by TMA (then every tile uses the pointer path)."""
         if not USE_TMA or self.device.type not in ("cuda", "cpu"):
@@ -205,7 +205,7 @@ def attention_forward(q, k, v, bias, m: MaskArgs, p: float, seed: int, scale: fl
 
     def launch(cfg):
         grid = (c.Z * c.num_heads, triton.cdiv(m.max_q, cfg.block_m))
-        desc = c.descriptors(cfg, cfg.block_m, cfg.block_n)
+        desc = c.descriptors(cfg.block_m, cfg.block_n)
         desc_b = c.bias_descriptor(cfg) if desc is not None else None
         _fwd.attn_fwd[grid](
             c.L.q, c.L.k, c.L.v, out5, lse5, c.L.bias if c.L.bias is not None else out5,
@@ -277,7 +277,7 @@ def attention_backward(grad, q, k, v, out, lse, bias, db_reduce_mask: int, m: Ma
         dq_tma = atomic_dq and dev.type == "cuda"  # Triton's interpreter has no TMA reduce
         if dq_tma:
             extra.append(("desc_dq", dq_acc, cfg.block_m, c.block_d))
-        desc = c.descriptors(cfg, cfg.block_m, cfg.block_n, extra)
+        desc = c.descriptors(cfg.block_m, cfg.block_n, extra)
         desc_b = c.bias_descriptor(cfg) if desc is not None else None
         names = ("desc_q", "desc_k", "desc_v", "desc_do")
         _bwd.attn_bwd_dkdv[(c.Z * num_kv_heads, triton.cdiv(m.max_k, cfg.block_n))](
@@ -303,7 +303,7 @@ def attention_backward(grad, q, k, v, out, lse, bias, db_reduce_mask: int, m: Ma
         dq5 = torch.empty(L.q.shape, dtype=q.dtype, device=dev)
 
         def launch_dq(cfg):
-            desc = c.descriptors(cfg, cfg.block_m, cfg.block_n, [("desc_do", go5, cfg.block_m, c.block_dv)])
+            desc = c.descriptors(cfg.block_m, cfg.block_n, [("desc_do", go5, cfg.block_m, c.block_dv)])
             desc_b = c.bias_descriptor(cfg) if desc is not None else None
             names = ("desc_q", "desc_k", "desc_v", "desc_do")
             _bwd.attn_bwd_dq[(c.Z * c.num_heads, triton.cdiv(m.max_q, cfg.block_m))](
