@@ -117,7 +117,7 @@ class Tuner:
             config = self.best.get(key)
             if config is None:
                 config = self._tune(grid, args, key, meta)
-        return self.kernel[grid(config)](*args, **meta, **config)
+        return launch(self.kernel, grid(config), args, {**meta, **config})
 
     def _tune(self, grid, args, key, meta) -> dict:
         from triton.testing import do_bench
@@ -145,6 +145,67 @@ class Tuner:
                 f"(of {len(candidates)}: {', '.join(f'{t:.4f}' for t in times)})"
             )
         return candidates[best]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Launching. ``kernel[grid](*args, **meta)`` costs ~10-20 µs of Python per call in Triton 3.x (binding every
+# argument, the cache key, scratch allocation), which is as long as a memory-bound kernel on a 32 MB tensor
+# runs. ``launch`` keeps the compiled kernel of each specialisation and calls its launcher directly.
+
+_compiled: dict = {}
+_INT32 = range(-(2**31), 2**31)
+
+
+def _spec(a):
+    """What Triton's JIT specialises an argument on (or a refinement of it): dtype and 16-byte alignment of a
+    tensor; for an int, == 1, divisibility by 16 and the integer width; the value of anything else."""
+    if isinstance(a, torch.Tensor):
+        return a.dtype, a.data_ptr() & 15 == 0
+    c = a.__class__
+    if c is int:
+        return a == 1, a & 15 == 0, a in _INT32, a < 2**63
+    if c is float:
+        return float
+    return c, a
+
+
+def _fast_launch_enabled() -> bool:
+    return not interpret_mode() and os.environ.get("TRIFORMERS_FAST_LAUNCH", "1") != "0"
+
+
+def launch(kernel, grid: tuple, args: tuple, meta: dict):
+    """``kernel[grid](*args, **meta)``, through the compiled kernel's launcher once it is known.
+
+    The first call of a specialisation goes through Triton's JIT (compiling if needed) and keeps the compiled
+    kernel; later calls pass the arguments straight to its launcher. The interpreter, launch hooks (profilers)
+    and ``TRIFORMERS_FAST_LAUNCH=0`` always take the JIT path.
+    """
+    if not _FAST_LAUNCH:
+        return kernel[grid](*args, **meta)
+    from triton import knobs
+
+    if knobs.runtime.launch_enter_hook is not None or knobs.runtime.launch_exit_hook is not None:
+        return kernel[grid](*args, **meta)
+    device = torch.cuda.current_device()
+    key = (kernel, device, tuple(meta.items()), tuple(map(_spec, args)))
+    entry = _compiled.get(key)
+    if entry is None:
+        compiled = kernel[grid](*args, **meta)
+        if compiled is not None and not hasattr(compiled, "result"):
+            names = kernel.arg_names[len(args) :]
+            defaults = {p.name: p.default for p in kernel.params}
+            tail = tuple(meta[n] if n in meta else defaults[n] for n in names)
+            _compiled[key] = (compiled, tail)
+        return compiled
+    compiled, tail = entry
+    g1 = grid[1] if len(grid) > 1 else 1
+    g2 = grid[2] if len(grid) > 2 else 1
+    stream = torch._C._cuda_getCurrentRawStream(device)
+    compiled.run(grid[0], g1, g2, stream, compiled.function, compiled.packed_metadata, None, None, None, *args, *tail)
+    return compiled
+
+
+_FAST_LAUNCH = _fast_launch_enabled()
 
 
 def default_tile(block_n: int, elements: int = 4096) -> dict:

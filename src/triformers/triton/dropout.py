@@ -77,8 +77,9 @@ class _DropoutFn(torch.autograd.Function):
             ctx.activation,
             dx_dtype=ctx.x_dtype,
             compute_db=compute_db,
+            db_dtype=bias.dtype if bias is not None else torch.float32,
         )
-        return dx.view(ctx.x_shape), db.to(bias.dtype) if db is not None else None, None, None, None
+        return dx.view(ctx.x_shape), db, None, None, None
 
 
 def _check(x, p, bias):

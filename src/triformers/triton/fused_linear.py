@@ -63,7 +63,9 @@ class _FusedLinearFn(torch.autograd.Function):
         dy2 = rows_2d(dy)  # [M, N]
         compute_db = ctx.has_bias and ctx.needs_input_grad[2]
         if ctx.activation != 0:
-            dz, db = dropout_bwd(dy2, z, None, 0.0, 0, ctx.activation, dx_dtype=z.dtype, compute_db=compute_db)
+            dz, db = dropout_bwd(
+                dy2, z, None, 0.0, 0, ctx.activation, dx_dtype=z.dtype, compute_db=compute_db, db_dtype=weight.dtype
+            )
         else:
             dz = dy2
             db = dy2.sum(0, dtype=torch.float32) if compute_db else None

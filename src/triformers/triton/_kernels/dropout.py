@@ -27,6 +27,7 @@ import triton.language as tl
 
 from triformers.triton._common import Tuner, default_tile, next_pow2, prune_by_tile, sm_count, tile_configs
 from triformers.triton._kernels.activations import activation_grad, apply_activation
+from triformers.triton._kernels.reduce import sum_rows
 
 LANES = 8  # 16-bit random numbers per Philox call (4 words x 2 halves)
 _LANES = tl.constexpr(LANES)
@@ -84,13 +85,54 @@ def _dropout_fwd_kernel(
 
 
 @triton.jit
+def _bwd_load(dy_ptr, x_ptr, b_ptr, rows64, row_ok, offs, L, N, stride_dy_m, stride_dy_n, stride_x_m, stride_x_n,
+              J: tl.constexpr, ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr):  # fmt: skip
+    """Lane J's tiles of dy and of the activation's input (dy again when there is no activation)."""
+    cols = J * L + offs
+    col_ok = (offs < L) & (cols < N)
+    ok = row_ok[:, None] & col_ok[None, :]
+    g = tl.load(dy_ptr + rows64[:, None] * stride_dy_m + cols[None, :] * stride_dy_n, mask=ok, other=0.0)
+    if ACTIVATION != 0:
+        z = tl.load(x_ptr + rows64[:, None] * stride_x_m + cols[None, :] * stride_x_n, mask=ok, other=0.0)
+        z = z.to(tl.float32)
+        if HAS_BIAS:
+            z += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    else:
+        z = g
+    return g, z
+
+
+@triton.jit
+def _bwd_store(g, z, r0, r1, r2, r3, dx_ptr, rows64, row_ok, offs, L, N, stride_dx_m, threshold, scale,
+               J: tl.constexpr, ACTIVATION: tl.constexpr, HAS_DROPOUT: tl.constexpr, COMPUTE_DB: tl.constexpr,
+               BLOCK_S: tl.constexpr):  # fmt: skip
+    """dx for lane J from its loaded tiles; returns its column sums (for db) or zeros."""
+    cols = J * L + offs
+    ok = row_ok[:, None] & ((offs < L) & (cols < N))[None, :]
+    g = g.to(tl.float32)
+    if HAS_DROPOUT:
+        g = tl.where(_lane_keep(r0, r1, r2, r3, J, threshold), g * scale, 0.0)
+    if ACTIVATION != 0:
+        g = g * activation_grad(z, ACTIVATION)
+    tl.store(dx_ptr + rows64[:, None] * stride_dx_m + cols[None, :], g.to(dx_ptr.dtype.element_ty), mask=ok)
+    if COMPUTE_DB:
+        return tl.sum(tl.where(ok, g, 0.0), axis=0)
+    else:
+        return tl.zeros([BLOCK_S], dtype=tl.float32)
+
+
+@triton.jit
 def _dropout_bwd_kernel(
     dy_ptr, x_ptr, b_ptr, dx_ptr, db_ptr,  # db_ptr: [row chunks, N] float32 partial sums
     M, N, L, stride_dy_m, stride_dy_n, stride_x_m, stride_x_n, stride_dx_m, seed, threshold, scale,
     ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, COMPUTE_DB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
 ):  # fmt: skip
-    """Persistent over rows: program (i, k) owns row chunk i of lane-offset block k."""
+    """Program (i, k) owns row chunk i of lane-offset block k (one tile per program without db; a few
+    programs per SM looping over rows with db, so that each writes one partial row of db).
+
+    All eight lanes are loaded before any is stored: dx may alias dy, so a load after a store could not
+    be issued early, and a persistent program would wait for memory once per lane."""
     pid_m = tl.program_id(0)  # row chunk
     pid_c = tl.program_id(1)  # block of lane offsets
     rows_per_program = tl.cdiv(M, tl.num_programs(0))
@@ -110,41 +152,46 @@ def _dropout_bwd_kernel(
         rows = start + tl.arange(0, BLOCK_M)
         row_ok = rows < row_end
         rows64 = rows.to(tl.int64)
+        # fmt: off
+        g0, z0 = _bwd_load(dy_ptr, x_ptr, b_ptr, rows64, row_ok, offs, L, N, stride_dy_m, stride_dy_n, stride_x_m,
+                           stride_x_n, 0, ACTIVATION, HAS_BIAS)
+        g1, z1 = _bwd_load(dy_ptr, x_ptr, b_ptr, rows64, row_ok, offs, L, N, stride_dy_m, stride_dy_n, stride_x_m,
+                           stride_x_n, 1, ACTIVATION, HAS_BIAS)
+        g2, z2 = _bwd_load(dy_ptr, x_ptr, b_ptr, rows64, row_ok, offs, L, N, stride_dy_m, stride_dy_n, stride_x_m,
+                           stride_x_n, 2, ACTIVATION, HAS_BIAS)
+        g3, z3 = _bwd_load(dy_ptr, x_ptr, b_ptr, rows64, row_ok, offs, L, N, stride_dy_m, stride_dy_n, stride_x_m,
+                           stride_x_n, 3, ACTIVATION, HAS_BIAS)
+        g4, z4 = _bwd_load(dy_ptr, x_ptr, b_ptr, rows64, row_ok, offs, L, N, stride_dy_m, stride_dy_n, stride_x_m,
+                           stride_x_n, 4, ACTIVATION, HAS_BIAS)
+        g5, z5 = _bwd_load(dy_ptr, x_ptr, b_ptr, rows64, row_ok, offs, L, N, stride_dy_m, stride_dy_n, stride_x_m,
+                           stride_x_n, 5, ACTIVATION, HAS_BIAS)
+        g6, z6 = _bwd_load(dy_ptr, x_ptr, b_ptr, rows64, row_ok, offs, L, N, stride_dy_m, stride_dy_n, stride_x_m,
+                           stride_x_n, 6, ACTIVATION, HAS_BIAS)
+        g7, z7 = _bwd_load(dy_ptr, x_ptr, b_ptr, rows64, row_ok, offs, L, N, stride_dy_m, stride_dy_n, stride_x_m,
+                           stride_x_n, 7, ACTIVATION, HAS_BIAS)
+        r0 = rows  # r0-r3 are unused without dropout
+        r1 = rows
+        r2 = rows
+        r3 = rows
         if HAS_DROPOUT:
             r0, r1, r2, r3 = tl.randint4x(seed, rows64[:, None] * L + offs[None, :])
-        for j in tl.static_range(_LANES):
-            cols = j * L + offs
-            col_ok = (offs < L) & (cols < N)
-            ok = row_ok[:, None] & col_ok[None, :]
-            g = tl.load(dy_ptr + rows64[:, None] * stride_dy_m + cols[None, :] * stride_dy_n, mask=ok, other=0.0)
-            g = g.to(tl.float32)
-            if HAS_DROPOUT:
-                g = tl.where(_lane_keep(r0, r1, r2, r3, j, threshold), g * scale, 0.0)
-            if ACTIVATION != 0:
-                z = tl.load(x_ptr + rows64[:, None] * stride_x_m + cols[None, :] * stride_x_n, mask=ok, other=0.0)
-                z = z.to(tl.float32)
-                if HAS_BIAS:
-                    z += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-                g = g * activation_grad(z, ACTIVATION)
-            tl.store(dx_ptr + rows64[:, None] * stride_dx_m + cols[None, :], g.to(dx_ptr.dtype.element_ty), mask=ok)
-            if COMPUTE_DB:
-                s = tl.sum(tl.where(ok, g, 0.0), axis=0)
-                if j == 0:
-                    acc0 += s
-                elif j == 1:
-                    acc1 += s
-                elif j == 2:
-                    acc2 += s
-                elif j == 3:
-                    acc3 += s
-                elif j == 4:
-                    acc4 += s
-                elif j == 5:
-                    acc5 += s
-                elif j == 6:
-                    acc6 += s
-                else:
-                    acc7 += s
+        acc0 += _bwd_store(g0, z0, r0, r1, r2, r3, dx_ptr, rows64, row_ok, offs, L, N, stride_dx_m, threshold, scale,
+                           0, ACTIVATION, HAS_DROPOUT, COMPUTE_DB, BLOCK_S)
+        acc1 += _bwd_store(g1, z1, r0, r1, r2, r3, dx_ptr, rows64, row_ok, offs, L, N, stride_dx_m, threshold, scale,
+                           1, ACTIVATION, HAS_DROPOUT, COMPUTE_DB, BLOCK_S)
+        acc2 += _bwd_store(g2, z2, r0, r1, r2, r3, dx_ptr, rows64, row_ok, offs, L, N, stride_dx_m, threshold, scale,
+                           2, ACTIVATION, HAS_DROPOUT, COMPUTE_DB, BLOCK_S)
+        acc3 += _bwd_store(g3, z3, r0, r1, r2, r3, dx_ptr, rows64, row_ok, offs, L, N, stride_dx_m, threshold, scale,
+                           3, ACTIVATION, HAS_DROPOUT, COMPUTE_DB, BLOCK_S)
+        acc4 += _bwd_store(g4, z4, r0, r1, r2, r3, dx_ptr, rows64, row_ok, offs, L, N, stride_dx_m, threshold, scale,
+                           4, ACTIVATION, HAS_DROPOUT, COMPUTE_DB, BLOCK_S)
+        acc5 += _bwd_store(g5, z5, r0, r1, r2, r3, dx_ptr, rows64, row_ok, offs, L, N, stride_dx_m, threshold, scale,
+                           5, ACTIVATION, HAS_DROPOUT, COMPUTE_DB, BLOCK_S)
+        acc6 += _bwd_store(g6, z6, r0, r1, r2, r3, dx_ptr, rows64, row_ok, offs, L, N, stride_dx_m, threshold, scale,
+                           6, ACTIVATION, HAS_DROPOUT, COMPUTE_DB, BLOCK_S)
+        acc7 += _bwd_store(g7, z7, r0, r1, r2, r3, dx_ptr, rows64, row_ok, offs, L, N, stride_dx_m, threshold, scale,
+                           7, ACTIVATION, HAS_DROPOUT, COMPUTE_DB, BLOCK_S)
+        # fmt: on
     if COMPUTE_DB:
         for j in tl.static_range(_LANES):
             cols = j * L + offs
@@ -214,14 +261,19 @@ def dropout_bwd(
     *,
     dx_dtype: torch.dtype,
     compute_db: bool,
+    db_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Gradients of :func:`dropout_fwd`: ``(dx [M, N], db [N] float32 | None)``."""
+    """Gradients of :func:`dropout_fwd`: ``(dx [M, N], db [N] in db_dtype | None)``."""
     M, N = x.shape
     dx = torch.empty((M, N), device=x.device, dtype=dx_dtype)
     L, block_s = _lanes(N)
     threshold, scale = _threshold_and_scale(p)
     lane_blocks = triton.cdiv(L, block_s)
-    chunks = max(1, min(M, triton.cdiv(BWD_PROGRAMS_PER_SM * sm_count(x), lane_blocks)))
+    if compute_db:  # persistent: a few programs per SM, each writing one partial row of db
+        chunks = max(1, min(M, triton.cdiv(BWD_PROGRAMS_PER_SM * sm_count(x), lane_blocks)))
+        grid = lambda c: (chunks, lane_blocks)  # noqa: E731
+    else:  # one tile per program, as in the forward
+        grid = lambda c: (triton.cdiv(M, c["BLOCK_M"]), lane_blocks)  # noqa: E731
     db = torch.empty((chunks, N), device=x.device, dtype=torch.float32) if compute_db else None
     b = bias if bias is not None else x
     # fmt: off
@@ -231,5 +283,5 @@ def dropout_bwd(
                 BLOCK_S=block_s)
     # fmt: on
     key = (N, dy.dtype, x.dtype, b.dtype, dx.dtype, *meta.values())
-    _bwd(lambda c: (chunks, lane_blocks), args, key, default_tile(LANES * block_s), **meta)
-    return dx, db.sum(0) if db is not None else None
+    _bwd(grid, args, key, default_tile(LANES * block_s), **meta)
+    return dx, sum_rows(db, db_dtype) if db is not None else None

@@ -10,7 +10,7 @@ Memory traffic for x [M, N] (element size s): forward reads M·N·s and writes M
 one read + one write, the floor. Eager torch (x.pow(2).mean, rsqrt, two multiplies) moves ~5 such
 passes. Backward reads x and dy, writes dx: 3·M·N·s, plus the weight/bias gradients through a
 two-stage reduction: each of the few-per-SM persistent programs accumulates its
-rows' dw/db in registers and writes one float32 row; torch sums those few rows (<1 % of the traffic).
+rows' dw/db in registers and writes one float32 row; ``sum_rows`` adds those few rows (<1 % of the traffic).
 
 Rows wider than ``MAX_BLOCK_N`` loop over column blocks: the forward then reads each row two or three
 times (cache-resident), the backward splits into a row-statistics kernel and a 2-D tiled kernel.
@@ -24,6 +24,7 @@ import triton.language as tl
 
 from triformers.triton._common import Tuner, default_tile, next_pow2, prune_by_tile, sm_count, tile_configs
 from triformers.triton._kernels.norm_wide import norm_bwd_wide
+from triformers.triton._kernels.reduce import sum_rows
 
 # Above 8192 columns one row no longer fits in registers: the backward keeps five float32 row vectors
 # (x, dy, w, dw, db) live, 5 x 8192 / 512 threads = 80 registers each at 16 warps, and 16384 would spill.
@@ -306,5 +307,5 @@ def norm_bwd(
     _bwd(lambda c: (programs,), args, key, default_tile(block_n), **meta)
     if not (compute_dw or compute_db):
         return dx, None, None
-    sums = partial.sum(0).to(param_dtype)
+    sums = sum_rows(partial, param_dtype)
     return dx, sums[:N] if compute_dw else None, sums[N * compute_dw :] if compute_db else None
