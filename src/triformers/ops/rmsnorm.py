@@ -21,7 +21,7 @@ import math
 import torch
 from torch import nn
 
-from triformers.triton._common import autocast_dtype, rows_2d, use_triton
+from triformers.triton._common import autocast_dtype, rows_2d, shaped, use_triton
 from triformers.triton._kernels.norm import norm_bwd, norm_fwd
 
 __all__ = ["rms_norm", "rms_norm_add", "RMSNorm", "rms_norm_reference"]
@@ -57,7 +57,7 @@ class _RMSNormFn(torch.autograd.Function):
         y, _, rstd = norm_fwd(x2, weight, None, eps, rms=True, out_dtype=out_dtype)
         ctx.save_for_backward(x2, weight, rstd)
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
-        return y.view(x.shape)
+        return shaped(y, x.shape)
 
     @staticmethod
     def backward(ctx, dy):
@@ -67,7 +67,7 @@ class _RMSNormFn(torch.autograd.Function):
             compute_dw=ctx.needs_input_grad[1], compute_db=False,
             param_dtype=weight.dtype if weight is not None else torch.float32,
         )  # fmt: skip
-        return dx.view(ctx.x_shape), dw, None, None
+        return shaped(dx, ctx.x_shape), dw, None, None
 
 
 class _RMSNormAddFn(torch.autograd.Function):
@@ -132,7 +132,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6) ->
     if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)):
         return _RMSNormFn.apply(x, weight, float(eps), out_dtype)
     y, _, _ = norm_fwd(rows_2d(x), weight, None, float(eps), rms=True, out_dtype=out_dtype, store_stats=False)
-    return y.view(x.shape)
+    return shaped(y, x.shape)
 
 
 def rms_norm_add(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6) -> torch.Tensor:
@@ -177,7 +177,7 @@ def rms_norm_add(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None, 
         residual=rows_2d(y),
         store_stats=False,
     )
-    return out.view(x.shape)
+    return shaped(out, x.shape)
 
 
 class RMSNorm(nn.Module):

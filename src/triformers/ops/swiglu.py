@@ -27,7 +27,7 @@ from torch import nn
 from triformers._triton import interpret_mode, is_triton_available
 from triformers.ops._triton.swiglu import silu_mul_bwd, silu_mul_fwd
 from triformers.ops.unbind import get_stack_strides, unbind
-from triformers.triton._common import autocast_dtype, rows_2d, use_triton
+from triformers.triton._common import autocast_dtype, rows_2d, shaped, use_triton
 
 __all__ = [
     "swiglu",
@@ -61,7 +61,7 @@ class _SiluMulFn(torch.autograd.Function):
         a2, b2 = rows_2d(a), rows_2d(b)
         ctx.save_for_backward(a2, b2)
         ctx.shape = a.shape
-        return silu_mul_fwd(a2, b2).view(a.shape)
+        return shaped(silu_mul_fwd(a2, b2), a.shape)
 
     @staticmethod
     def backward(ctx, dg):
@@ -69,7 +69,7 @@ class _SiluMulFn(torch.autograd.Function):
         da = torch.empty(a2.shape, device=a2.device, dtype=a2.dtype)
         db = torch.empty(b2.shape, device=b2.device, dtype=b2.dtype)
         silu_mul_bwd(a2, b2, rows_2d(dg), da, db)
-        return da.view(ctx.shape), db.view(ctx.shape)
+        return shaped(da, ctx.shape), shaped(db, ctx.shape)
 
 
 def silu_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -87,7 +87,7 @@ def silu_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return silu_mul_reference(a, b)
     if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
         return _SiluMulFn.apply(a, b)
-    return silu_mul_fwd(rows_2d(a), rows_2d(b)).view(a.shape)
+    return shaped(silu_mul_fwd(rows_2d(a), rows_2d(b)), a.shape)
 
 
 def _packed(w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor | None:

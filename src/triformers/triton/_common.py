@@ -60,11 +60,18 @@ def rows_2d(x: torch.Tensor) -> torch.Tensor:
 
     Only leading dims that no single stride can describe (e.g. a permuted 3-D tensor) are copied.
     """
+    if x.dim() == 2:
+        return x
     n = x.shape[-1] if x.dim() > 0 else 1
     try:
         return x.view(-1, n)
     except RuntimeError:
         return x.reshape(-1, n)
+
+
+def shaped(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """``t.view(shape)``, or t itself when it has that shape already (a view costs host time)."""
+    return t if t.shape == shape else t.view(shape)
 
 
 @functools.cache
@@ -108,16 +115,16 @@ class Tuner:
         self.kernel, self.configs, self.prune, self.restore = kernel, configs, prune, restore
         self.enabled = autotune_enabled()
         self.best: dict = {}
+        self._chosen: dict = {}  # key -> (config, meta + config, launch key)
 
     def __call__(self, grid, args: tuple, key: tuple, default: dict, **meta):
         """Launch on ``grid(config)`` (a function of the chosen config)."""
-        if not self.enabled:
-            config = default
-        else:
-            config = self.best.get(key)
-            if config is None:
-                config = self._tune(grid, args, key, meta)
-        return launch(self.kernel, grid(config), args, {**meta, **config})
+        entry = self._chosen.get(key)
+        if entry is None:
+            config = self._tune(grid, args, key, meta) if self.enabled else default
+            entry = self._chosen[key] = (config, {**meta, **config}, (self.kernel, key, tuple(config.items())))
+        config, full, static = entry
+        return launch(self.kernel, grid(config), args, full, static)
 
     def _tune(self, grid, args, key, meta) -> dict:
         from triton.testing import do_bench
@@ -150,7 +157,7 @@ class Tuner:
 # ---------------------------------------------------------------------------------------------------------
 # Launching. ``kernel[grid](*args, **meta)`` costs ~10-20 µs of Python per call in Triton 3.x (binding every
 # argument, the cache key, scratch allocation), which is as long as a memory-bound kernel on a 32 MB tensor
-# runs. ``launch`` keeps the compiled kernel of each specialisation and calls its launcher directly.
+# runs. ``launch`` keeps the compiled kernel of each specialisation and calls its C launcher directly.
 
 _compiled: dict = {}
 _INT32 = range(-(2**31), 2**31)
@@ -173,39 +180,56 @@ def _fast_launch_enabled() -> bool:
     return not interpret_mode() and os.environ.get("TRIFORMERS_FAST_LAUNCH", "1") != "0"
 
 
-def launch(kernel, grid: tuple, args: tuple, meta: dict):
-    """``kernel[grid](*args, **meta)``, through the compiled kernel's launcher once it is known.
+def _direct_launcher(compiled, kernel, n_args: int, meta: dict):
+    """``(launch, fixed, tail)``: the compiled kernel's C launcher, its fixed leading arguments and the
+    values of the kernel parameters after the positional ones; None where the generic path is needed."""
+    run = compiled.run
+    names = kernel.arg_names[n_args:]
+    defaults = {p.name: p.default for p in kernel.params}
+    tail = tuple(meta[n] if n in meta else defaults[n] for n in names)
+    if getattr(run, "global_scratch_size", 1) or getattr(run, "profile_scratch_size", 1):
+        return None
+    fixed = (run.launch_cooperative_grid, run.launch_pdl, None, None, compiled.packed_metadata, None, None, None)
+    return run.launch, compiled.function, fixed, tail
+
+
+def launch(kernel, grid: tuple, args: tuple, meta: dict, static_key=None):
+    """``kernel[grid](*args, **meta)``, through the compiled kernel's C launcher once it is known.
 
     The first call of a specialisation goes through Triton's JIT (compiling if needed) and keeps the compiled
-    kernel; later calls pass the arguments straight to its launcher. The interpreter, launch hooks (profilers)
-    and ``TRIFORMERS_FAST_LAUNCH=0`` always take the JIT path.
+    kernel; later calls pass the arguments straight to its launcher. ``static_key`` (hashable) stands for
+    ``kernel`` and ``meta`` when the caller has one. The interpreter, launch hooks (profilers) and
+    ``TRIFORMERS_FAST_LAUNCH=0`` take the JIT path.
     """
-    if not _FAST_LAUNCH:
-        return kernel[grid](*args, **meta)
-    from triton import knobs
-
-    if knobs.runtime.launch_enter_hook is not None or knobs.runtime.launch_exit_hook is not None:
+    if not _FAST_LAUNCH or _knobs.runtime.launch_enter_hook is not None:
         return kernel[grid](*args, **meta)
     device = torch.cuda.current_device()
-    key = (kernel, device, tuple(meta.items()), tuple(map(_spec, args)))
+    key = (static_key if static_key is not None else (kernel, tuple(meta.items())), device, *map(_spec, args))
     entry = _compiled.get(key)
     if entry is None:
         compiled = kernel[grid](*args, **meta)
         if compiled is not None and not hasattr(compiled, "result"):
-            names = kernel.arg_names[len(args) :]
-            defaults = {p.name: p.default for p in kernel.params}
-            tail = tuple(meta[n] if n in meta else defaults[n] for n in names)
-            _compiled[key] = (compiled, tail)
+            direct = _direct_launcher(compiled, kernel, len(args), meta)
+            if direct is not None:
+                _compiled[key] = direct
         return compiled
-    compiled, tail = entry
-    g1 = grid[1] if len(grid) > 1 else 1
-    g2 = grid[2] if len(grid) > 2 else 1
-    stream = torch._C._cuda_getCurrentRawStream(device)
-    compiled.run(grid[0], g1, g2, stream, compiled.function, compiled.packed_metadata, None, None, None, *args, *tail)
-    return compiled
+    run, function, fixed, tail = entry
+    n = len(grid)
+    run(
+        grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, torch._C._cuda_getCurrentRawStream(device),
+        function, *fixed, *args, *tail,
+    )  # fmt: skip
+    return None
 
 
-_FAST_LAUNCH = _fast_launch_enabled()
+_FAST_LAUNCH = _fast_launch_enabled() and is_triton_available()
+if _FAST_LAUNCH:
+    from triton import knobs as _knobs
+
+
+def cdiv(a: int, b: int) -> int:
+    """⌈a / b⌉ for ints (``triton.cdiv`` is a JIT function: costly to call from the host)."""
+    return -(-a // b)
 
 
 def default_tile(block_n: int, elements: int = 4096) -> dict:

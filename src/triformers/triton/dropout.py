@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from triformers.components.activations import Activation, activation_fn, to_activation
-from triformers.triton._common import autocast_dtype, rows_2d, use_triton
+from triformers.triton._common import autocast_dtype, rows_2d, shaped, use_triton
 from triformers.triton._kernels.activations import get_triton_activation_index
 from triformers.triton._kernels.dropout import dropout_bwd, dropout_fwd
 
@@ -62,7 +62,7 @@ class _DropoutFn(torch.autograd.Function):
         y = dropout_fwd(x2, bias, p, seed, activation, out_dtype)
         ctx.save_for_backward(x2, bias)
         ctx.p, ctx.seed, ctx.activation, ctx.x_shape, ctx.x_dtype = p, seed, activation, x.shape, x.dtype
-        return y.view(x.shape)
+        return shaped(y, x.shape)
 
     @staticmethod
     def backward(ctx, dy):
@@ -79,7 +79,7 @@ class _DropoutFn(torch.autograd.Function):
             compute_db=compute_db,
             db_dtype=bias.dtype if bias is not None else torch.float32,
         )
-        return dx.view(ctx.x_shape), db, None, None, None
+        return shaped(dx, ctx.x_shape), db, None, None, None
 
 
 def _check(x, p, bias):
@@ -122,7 +122,7 @@ def dropout(
     index = get_triton_activation_index(act)
     if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
         return _DropoutFn.apply(x, bias, p, index, out_dtype)
-    return dropout_fwd(rows_2d(x), bias, p, _new_seed(p), index, out_dtype).view(x.shape)
+    return shaped(dropout_fwd(rows_2d(x), bias, p, _new_seed(p), index, out_dtype), x.shape)
 
 
 class FusedDropoutBias(nn.Module):

@@ -16,7 +16,7 @@ import math
 import torch
 from torch import nn
 
-from triformers.triton._common import autocast_dtype, rows_2d, use_triton
+from triformers.triton._common import autocast_dtype, rows_2d, shaped, use_triton
 from triformers.triton._kernels.norm import norm_bwd, norm_fwd
 
 __all__ = ["layer_norm", "FusedLayerNorm", "layer_norm_reference"]
@@ -61,7 +61,7 @@ class _LayerNormFn(torch.autograd.Function):
         ctx.save_for_backward(x2, weight, mean, rstd)
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         ctx.bias_dtype = bias.dtype if bias is not None else None
-        return y.view(x.shape)
+        return shaped(y, x.shape)
 
     @staticmethod
     def backward(ctx, dy):
@@ -74,7 +74,7 @@ class _LayerNormFn(torch.autograd.Function):
         )  # fmt: skip
         dw = dw.to(weight.dtype) if dw is not None else None
         db = db.to(ctx.bias_dtype) if db is not None else None
-        return dx.view(ctx.x_shape), dw, db, None, None
+        return shaped(dx, ctx.x_shape), dw, db, None, None
 
 
 def layer_norm(
@@ -101,7 +101,7 @@ def layer_norm(
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
         return _LayerNormFn.apply(x, weight, bias, float(eps), out_dtype)
     y, _, _ = norm_fwd(rows_2d(x), weight, bias, float(eps), rms=False, out_dtype=out_dtype, store_stats=False)
-    return y.view(x.shape)
+    return shaped(y, x.shape)
 
 
 class FusedLayerNorm(nn.Module):

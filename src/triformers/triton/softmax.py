@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from triformers.triton._common import autocast_dtype, rows_2d, use_triton
+from triformers.triton._common import autocast_dtype, rows_2d, shaped, use_triton
 from triformers.triton._kernels.softmax import softmax_bwd, softmax_fwd
 
 __all__ = ["softmax", "log_softmax", "softmax_reference", "log_softmax_reference"]
@@ -75,7 +75,7 @@ class _SoftmaxFn(torch.autograd.Function):
         ctx.log, ctx.x_shape, ctx.x_dtype, ctx.seq_m = log, x.shape, x.dtype, seq_m
         ctx.mask_shape = None if mask is None else mask.shape
         ctx.mask_dtype = None if mask is None else mask.dtype
-        return y.view(x.shape)
+        return shaped(y, x.shape)
 
     @staticmethod
     def backward(ctx, dy):
@@ -88,7 +88,7 @@ class _SoftmaxFn(torch.autograd.Function):
             # d(x + mask) = dx, summed over every row sharing a mask row, then back to mask's broadcast shape.
             full = dx.view(-1, ctx.seq_m, dx.shape[-1]).sum(0)  # [M, N]
             dmask = full.sum_to_size(ctx.mask_shape).to(ctx.mask_dtype)
-        dx = dx.to(ctx.x_dtype).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
+        dx = shaped(dx.to(ctx.x_dtype), ctx.x_shape) if ctx.needs_input_grad[0] else None
         return dx, dmask, None, None, None
 
 
@@ -106,7 +106,7 @@ def _softmax(x, mask, causal, log, name):
         return _SoftmaxFn.apply(x, mask, bool(causal), log, out_dtype)
     seq_m = x.shape[-2] if x.dim() >= 2 else 1
     y = softmax_fwd(rows_2d(x), mask2, seq_m, log=log, causal=bool(causal), out_dtype=out_dtype)
-    return y.view(x.shape)
+    return shaped(y, x.shape)
 
 
 def softmax(x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:

@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from triformers.triton._common import cdiv
+
 # Tiles of 16 rows x 128 columns (2K elements, 4 KB in bf16) per program: rows of one index entry are
 # contiguous, and an index entry usually has M >= 16 rows (tokens) of D >= 128 channels.
 BLOCK_M = 16
@@ -142,7 +144,7 @@ def scaled_index_add_fwd(input, index, source, scaling, alpha: float) -> None:
     """In place: ``input[index[i]] += alpha * scaling * source[i]`` (input, source: [B, M, D])."""
     Bi, M, D = source.shape
     block_d = _block_d(D)
-    grid = (Bi, triton.cdiv(M, BLOCK_M), triton.cdiv(D, block_d))
+    grid = (Bi, cdiv(M, BLOCK_M), cdiv(D, block_d))
     _scaled_index_add_fwd_kernel[grid](
         input,
         index,
@@ -165,7 +167,7 @@ def scaled_index_add_bwd(
     """``(grad_source [Bi, M, D] | None, grad_scaling [D] float32 | None)``."""
     Bi, M, D = source.shape
     block_d = _block_d(D)
-    grid = (Bi, triton.cdiv(M, BLOCK_M), triton.cdiv(D, block_d))
+    grid = (Bi, cdiv(M, BLOCK_M), cdiv(D, block_d))
     gs = torch.empty((Bi, M, D), device=grad.device, dtype=source.dtype) if compute_grad_source else None
     partial = torch.empty((Bi * grid[1], D), device=grad.device, dtype=torch.float32) if compute_grad_scaling else None
     _scaled_index_add_bwd_kernel[grid](
@@ -195,7 +197,7 @@ def index_select_fwd(source: torch.Tensor, index: torch.Tensor, out: torch.Tenso
     """``out`` (contiguous, ``len(index) * D`` elements) = ``source[index]`` flattened (source: [N, D])."""
     R, D = index.shape[0], source.shape[1]
     block_d = _block_d(D)
-    _index_select_kernel[(triton.cdiv(R, BLOCK_M), triton.cdiv(D, block_d))](
+    _index_select_kernel[(cdiv(R, BLOCK_M), cdiv(D, block_d))](
         source,
         index,
         out,

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from triformers.triton._common import Tuner, default_tile, next_pow2, prune_by_tile, sm_count, tile_configs
+from triformers.triton._common import Tuner, cdiv, default_tile, next_pow2, prune_by_tile, sm_count, tile_configs
 
 # As for the dropout kernels: 1024-column blocks (2 KB contiguous per bf16 row), autotuned row counts.
 BLOCK_N_MAX = 1024
@@ -134,7 +134,7 @@ def silu_mul_fwd(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = No
     args = (a, b, g, M, N, a.stride(0), a.stride(1), b.stride(0), b.stride(1), g.stride(0))
     # fmt: on
     key = (N, a.dtype, b.dtype, g.dtype, block_n)
-    grid = lambda c: (triton.cdiv(M, c["BLOCK_M"]), triton.cdiv(N, block_n))  # noqa: E731
+    grid = lambda c: (cdiv(M, c["BLOCK_M"]), cdiv(N, block_n))  # noqa: E731
     _fwd(grid, args, key, default_tile(block_n), BLOCK_N=block_n)
     return g
 
@@ -152,8 +152,8 @@ def silu_mul_bwd(
     """Fill ``da``, ``db`` (and ``g``); returns ``[Σ_rows da, Σ_rows db]`` (float32 ``[2N]``) if asked."""
     M, N = a.shape
     block_n = _block_n(N)
-    col_blocks = triton.cdiv(N, block_n)
-    chunks = max(1, min(M, triton.cdiv(BWD_PROGRAMS_PER_SM * sm_count(a), col_blocks)))
+    col_blocks = cdiv(N, block_n)
+    chunks = max(1, min(M, cdiv(BWD_PROGRAMS_PER_SM * sm_count(a), col_blocks)))
     dbias = torch.empty((chunks, 2 * N), device=a.device, dtype=torch.float32) if compute_dbias else None
     # fmt: off
     args = (a, b, dg, da, db, g if g is not None else da, dbias if dbias is not None else da, M, N,

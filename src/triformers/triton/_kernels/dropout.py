@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from triformers.triton._common import Tuner, default_tile, next_pow2, prune_by_tile, sm_count, tile_configs
+from triformers.triton._common import Tuner, cdiv, default_tile, next_pow2, prune_by_tile, sm_count, tile_configs
 from triformers.triton._kernels.activations import activation_grad, apply_activation
 from triformers.triton._kernels.reduce import sum_rows
 
@@ -220,7 +220,7 @@ _bwd = Tuner(_dropout_bwd_kernel, tile_configs(), _PRUNE)
 
 def _lanes(N: int) -> tuple[int, int]:
     """(lane width L, lane block BLOCK_S)."""
-    L = triton.cdiv(triton.cdiv(N, LANES), 16) * 16
+    L = cdiv(cdiv(N, LANES), 16) * 16
     return L, min(BLOCK_S_MAX, next_pow2(L))
 
 
@@ -246,7 +246,7 @@ def dropout_fwd(
     args = (x, b, y, M, N, L, x.stride(0), x.stride(1), y.stride(0), seed, threshold, scale)
     meta = dict(ACTIVATION=activation, HAS_BIAS=bias is not None, HAS_DROPOUT=p > 0.0, BLOCK_S=block_s)
     key = (N, x.dtype, b.dtype, y.dtype, *meta.values())
-    grid = lambda c: (triton.cdiv(M, c["BLOCK_M"]), triton.cdiv(L, block_s))  # noqa: E731
+    grid = lambda c: (cdiv(M, c["BLOCK_M"]), cdiv(L, block_s))  # noqa: E731
     _fwd(grid, args, key, default_tile(LANES * block_s), **meta)
     return y
 
@@ -268,12 +268,12 @@ def dropout_bwd(
     dx = torch.empty((M, N), device=x.device, dtype=dx_dtype)
     L, block_s = _lanes(N)
     threshold, scale = _threshold_and_scale(p)
-    lane_blocks = triton.cdiv(L, block_s)
+    lane_blocks = cdiv(L, block_s)
     if compute_db:  # persistent: a few programs per SM, each writing one partial row of db
-        chunks = max(1, min(M, triton.cdiv(BWD_PROGRAMS_PER_SM * sm_count(x), lane_blocks)))
+        chunks = max(1, min(M, cdiv(BWD_PROGRAMS_PER_SM * sm_count(x), lane_blocks)))
         grid = lambda c: (chunks, lane_blocks)  # noqa: E731
     else:  # one tile per program, as in the forward
-        grid = lambda c: (triton.cdiv(M, c["BLOCK_M"]), lane_blocks)  # noqa: E731
+        grid = lambda c: (cdiv(M, c["BLOCK_M"]), lane_blocks)  # noqa: E731
     db = torch.empty((chunks, N), device=x.device, dtype=torch.float32) if compute_db else None
     b = bias if bias is not None else x
     # fmt: off

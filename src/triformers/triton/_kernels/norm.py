@@ -18,11 +18,13 @@ times (cache-resident), the backward splits into a row-statistics kernel and a 2
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from triformers.triton._common import Tuner, default_tile, next_pow2, prune_by_tile, sm_count, tile_configs
+from triformers.triton._common import Tuner, cdiv, default_tile, next_pow2, prune_by_tile, sm_count, tile_configs
 from triformers.triton._kernels.norm_wide import norm_bwd_wide
 from triformers.triton._kernels.reduce import sum_rows
 
@@ -237,21 +239,20 @@ def norm_fwd(
     y = torch.empty((M, N), device=x.device, dtype=out_dtype)
     rstd = torch.empty(M, device=x.device, dtype=torch.float32) if store_stats else None
     mean = torch.empty(M, device=x.device, dtype=torch.float32) if store_stats and not rms else None
-    max_block_n = max_block_n or MAX_BLOCK_N
-    single = next_pow2(N) <= max_block_n
-    block_n = next_pow2(N) if single else min(LOOP_BLOCK_N, next_pow2(max_block_n))
+    single, block_n, default = _fwd_plan(N, max_block_n or MAX_BLOCK_N)
     r = residual if residual is not None else x
     w, b = weight if weight is not None else y, bias if bias is not None else y
     m, s = mean if mean is not None else y, rstd if rstd is not None else y
     # fmt: off
     args = (x, r, w, b, y, m, s, M, N, eps, x.stride(0), x.stride(1), r.stride(0), r.stride(1), y.stride(0))
-    meta = dict(IS_RMS=rms, HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None,
-                HAS_BIAS=bias is not None, STORE_STATS=store_stats, BLOCK_N=block_n, SINGLE_PASS=single)
+    flags = (rms, residual is not None, weight is not None, bias is not None, store_stats)
+    meta = dict(IS_RMS=rms, HAS_RESIDUAL=flags[1], HAS_WEIGHT=flags[2], HAS_BIAS=flags[3], STORE_STATS=store_stats,
+                BLOCK_N=block_n, SINGLE_PASS=single)
     # fmt: on
     if single:
-        key = (N, x.dtype, r.dtype, w.dtype, b.dtype, y.dtype, *meta.values())
+        key = (N, x.dtype, r.dtype, w.dtype, b.dtype, y.dtype, block_n, *flags)
         tuner = _fwd_residual if residual is not None else _fwd
-        tuner(lambda c: (triton.cdiv(M, c["BLOCK_M"]),), args, key, default_tile(block_n), **meta)
+        tuner(lambda c: (cdiv(M, c["BLOCK_M"]),), args, key, default, **meta)
     else:  # wide rows: one row per program, no autotuning (a rare shape)
         _norm_fwd_kernel[(M,)](*args, BLOCK_M=1, num_warps=8, **meta)
     return y, mean, rstd
@@ -290,22 +291,40 @@ def norm_bwd(
         )
         return dx, None if dw is None else dw.to(param_dtype), None if db is None else db.to(param_dtype)
     dx = torch.empty((M, N), device=x.device, dtype=dx_dtype)
-    block_n = next_pow2(N)
-    programs = max(1, min(M, _bwd_programs_per_sm(block_n) * sm_count(x)))
-    # dw and db partials side by side in one buffer: one sum and one cast for both (fewer launches)
-    partial = torch.empty((programs, (compute_dw + compute_db) * N), device=x.device, dtype=torch.float32)
-    dw_p = partial[:, :N] if compute_dw else rstd
-    db_p = partial[:, N * compute_dw :] if compute_db else rstd
+    block_n, programs, default = _bwd_plan(M, N, sm_count(x))
+    # dw and db partials side by side in one buffer: one reduction launch for both
+    width = (compute_dw + compute_db) * N
+    partial = torch.empty((programs, width), device=x.device, dtype=torch.float32) if width else rstd
+    if compute_dw and compute_db:
+        dw_p, db_p = partial, partial[:, N:]
+    else:
+        dw_p = db_p = partial
     w = weight if weight is not None else dx
     # fmt: off
     args = (x, w, dy, dx, mean if mean is not None else rstd, rstd, dw_p, db_p, M, N, x.stride(0), x.stride(1),
-            dy.stride(0), dy.stride(1), dx.stride(0), partial.stride(0))
-    meta = dict(IS_RMS=rms, HAS_WEIGHT=weight is not None, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db,
-                BLOCK_N=block_n)
+            dy.stride(0), dy.stride(1), dx.stride(0), width)
     # fmt: on
-    key = (N, x.dtype, w.dtype, dy.dtype, dx.dtype, *meta.values())
-    _bwd(lambda c: (programs,), args, key, default_tile(block_n), **meta)
-    if not (compute_dw or compute_db):
+    key = (N, x.dtype, w.dtype, dy.dtype, dx.dtype, rms, weight is not None, compute_dw, compute_db, block_n)
+    _bwd(lambda c: (programs,), args, key, default, IS_RMS=rms, HAS_WEIGHT=weight is not None,
+         COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db, BLOCK_N=block_n)  # fmt: skip
+    if not width:
         return dx, None, None
     sums = sum_rows(partial, param_dtype)
-    return dx, sums[:N] if compute_dw else None, sums[N * compute_dw :] if compute_db else None
+    if compute_dw and compute_db:
+        return dx, sums[:N], sums[N:]
+    return dx, sums if compute_dw else None, sums if compute_db else None
+
+
+@functools.lru_cache(maxsize=256)
+def _bwd_plan(M: int, N: int, sms: int) -> tuple[int, int, dict]:
+    """(BLOCK_N, persistent programs, default config) of the single-pass backward."""
+    block_n = next_pow2(N)
+    return block_n, max(1, min(M, _bwd_programs_per_sm(block_n) * sms)), default_tile(block_n)
+
+
+@functools.lru_cache(maxsize=256)
+def _fwd_plan(N: int, max_block_n: int) -> tuple[bool, int, dict]:
+    """(SINGLE_PASS, BLOCK_N, default config) of the forward."""
+    single = next_pow2(N) <= max_block_n
+    block_n = next_pow2(N) if single else min(LOOP_BLOCK_N, next_pow2(max_block_n))
+    return single, block_n, default_tile(block_n)

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from triformers.triton._common import sm_count
+from triformers.triton._common import cdiv, sm_count
 
 # Programs of step 2 per SM (row chunks x column blocks): enough rows in flight at two programs per SM.
 WIDE_PROGRAMS_PER_SM = 2
@@ -159,8 +159,8 @@ def norm_bwd_wide(
         x, w, dy, mean_arg, rstd, c1, c2, M, N, x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
         IS_RMS=rms, HAS_WEIGHT=weight is not None, BLOCK_M=1, BLOCK_N=block_n, num_warps=8,
     )
-    col_blocks = triton.cdiv(N, block_n)
-    chunks = max(1, min(M, triton.cdiv(WIDE_PROGRAMS_PER_SM * sm_count(x), col_blocks)))
+    col_blocks = cdiv(N, block_n)
+    chunks = max(1, min(M, cdiv(WIDE_PROGRAMS_PER_SM * sm_count(x), col_blocks)))
     dw = torch.empty((chunks, N), device=x.device, dtype=torch.float32) if compute_dw else None
     db = torch.empty((chunks, N), device=x.device, dtype=torch.float32) if compute_db else None
     _norm_bwd_tile_kernel[(chunks, col_blocks)](

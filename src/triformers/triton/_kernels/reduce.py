@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from triformers.triton._common import launch
+from triformers.triton._common import cdiv, launch
 
 
 @triton.jit
@@ -36,7 +36,7 @@ def sum_rows(partial: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     block_n = 64
     launch(
         _sum_rows_kernel,
-        (triton.cdiv(N, block_n),),
+        (cdiv(N, block_n),),
         (partial, out, P, N, partial.stride(0)),
         {"BLOCK_P": 32, "BLOCK_N": block_n, "num_warps": 4},
     )

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from triformers.triton._common import Tuner, default_tile, next_pow2, prune_by_tile, tile_configs
+from triformers.triton._common import Tuner, cdiv, default_tile, next_pow2, prune_by_tile, tile_configs
 
 # One row in registers up to 8192 columns (x, and y/dy in the backward, as float32 at 16 warps: 16-32
 # registers each); wider rows loop, like the norms.
@@ -244,7 +244,7 @@ def softmax_fwd(
     meta = dict(LOG=log, HAS_MASK=mask is not None, CAUSAL=causal, BLOCK_N=block_n, SINGLE_PASS=single)
     if single:
         key = (N, x.dtype, m.dtype, y.dtype, *meta.values())
-        _fwd(lambda c: (triton.cdiv(R, c["BLOCK_M"]),), args, key, default_tile(block_n), **meta)
+        _fwd(lambda c: (cdiv(R, c["BLOCK_M"]),), args, key, default_tile(block_n), **meta)
     else:
         _softmax_fwd_kernel[(R,)](*args, BLOCK_M=1, num_warps=8, **meta)
     return y
@@ -266,7 +266,7 @@ def softmax_bwd(
     if single:
         meta = dict(LOG=log, BLOCK_N=block_n, SINGLE_PASS=True)
         key = (N, y.dtype, dy.dtype, dx.dtype, *meta.values())
-        _bwd(lambda c: (triton.cdiv(R, c["BLOCK_M"]),), args, key, default_tile(block_n), **meta)
+        _bwd(lambda c: (cdiv(R, c["BLOCK_M"]),), args, key, default_tile(block_n), **meta)
     else:
         _softmax_bwd_kernel[(R,)](*args, LOG=log, BLOCK_M=1, BLOCK_N=block_n, SINGLE_PASS=False, num_warps=8)
     return dx
