@@ -78,6 +78,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--quick", action="store_true", help="bf16 D=128 for every bias type only")
+    for direction in ("fwd", "bwd", "dq"):
+        ap.add_argument(f"--{direction}", metavar="BM,BN,WARPS,STAGES", help=f"force the {direction} configuration")
+    ap.add_argument("--bias", help="only bias types whose name contains this (e.g. 'None', 'Causal')")
+    ap.add_argument("--d", type=int, default=128, help="head dim of the bias-type scenarios (default 128)")
+    ap.add_argument("--gqa", type=int, default=1, help="bias-type scenarios in BMGHK with shared K/V (default 1)")
     args = ap.parse_args(argv)
 
     from triformers.ops import fmha
@@ -96,10 +101,14 @@ def main(argv=None) -> int:
     _AVAILABLE["triton"] = True
     from triformers.ops.fmha._triton import launch
 
+    for direction in ("fwd", "bwd", "dq"):
+        if getattr(args, direction):
+            configs.override(direction, configs.Config(*map(int, getattr(args, direction).split(",")))).__enter__()
     scenarios = []
     for bias_type in ALL_BIAS_TYPES:
-        scenarios.append((bias_type, torch.bfloat16, 128, True))
-    if not args.quick:
+        if args.bias is None or args.bias in bias_name(bias_type):
+            scenarios.append((bias_type, torch.bfloat16, args.d, bool(args.gqa)))
+    if not args.quick and args.bias is None:
         for d in (32, 64, 80, 256):
             scenarios.append((type(None), torch.bfloat16, d, False))
             scenarios.append((torch.Tensor, torch.float16, d, False))

@@ -34,20 +34,34 @@ _SPILL_FREE = {
 }
 
 
+# ``--wide``: the backward also with spilling tiles and both dK/dV formulations. Compiling shows that 128-key
+# dK/dV tiles spill at D = 128 in either formulation (100-1000 bytes per thread), but a few spilled registers
+# may cost less than the small tiles do; only the GPU can tell.
+_WIDE = {
+    "bwd": [Config(bm, bn, 8, s, kvb) for bm in (32, 64) for bn in (64, 128) for s in (2, 3) for kvb in (False, True)]
+    + [Config(64, 64, 4, 2, kvb) for kvb in (False, True)],
+    "dq": [Config(128, 32, 8, 2), Config(128, 64, 8, 2), Config(128, 64, 8, 3), Config(64, 64, 4, 2),
+           Config(64, 64, 8, 2), Config(64, 128, 8, 2)],
+}
+WIDE = False
+
+
 def _candidates(direction: str, d: int, quick: bool):
+    if WIDE and direction in _WIDE:
+        return _WIDE[direction]
     stages = {"fwd": (2, 3, 4), "bwd": (1, 2, 3), "dq": (1, 2, 3)}[direction]
     if quick:
         stages = stages[:2] if direction == "fwd" else stages[1:2]
     return [Config(bm, bn, w, s) for bm, bn, w in _SPILL_FREE[(direction, d)] for s in stages]
 
 
-def sweep(dims, ns, quick: bool) -> list[dict]:
+def sweep(dims, ns, quick: bool, directions=("fwd", "bwd"), causals=(False, True)) -> list[dict]:
     rows = []
     for d in dims:
         h = 2048 // d
         for n in ns:
             b = 16384 // n
-            for causal in (False, True):
+            for causal in causals:
                 q, k, v = (torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                            for _ in range(3))
                 bias = ab.LowerTriangularMask() if causal else None
@@ -56,7 +70,7 @@ def sweep(dims, ns, quick: bool) -> list[dict]:
                     out, lse = fmha.memory_efficient_attention_forward_requires_grad(q, k, v, bias,
                                                                                      op=fmha.triton.FwOp)
                 g = torch.randn_like(out)
-                for direction in ("fwd", "bwd"):
+                for direction in directions:
                     best = None
                     for cfg in _candidates(direction, d, quick):
                         with configs.override(direction, cfg):
@@ -79,6 +93,7 @@ def sweep(dims, ns, quick: bool) -> list[dict]:
                         tf = flops * mult / (ms * 1e-3) / 1e12
                         rows.append(dict(direction=direction, D=d, N=n, causal=causal, cfg=cfg.__dict__, ms=ms,
                                          tflops=tf))
+                        print(f"  {direction} D={d} N={n} causal={int(causal)} {cfg}: {tf:.0f} TFLOP/s", flush=True)
                         if best is None or ms < best[0]:
                             best = (ms, tf, cfg)
                     print(f"{direction} D={d} N={n} causal={int(causal)}: best {best[2]} {best[1]:.0f} TFLOP/s "
@@ -96,6 +111,7 @@ def sweep(dims, ns, quick: bool) -> list[dict]:
                                             ms = triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
                                         except Exception:
                                             continue
+                                    print(f"  dq {cfg}: {flops * 2.5 / (ms * 1e-3) / 1e12:.0f} TFLOP/s", flush=True)
                                     if bestq is None or ms < bestq[0]:
                                         bestq = (ms, cfg)
                         finally:
@@ -114,8 +130,14 @@ def main(argv=None) -> int:
     ap.add_argument("--dims", default="64,128")
     ap.add_argument("--ns", default="4096")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--wide", action="store_true", help="backward: spilling tiles and both dK/dV formulations too")
+    ap.add_argument("--directions", default="fwd,bwd")
+    ap.add_argument("--causal", default="0,1")
     args = ap.parse_args(argv)
-    rows = sweep([int(x) for x in args.dims.split(",")], [int(x) for x in args.ns.split(",")], args.quick)
+    global WIDE
+    WIDE = args.wide
+    rows = sweep([int(x) for x in args.dims.split(",")], [int(x) for x in args.ns.split(",")], args.quick,
+                 tuple(args.directions.split(",")), tuple(bool(int(c)) for c in args.causal.split(",")))
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "tune_fmha.json").write_text(json.dumps({"gpu": torch.cuda.get_device_name(), "rows": rows},
                                                               indent=1))
