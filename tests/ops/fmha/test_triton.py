@@ -38,21 +38,10 @@ def test_multi_tile_odd_sizes(bias_type, dtype):
         torch.testing.assert_close(a.double(), b.double(), atol=10 * atol, rtol=10 * atol)
 
 
-def _kv_b_backward():
-    """The dK/dV kernel's other formulation (K and V as second operands) at the interpreter's tile sizes."""
-    from triformers.ops.fmha._triton import configs
-
-    return configs.override("bwd", configs.Config(16, 16, 1, 1, kv_b=True))
-
-
 @pytest.mark.parametrize("bias_type", [type(None), ab.LowerTriangularMask, ab.BlockDiagonalCausalMask])
 @pytest.mark.parametrize("gqa", [False, True])
-@pytest.mark.parametrize("kv_b", [False, True], ids=["kq", "qk"])
-def test_dropout_identical_to_chunked(bias_type, gqa, kv_b):
+def test_dropout_identical_to_chunked(bias_type, gqa):
     """Both operators draw the same Philox stream: same seed, same dropped entries, same gradients."""
-    if kv_b:
-        with _kv_b_backward():
-            return test_dropout_identical_to_chunked(bias_type, gqa, False)
     inp = create_inputs(bias_type, batch_size=2, q_len=37, kv_len=37, num_heads=3, k=16, fmt="BMGHK",
                         num_groups=2, requires_grad=True, seed=5, gqa=gqa)
     q, k, v, bias = inp.query, inp.key, inp.value, inp.attn_bias
@@ -135,18 +124,14 @@ def test_cpu_auto_never_picks_triton():
         assert fmha.dispatch.dispatch_fw(inp, needs_gradient=True) in (fmha.sdpa.FwOp, fmha.chunked.FwOp)
 
 
-@pytest.mark.parametrize("path", ["pointers", "atomic_dq", "kv_b", "kv_b_atomic_dq"])
+@pytest.mark.parametrize("path", ["pointers", "atomic_dq"])
 def test_alternative_kernel_paths(path, monkeypatch):
-    """The pointer path (strides TMA cannot address), the atomic-dQ backward and the dK/dV formulation with
-    K and V as second operands stay correct."""
+    """The pointer path (strides TMA cannot address) and the atomic-dQ backward stay correct."""
     from triformers.ops.fmha._triton import launch
 
-    if path.startswith("kv_b"):
-        with _kv_b_backward():
-            return test_alternative_kernel_paths(path[5:] or "tma", monkeypatch)
     if path == "pointers":
         monkeypatch.setattr(launch, "USE_TMA", False)
-    elif path == "atomic_dq":
+    else:
         monkeypatch.setattr(launch, "ATOMIC_DQ", True)
     inp = create_inputs(ab.BlockDiagonalCausalLocalAttentionMask, batch_size=2, q_len=40, kv_len=40, num_heads=2,
                         k=24, kv=16, fmt="BMGHK", num_groups=2, gqa=True, requires_grad=True, seed=9)

@@ -111,74 +111,6 @@ def _dkdv_tiles(dk, dv, k, v, desc_q, desc_do, desc_b, desc_dq, q_ptr, do_ptr, l
 
 
 @triton.jit
-def _dkdv_tiles_kv_b(dk, dv, k, v, desc_q, desc_do, desc_b, desc_dq, q_ptr, do_ptr, lse_ptr, delta_ptr, b_ptr,
-                     db_ptr, dq_ptr, lo, hi, b, g, h, q_start, k_start, n_start, offs_m, offs_j, q_len, k_len, off,
-                     WL, WR, stride_qm, stride_dom, stride_bm, stride_bn, stride_dbm, stride_dbn, stride_dqm,
-                     qk_scale, seed, dropout_p, drop_head, K_DIM, KV_DIM,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                     MASKED: tl.constexpr, USE_TMA: tl.constexpr, BIAS_TMA: tl.constexpr,
-                     HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                     DB_MODE: tl.constexpr, ATOMIC_DQ: tl.constexpr, DQ_TMA: tl.constexpr,
-                     INPUT_PRECISION: tl.constexpr):
-    """:func:`_dkdv_tiles` with K and V only as the second (shared-memory) operand of every product:
-    S = Q Kᵀ and dP = dO Vᵀ are [BM, BN]; Pᵀ and dSᵀ become first operands. K and V then need no registers,
-    which leaves room for 128-key tiles at D = 128. ``offs_j`` is the [1, BN] key index row."""
-    dtype = k.dtype
-    offs_d = tl.arange(0, BLOCK_D)
-    for start_m in range(lo, hi, BLOCK_M):
-        start_m = tl.multiple_of(start_m, BLOCK_M)
-        rows = start_m + offs_m  # [BM] block-local query index
-        rows_c = rows[:, None]  # [BM, 1]
-        row_ok = rows < q_len
-        q = load_rows(desc_q, q_ptr, b, q_start + start_m, g, h, q_start + q_len, stride_qm, K_DIM,
-                      BLOCK_M, BLOCK_D, USE_TMA, MASKED)
-        do = load_rows(desc_do, do_ptr, b, q_start + start_m, g, h, q_start + q_len, stride_dom, KV_DIM,
-                       BLOCK_M, BLOCK_DV, USE_TMA, MASKED)
-        lse = tl.load(lse_ptr + start_m + offs_m, mask=row_ok, other=0.0)
-        lse2 = tl.where(lse == -float("inf"), float("inf"), lse * LOG2E)
-        delta = tl.load(delta_ptr + start_m + offs_m, mask=row_ok, other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale  # [BM, BN]
-        if HAS_BIAS:
-            bias = load_bias_tile(desc_b, b_ptr, b, g, h, start_m, n_start, q_len, k_len, stride_bm, stride_bn,
-                                  BLOCK_M, BLOCK_N, BIAS_TMA)
-            qk += bias * LOG2E
-        p = tl.math.exp2(qk - lse2[:, None])
-        if MASKED:
-            p = tl.where(tile_allowed(rows_c, offs_j, q_len, k_len, off, WL, WR, HAS_WL, HAS_WR), p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)  # [BM, BN]
-        if HAS_DROPOUT:
-            keep = dropout_keep(seed, q_start + rows_c, k_start + offs_j, drop_head, dropout_p)
-            z = 1.0 / (1.0 - dropout_p)
-            pd = tl.where(keep, p * z, 0.0).to(dtype)
-            dv = tl.dot(tl.trans(pd), do, dv, input_precision=INPUT_PRECISION)
-            dp = tl.where(keep, dp * z, 0.0)
-        else:
-            dv = tl.dot(tl.trans(p.to(dtype)), do, dv, input_precision=INPUT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        ds16 = ds.to(dtype)
-        dk = tl.dot(tl.trans(ds16), q, dk, input_precision=INPUT_PRECISION)
-        if ATOMIC_DQ:
-            dq = tl.dot(ds16, k, input_precision=INPUT_PRECISION)  # [BM, BD]
-            if DQ_TMA:  # rows past q_len have dS = 0 (masked), so adding them is harmless
-                desc_dq.atomic_add([b, q_start + start_m, g, h, 0], dq.reshape(1, BLOCK_M, 1, 1, BLOCK_D))
-            else:
-                dq_ptrs = dq_ptr + (q_start + rows).to(tl.int64)[:, None] * stride_dqm + offs_d[None, :]
-                tl.atomic_add(dq_ptrs, dq, mask=row_ok[:, None] & (offs_d[None, :] < K_DIM), sem="relaxed")
-        if DB_MODE != 0:
-            key_ok = offs_j < k_len
-            if DB_MODE == 3:  # bias broadcast over queries: reduce the rows first
-                tl.atomic_add(db_ptr + offs_j.to(tl.int64) * stride_dbn, tl.sum(ds, 0)[None, :], mask=key_ok,
-                              sem="relaxed")
-            else:
-                db_ptrs = db_ptr + rows_c.to(tl.int64) * stride_dbm + offs_j.to(tl.int64) * stride_dbn
-                if DB_MODE == 1:
-                    tl.store(db_ptrs, ds, mask=key_ok & (rows_c < q_len))
-                else:
-                    tl.atomic_add(db_ptrs, ds, mask=key_ok & (rows_c < q_len), sem="relaxed")
-    return dk, dv
-
-
-@triton.jit
 def attn_bwd_dkdv(
     Q, K, V, DO, LSE, Delta, Bias, DB, DQ, DK, DV, desc_q, desc_k, desc_v, desc_do, desc_b, desc_dq,
     SEQ_Q, K_START, K_LEN,
@@ -197,7 +129,7 @@ def attn_bwd_dkdv(
     IS_VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, KV_SHARED: tl.constexpr,
     HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     DB_MODE: tl.constexpr, ATOMIC_DQ: tl.constexpr, USE_TMA: tl.constexpr, BIAS_TMA: tl.constexpr,
-    DQ_TMA: tl.constexpr, INPUT_PRECISION: tl.constexpr, KV_AS_B: tl.constexpr,
+    DQ_TMA: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     # program (z * kv_heads + kv_head, key tile); kv_head = g * HK + hk, HK = 1 when a group's HG query
     # heads share one K/V head (GQA), else HK = HG
@@ -231,7 +163,6 @@ def attn_bwd_dkdv(
 
     offs_m = tl.arange(0, BLOCK_M)
     offs_jT = (n_start + tl.arange(0, BLOCK_N))[:, None]  # [BN, 1] block-local key index
-    offs_j = (n_start + tl.arange(0, BLOCK_N))[None, :]  # [1, BN]
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     b64, g64, hk64 = b.to(tl.int64), g.to(tl.int64), hk.to(tl.int64)
@@ -268,21 +199,12 @@ def attn_bwd_dkdv(
                 s_lo, s_hi = mid_lo, mid_hi
             else:
                 s_lo, s_hi = mid_hi, hi
-            if KV_AS_B:
-                dk, dv = _dkdv_tiles_kv_b(
-                    dk, dv, k, v, desc_q, desc_do, desc_b, desc_dq, q_ptr, do_ptr, lse_ptr, delta_ptr, b_ptr, db_ptr,
-                    dq_ptr, s_lo, s_hi, b, g, hh, q_start, k_start, n_start, offs_m, offs_j, q_len, k_len,
-                    off, WL, WR, stride_qm, stride_dom, stride_bm, stride_bn, stride_dbm, stride_dbn, stride_dqm,
-                    qk_scale, seed, dropout_p, drop_head, K_DIM, KV_DIM, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, seg != 1,
-                    USE_TMA, BIAS_TMA, HAS_WL, HAS_WR, HAS_BIAS, HAS_DROPOUT, DB_MODE, ATOMIC_DQ, DQ_TMA,
-                    INPUT_PRECISION)
-            else:
-                dk, dv = _dkdv_tiles(dk, dv, k, v, desc_q, desc_do, desc_b, desc_dq, q_ptr, do_ptr, lse_ptr, delta_ptr,
-                                     b_ptr, db_ptr, dq_ptr, s_lo, s_hi, b, g, hh, q_start, k_start, n_start, offs_m,
-                                     offs_jT, q_len, k_len, off, WL, WR, stride_qm, stride_dom, stride_bm, stride_bn,
-                                     stride_dbm, stride_dbn, stride_dqm, qk_scale, seed, dropout_p, drop_head, K_DIM,
-                                     KV_DIM, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, seg != 1, USE_TMA, BIAS_TMA, HAS_WL,
-                                     HAS_WR, HAS_BIAS, HAS_DROPOUT, DB_MODE, ATOMIC_DQ, DQ_TMA, INPUT_PRECISION)
+            dk, dv = _dkdv_tiles(dk, dv, k, v, desc_q, desc_do, desc_b, desc_dq, q_ptr, do_ptr, lse_ptr, delta_ptr,
+                                 b_ptr, db_ptr, dq_ptr, s_lo, s_hi, b, g, hh, q_start, k_start, n_start, offs_m,
+                                 offs_jT, q_len, k_len, off, WL, WR, stride_qm, stride_dom, stride_bm, stride_bn,
+                                 stride_dbm, stride_dbn, stride_dqm, qk_scale, seed, dropout_p, drop_head, K_DIM,
+                                 KV_DIM, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, seg != 1, USE_TMA, BIAS_TMA, HAS_WL,
+                                 HAS_WR, HAS_BIAS, HAS_DROPOUT, DB_MODE, ATOMIC_DQ, DQ_TMA, INPUT_PRECISION)
     keys = (k_start + offs_jT).to(tl.int64)
     key_ok = offs_jT < k_len
     dk_ptrs = DK + b64 * stride_dkb + g64 * stride_dkg + hk64 * stride_dkh + keys * stride_dkn + offs_d[None, :]

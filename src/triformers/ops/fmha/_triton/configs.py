@@ -25,7 +25,6 @@ class Config:
     block_n: int
     num_warps: int
     num_stages: int
-    kv_b: bool = False  # dK/dV kernel: K and V as second operands only (QKᵀ rather than KQᵀ)
 
 
 def _arch() -> str:

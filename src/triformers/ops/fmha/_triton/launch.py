@@ -291,7 +291,7 @@ def attention_backward(grad, q, k, v, out, lse, bias, db_reduce_mask: int, m: Ma
             c.num_heads, c.HG, c.Mq, c.Mkv, c.scale * LOG2E, c.scale, c.wl, c.wr, c.p, seed, c.K, c.Kv,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=c.block_d, BLOCK_DV=c.block_dv,
             DB_MODE=db_mode, ATOMIC_DQ=atomic_dq, USE_TMA=desc is not None, BIAS_TMA=desc_b is not None,
-            DQ_TMA=desc is not None and dq_tma, KV_AS_B=bool(cfg.kv_b),
+            DQ_TMA=desc is not None and dq_tma,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **c.flags,
         )
 
