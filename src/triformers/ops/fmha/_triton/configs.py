@@ -41,11 +41,10 @@ def _d_bucket(d: int) -> int:
     return 512
 
 
-# (arch, direction, head-dim bucket) -> Config. Candidates were first filtered on register use:
-# `scripts/compile_check.py`-style compilation for sm90 (no GPU needed) rejected every configuration that
-# spills (e.g. the dK/dV kernel at D = 128 spills with 128-key tiles: 736 bytes/thread at BM=32, BN=128,
-# 8 warps; none with 64-key tiles and 8 warps). The GPU sweep (`scripts/tune_fmha.py`, bf16, H100) then
-# picked among the spill-free ones; its numbers are in benchmarks/NOTES.md.
+# (arch, direction, head-dim bucket) -> Config. Forward candidates were first filtered on register use
+# (`scripts/compile_check.py` compiles for sm90 without a GPU and reports ptxas spills); the GPU sweep
+# (`scripts/tune_fmha.py`, bf16, H100) picked among the spill-free ones. The backward was swept again with
+# spilling tiles included (below): there the larger tiles win despite the spills.
 _TABLE: dict[tuple[str, str, int], Config] = {
     # H100 bf16 N=4096: D=64 (64,64,4,2) 388 TFLOP/s vs 351 for (128,64,8,3); D=128 (128,128,8,3) 466 vs 402
     # non-causal, causal (64,64,4,2) 362 vs 331 (scripts/tune_fmha.py; benchmarks/NOTES.md)
@@ -54,12 +53,17 @@ _TABLE: dict[tuple[str, str, int], Config] = {
     ("sm90", "fwd", 128): Config(128, 128, 8, 3),
     ("sm90", "fwd", 256): Config(64, 64, 8, 2),
     ("sm90", "bwd", 32): Config(32, 128, 4, 2),
-    ("sm90", "bwd", 64): Config(64, 128, 8, 2),
-    ("sm90", "bwd", 128): Config(32, 64, 8, 2),
+    # dK/dV and dQ: `scripts/tune_fmha.py --wide --directions bwd` (H100, bf16, N=4096, 2.5x forward FLOPs,
+    # benchmarks/results/h100/tune_fmha_bwd_d{64,128}.json). The 128-key dK/dV tiles spill 100-1000 bytes per
+    # thread at D=128 and still beat the spill-free (32, 64, 8, 2): D=128 273 vs 164 TFLOP/s (causal 243 vs 155),
+    # D=64 278 vs 238 for (64, 128, 8, 2). dQ, with them: D=128 (128, 64, 8, 3) 334 vs 269 for (128, 32, 8, 2),
+    # D=64 (64, 64, 4, 2) 301 vs 276.
+    ("sm90", "bwd", 64): Config(64, 128, 8, 3),
+    ("sm90", "bwd", 128): Config(64, 128, 8, 3),
     ("sm90", "bwd", 256): Config(16, 32, 8, 1),
     ("sm90", "dq", 32): Config(128, 32, 4, 2),
-    ("sm90", "dq", 64): Config(128, 32, 8, 2),
-    ("sm90", "dq", 128): Config(128, 32, 8, 2),
+    ("sm90", "dq", 64): Config(64, 64, 4, 2),
+    ("sm90", "dq", 128): Config(128, 64, 8, 3),
     ("sm90", "dq", 256): Config(64, 16, 8, 2),
 }
 # Ampere: smaller shared memory (164 KB vs 228 KB) -> fewer stages.
