@@ -53,3 +53,97 @@ def triton_unavailable_reason(*tensors: torch.Tensor) -> str | None:
 
 def can_run_triton(*tensors: torch.Tensor) -> bool:
     return triton_unavailable_reason(*tensors) is None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Launching. ``kernel[grid](*args, **meta)`` costs ~10-20 µs of Python per call in Triton 3.x (binding every
+# argument, the cache key, scratch allocation), which is as long as a memory-bound kernel on a 32 MB tensor
+# runs. ``launch`` keeps the compiled kernel of each specialisation and calls its C launcher directly.
+
+_compiled: dict = {}
+_INT32 = range(-(2**31), 2**31)
+
+
+def _spec(a):
+    """What Triton's JIT specialises an argument on (or a refinement of it): dtype and 16-byte alignment of a
+    tensor; for an int, == 1, divisibility by 16 and the integer width; a TMA descriptor's element type and
+    block shape; the value of anything else."""
+    if isinstance(a, torch.Tensor):
+        return a.dtype, a.data_ptr() & 15 == 0
+    c = a.__class__
+    if c.__name__ == "TensorDescriptor":  # element type and block shape: what Triton itself reports
+        from triton._C.libtriton import native_specialize_impl
+        from triton.backends.compiler import BaseBackend
+
+        return native_specialize_impl(BaseBackend, a, False, True, True)
+    if c is int:
+        return a == 1, a & 15 == 0, a in _INT32, a < 2**63
+    if c is float:
+        return float
+    return c, a
+
+
+def _fast_launch_enabled() -> bool:
+    return not interpret_mode() and os.environ.get("TRIFORMERS_FAST_LAUNCH", "1") != "0"
+
+
+def _direct_launcher(compiled, kernel, n_args: int, meta: dict):
+    """``(launch, fixed, tail)``: the compiled kernel's C launcher, its fixed leading arguments and the
+    values of the kernel parameters after the positional ones; None where the generic path is needed."""
+    run = compiled.run
+    names = kernel.arg_names[n_args:]
+    defaults = {p.name: p.default for p in kernel.params}
+    tail = tuple(meta[n] if n in meta else defaults[n] for n in names)
+    if getattr(run, "global_scratch_size", 1) or getattr(run, "profile_scratch_size", 1):
+        return None
+    fixed = (run.launch_cooperative_grid, run.launch_pdl, None, None, compiled.packed_metadata, None, None, None)
+    return run.launch, compiled.function, fixed, tail
+
+
+def launch(kernel, grid: tuple, args: tuple, meta: dict, static_key=None):
+    """``kernel[grid](*args, **meta)``, through the compiled kernel's C launcher once it is known.
+
+    The first call of a specialisation goes through Triton's JIT (compiling if needed) and keeps the compiled
+    kernel; later calls pass the arguments straight to its launcher. ``static_key`` (hashable) stands for
+    ``kernel`` and ``meta`` when the caller has one. The interpreter, launch hooks (profilers) and
+    ``TRIFORMERS_FAST_LAUNCH=0`` take the JIT path.
+    """
+    if _FAST_LAUNCH is None:
+        _init_fast_launch()
+    if not _FAST_LAUNCH or _knobs.runtime.launch_enter_hook is not None:
+        return kernel[grid](*args, **meta)
+    device = torch.cuda.current_device()
+    key = (static_key if static_key is not None else (kernel, tuple(meta.items())), device, *map(_spec, args))
+    entry = _compiled.get(key)
+    if entry is None:
+        compiled = kernel[grid](*args, **meta)
+        if compiled is not None and not hasattr(compiled, "result"):
+            direct = _direct_launcher(compiled, kernel, len(args), meta)
+            if direct is not None:
+                _compiled[key] = direct
+        return compiled
+    run, function, fixed, tail = entry
+    n = len(grid)
+    run(
+        grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, torch._C._cuda_getCurrentRawStream(device),
+        function, *fixed, *args, *tail,
+    )  # fmt: skip
+    return None
+
+
+_FAST_LAUNCH: bool | None = None  # decided at the first launch (importing triton is not free)
+_knobs = None
+
+
+def _init_fast_launch() -> None:
+    global _FAST_LAUNCH, _knobs
+    _FAST_LAUNCH = _fast_launch_enabled() and is_triton_available()
+    if _FAST_LAUNCH:
+        from triton import knobs
+
+        _knobs = knobs
+
+
+def cdiv(a: int, b: int) -> int:
+    """⌈a / b⌉ for ints (``triton.cdiv`` is a JIT function: costly to call from the host)."""
+    return -(-a // b)

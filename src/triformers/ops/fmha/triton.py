@@ -48,6 +48,19 @@ def _mask_args(seq_q, k_start, k_len, max_q, max_k, bottom_right, window_left, w
     return _launch().MaskArgs(seq_q, k_start, k_len, max_q, max_k, bottom_right, window_left, window_right)
 
 
+def _fwd_impl(q, k, v, bias, seq_q, k_start, k_len, max_q, max_k, bottom_right, window_left, window_right, p, seed,
+              scale, share_kv, bias_is_leaf):
+    m = _mask_args(seq_q, k_start, k_len, max_q, max_k, bottom_right, window_left, window_right)
+    return _launch().attention_forward(q, k, v, bias, m, p, 0 if seed is None else int(seed[0]), scale, share_kv)
+
+
+def _bwd_impl(grad, q, k, v, out, lse, bias, db_reduce_mask, seq_q, k_start, k_len, max_q, max_k, bottom_right,
+              window_left, window_right, p, seed, scale, share_kv, deterministic):
+    m = _mask_args(seq_q, k_start, k_len, max_q, max_k, bottom_right, window_left, window_right)
+    return _launch().attention_backward(grad, q, k, v, out, lse, bias, db_reduce_mask, m, p,
+                                        0 if seed is None else int(seed[0]), scale, share_kv, deterministic)
+
+
 @torch.library.custom_op("triformers::flash_fwd", mutates_args=())
 def flash_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
@@ -56,8 +69,8 @@ def flash_fwd(
     p: float, seed: torch.Tensor | None, scale: float, share_kv: bool, bias_is_leaf: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out, lse)``; ``bias_is_leaf`` only informs the backward formula."""
-    m = _mask_args(seq_q, k_start, k_len, max_q, max_k, bottom_right, window_left, window_right)
-    return _launch().attention_forward(q, k, v, bias, m, p, 0 if seed is None else int(seed[0]), scale, share_kv)
+    return _fwd_impl(q, k, v, bias, seq_q, k_start, k_len, max_q, max_k, bottom_right, window_left, window_right,
+                     p, seed, scale, share_kv, bias_is_leaf)
 
 
 @flash_fwd.register_fake
@@ -78,9 +91,8 @@ def flash_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk5, dv5, db)``: K/V gradients per shared head in the canonical layout, ``db`` float32 with the
     dims of ``db_reduce_mask`` summed (empty when the mask is negative)."""
-    m = _mask_args(seq_q, k_start, k_len, max_q, max_k, bottom_right, window_left, window_right)
-    return _launch().attention_backward(grad, q, k, v, out, lse, bias, db_reduce_mask, m, p,
-                                        0 if seed is None else int(seed[0]), scale, share_kv, deterministic)
+    return _bwd_impl(grad, q, k, v, out, lse, bias, db_reduce_mask, seq_q, k_start, k_len, max_q, max_k,
+                     bottom_right, window_left, window_right, p, seed, scale, share_kv, deterministic)
 
 
 @flash_bwd.register_fake
@@ -102,7 +114,7 @@ def _setup_context(ctx, inputs, output):
     ctx.args = (max_q, max_k, bottom_right, window_left, window_right, p, scale, share_kv, bias_is_leaf)
 
 
-def _backward(ctx, grad_out, grad_lse):
+def _backward(ctx, grad_out, grad_lse, bwd=None):
     q, k, v, bias, seq_q, k_start, k_len, seed, out, lse = ctx.saved_tensors
     max_q, max_k, bottom_right, window_left, window_right, p, scale, share_kv, bias_is_leaf = ctx.args
     L = _layout.canonical(q, k, v, bias, share_kv)
@@ -110,9 +122,9 @@ def _backward(ctx, grad_out, grad_lse):
     mask = -1
     if want_db:
         mask = sum(1 << d for d in _layout.bias_reduce_dims(bias, L, is_leaf=bias_is_leaf))
-    dq, dk5, dv5, db = flash_bwd(grad_out, q, k, v, out, lse, bias, mask, seq_q, k_start, k_len, max_q, max_k,
-                                 bottom_right, window_left, window_right, p, seed, scale, share_kv,
-                                 torch.are_deterministic_algorithms_enabled())
+    dq, dk5, dv5, db = (bwd or flash_bwd)(grad_out, q, k, v, out, lse, bias, mask, seq_q, k_start, k_len, max_q,
+                                          max_k, bottom_right, window_left, window_right, p, seed, scale, share_kv,
+                                          torch.are_deterministic_algorithms_enabled())
     dk = _layout.shared_kv_grad(dk5, k, L)
     dv = _layout.shared_kv_grad(dv5, v, L)
     dbias = _layout.grad_for_input(L.bias_from5(db).to(bias.dtype), bias) if want_db else None
@@ -120,6 +132,27 @@ def _backward(ctx, grad_out, grad_lse):
 
 
 flash_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _FlashFn(torch.autograd.Function):
+    """The eager twin of the custom ops: same launchers and backward formula, without the custom-op
+    dispatch (argument binding against the schema costs more host time than a small attention call takes on
+    the GPU). ``torch.compile`` traces the custom ops instead, which it treats as opaque."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        out, lse = _fwd_impl(*inputs)
+        _setup_context(ctx, inputs, (out, lse))
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        return _backward(ctx, grad_out, grad_lse, _bwd_impl)
+
+
+def _eager() -> bool:
+    return not torch.compiler.is_compiling()
 
 
 def _call_args(inp: Inputs, seed: torch.Tensor | None):
@@ -174,7 +207,7 @@ class FwOp(AttentionFwOpBase):
     def apply(cls, inp: Inputs, needs_gradient: bool) -> tuple[torch.Tensor, Context | None]:
         rng_state = _rng.draw_seed() if inp.p > 0.0 else None
         with torch.no_grad():
-            out, lse = flash_fwd(*_call_args(inp, rng_state))
+            out, lse = (_fwd_impl if _eager() else flash_fwd)(*_call_args(inp, rng_state))
         if not needs_gradient:
             return out, None
         return out, Context(out=out, lse=lse, rng_state=rng_state)
@@ -182,7 +215,7 @@ class FwOp(AttentionFwOpBase):
     @classmethod
     def apply_autograd(cls, inp: Inputs) -> torch.Tensor:
         rng_state = _rng.draw_seed() if inp.p > 0.0 else None
-        return flash_fwd(*_call_args(inp, rng_state))[0]
+        return (_FlashFn.apply if _eager() else flash_fwd)(*_call_args(inp, rng_state))[0]
 
 
 @register_operator
@@ -221,8 +254,9 @@ class BwOp(AttentionBwOpBase):
         mask = sum(1 << d for d in _layout.bias_reduce_dims(bias, L)) if want_db else -1
         with torch.no_grad():
             # args[4:15]: seq_q, k_start, k_len, max_q, max_k, bottom_right, window_left, window_right, p, seed, scale
-            dq, dk5, dv5, db = flash_bwd(grad, q, k, v, ctx.out, ctx.lse, bias, mask, *args[4:15], share_kv,
-                                         torch.are_deterministic_algorithms_enabled())
+            dq, dk5, dv5, db = (_bwd_impl if _eager() else flash_bwd)(
+                grad, q, k, v, ctx.out, ctx.lse, bias, mask, *args[4:15], share_kv,
+                torch.are_deterministic_algorithms_enabled())
         return Gradients(
             dq=dq,
             dk=_layout.shared_kv_grad(dk5, k, L),

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from triformers._triton import cdiv
+from triformers._triton import launch as _launch
 from triformers.ops.fmha import _layout
 from triformers.ops.fmha._mask import mask_spec
 from triformers.ops.fmha._triton import bwd as _bwd
@@ -105,7 +107,11 @@ def _descriptor(x: torch.Tensor, block: list[int]):
         elif st == 0 or (st * size) % 16:
             return None
         strides.append(st)
-    return TensorDescriptor(x, list(x.shape), strides + [1], block)
+    # The checks above are the ones TensorDescriptor.__post_init__ makes (and block shapes come from the
+    # configuration table, powers of two): skipping it saves host time on every call.
+    desc = object.__new__(TensorDescriptor)
+    desc.base, desc.shape, desc.strides, desc.block_shape, desc.padding = x, list(x.shape), strides + [1], block, "zero"
+    return desc
 
 
 def _strides4(x5: torch.Tensor) -> tuple[int, int, int, int]:
@@ -204,20 +210,21 @@ def attention_forward(q, k, v, bias, m: MaskArgs, p: float, seed: int, scale: fl
     out5, lse5 = c.L.to5(out), c.L.lse5(lse)
 
     def launch(cfg):
-        grid = (c.Z * c.num_heads, triton.cdiv(m.max_q, cfg.block_m))
+        grid = (c.Z * c.num_heads, cdiv(m.max_q, cfg.block_m))
         desc = c.descriptors(cfg.block_m, cfg.block_n)
         desc_b = c.bias_descriptor(cfg) if desc is not None else None
-        _fwd.attn_fwd[grid](
+        _launch(_fwd.attn_fwd, grid, (
             c.L.q, c.L.k, c.L.v, out5, lse5, c.L.bias if c.L.bias is not None else out5,
-            *(desc[n] for n in ("desc_q", "desc_k", "desc_v")) if desc else (None, None, None), desc_b,
+            *((desc[n] for n in ("desc_q", "desc_k", "desc_v")) if desc else (None, None, None)), desc_b,
             c.seq_q, c.k_start, c.k_len,
             *_strides4(c.L.q), *c.kv_strides(c.L.k), *c.kv_strides(c.L.v), *_strides4(out5),
             lse5.stride(0), lse5.stride(1), lse5.stride(2), *c.bias_strides(),
             c.num_heads, c.HG, c.Mq, c.Mkv, c.scale * LOG2E, c.wl, c.wr, c.p, seed, c.K, c.Kv,
+        ), dict(
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=c.block_d, BLOCK_DV=c.block_dv,
             USE_TMA=desc is not None, BIAS_TMA=desc_b is not None,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **c.flags,
-        )
+        ))
 
     configs.launch_with_fallback(launch, configs.forward_config(c, launch), "fwd")
     return out, lse
@@ -241,19 +248,22 @@ def attention_backward(grad, q, k, v, out, lse, bias, db_reduce_mask: int, m: Ma
     if out.stride(-1) != 1:
         out = out.contiguous()
     go5, o5, lse5 = L.to5(grad), L.to5(out), L.lse5(lse)
-    dk5 = torch.zeros(kv_grad_shape(q, k, share_kv, c.K), dtype=k.dtype, device=dev)
-    dv5 = torch.zeros(kv_grad_shape(q, v, share_kv, c.Kv), dtype=v.dtype, device=dev)
+    # Every key row of a dense batch gets its dK/dV written; packed sequences may leave keys outside every
+    # block (padded keys), which must read 0.
+    alloc = torch.zeros if c.varlen or q.numel() == 0 or c.Z == 0 or m.max_k == 0 else torch.empty
+    dk5 = alloc(kv_grad_shape(q, k, share_kv, c.K), dtype=k.dtype, device=dev)
+    dv5 = alloc(kv_grad_shape(q, v, share_kv, c.Kv), dtype=v.dtype, device=dev)
     want_db = db_reduce_mask >= 0 and bias is not None
-    db_buf = torch.zeros(db_buffer_shape(q, k, bias, share_kv, db_reduce_mask) if want_db else (0,),
-                         dtype=torch.float32, device=dev)
+    db_buf = (torch.zeros(db_buffer_shape(q, k, bias, share_kv, db_reduce_mask), dtype=torch.float32, device=dev)
+              if want_db else torch.empty(0, dtype=torch.float32, device=dev))
     if q.numel() == 0 or c.Z == 0 or m.max_k == 0:
         return torch.zeros_like(q), dk5, dv5, db_buf
 
     delta = torch.empty((c.B, c.G, c.HG, c.Mq), dtype=torch.float32, device=dev)
     pre_m = 64 if c.block_dv <= 128 else 16  # 64 x 256 float32 rows spilled (ptxas: 100 bytes/thread)
-    _bwd.attn_bwd_preprocess[(c.B * c.num_heads, triton.cdiv(c.Mq, pre_m))](
+    _launch(_bwd.attn_bwd_preprocess, (c.B * c.num_heads, cdiv(c.Mq, pre_m)), (
         o5, go5, delta, *_strides4(o5), *_strides4(go5), delta.stride(0), delta.stride(1), delta.stride(2),
-        c.num_heads, c.HG, c.Mq, c.Kv, BLOCK_M=pre_m, BLOCK_DV=c.block_dv,
+        c.num_heads, c.HG, c.Mq, c.Kv), dict(BLOCK_M=pre_m, BLOCK_DV=c.block_dv),
     )
     db_mode, db_target = 0, o5
     if want_db:
@@ -280,20 +290,21 @@ def attention_backward(grad, q, k, v, out, lse, bias, db_reduce_mask: int, m: Ma
         desc = c.descriptors(cfg.block_m, cfg.block_n, extra)
         desc_b = c.bias_descriptor(cfg) if desc is not None else None
         names = ("desc_q", "desc_k", "desc_v", "desc_do")
-        _bwd.attn_bwd_dkdv[(c.Z * num_kv_heads, triton.cdiv(m.max_k, cfg.block_n))](
+        _launch(_bwd.attn_bwd_dkdv, (c.Z * num_kv_heads, cdiv(m.max_k, cfg.block_n)), (
             L.q, L.k, L.v, go5, lse5, delta, bias_arg, db_target, dq_acc, dk5, dv5,
-            *(desc[n] for n in names) if desc else (None,) * 4, desc_b,
+            *((desc[n] for n in names) if desc else (None,) * 4), desc_b,
             desc["desc_dq"] if desc and dq_tma else None,
             *c.common_args(go5),
             lse5.stride(0), lse5.stride(1), lse5.stride(2),
             *c.bias_strides(), *db_strides, *(_strides4(dq_acc) if atomic_dq else (0, 0, 0, 0)),
             *_strides4(dk5), *_strides4(dv5),
             c.num_heads, c.HG, c.Mq, c.Mkv, c.scale * LOG2E, c.scale, c.wl, c.wr, c.p, seed, c.K, c.Kv,
+        ), dict(
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=c.block_d, BLOCK_DV=c.block_dv,
             DB_MODE=db_mode, ATOMIC_DQ=atomic_dq, USE_TMA=desc is not None, BIAS_TMA=desc_b is not None,
             DQ_TMA=desc is not None and dq_tma,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **c.flags,
-        )
+        ))
 
     tune_dkdv = launch_dkdv if not (want_db and db_mode != 1) else None  # atomics accumulate: no re-runs
     configs.launch_with_fallback(launch_dkdv, configs.backward_config(c, tune_dkdv), "bwd")
@@ -306,16 +317,17 @@ def attention_backward(grad, q, k, v, out, lse, bias, db_reduce_mask: int, m: Ma
             desc = c.descriptors(cfg.block_m, cfg.block_n, [("desc_do", go5, cfg.block_m, c.block_dv)])
             desc_b = c.bias_descriptor(cfg) if desc is not None else None
             names = ("desc_q", "desc_k", "desc_v", "desc_do")
-            _bwd.attn_bwd_dq[(c.Z * c.num_heads, triton.cdiv(m.max_q, cfg.block_m))](
+            _launch(_bwd.attn_bwd_dq, (c.Z * c.num_heads, cdiv(m.max_q, cfg.block_m)), (
                 L.q, L.k, L.v, go5, lse5, delta, bias_arg, dq5,
-                *(desc[n] for n in names) if desc else (None,) * 4, desc_b,
+                *((desc[n] for n in names) if desc else (None,) * 4), desc_b,
                 *c.common_args(go5),
                 lse5.stride(0), lse5.stride(1), lse5.stride(2), *c.bias_strides(), *_strides4(dq5),
                 c.num_heads, c.HG, c.Mq, c.Mkv, c.scale * LOG2E, c.scale, c.wl, c.wr, c.p, seed, c.K, c.Kv,
+            ), dict(
                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=c.block_d, BLOCK_DV=c.block_dv,
                 USE_TMA=desc is not None, BIAS_TMA=desc_b is not None,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages, **c.flags,
-            )
+            ))
 
         configs.launch_with_fallback(launch_dq, configs.dq_config(c, launch_dq), "dq")
         dq = L.from5(dq5)
