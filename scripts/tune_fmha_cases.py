@@ -45,10 +45,10 @@ def sweep(names: list[str]) -> list[dict]:
         g = torch.randn_like(inp.q)
         flops = c.fw_flops()
 
-        def fw():
+        def fw(inp=inp):
             return bench._triformers(inp, op)
 
-        def fwbw():
+        def fwbw(inp=inp, leaves=leaves, g=g):
             return torch.autograd.grad(bench._triformers(inp, op), leaves, g)
 
         label = f"{c.case} D={c.D}"
@@ -79,7 +79,6 @@ def sweep(names: list[str]) -> list[dict]:
                     rows.append(dict(case=c.case, D=c.D, direction="dq", bwd=best[1].__dict__, cfg=cfg.__dict__,
                                      ms=ms, tflops=tf))
                     print(f"  {label} dq {cfg} (dK/dV {best[1]}): {tf:.0f} TFLOP/s ({ms:.3f} ms)", flush=True)
-        del inp, leaves, g
         torch.cuda.empty_cache()
     return rows
 
