@@ -57,9 +57,11 @@ _TABLE: dict[tuple[str, str, int], Config] = {
     # benchmarks/results/h100/tune_fmha_bwd_d{64,128}.json). The 128-key dK/dV tiles spill 100-1000 bytes per
     # thread at D=128 and still beat the spill-free (32, 64, 8, 2): D=128 273 vs 164 TFLOP/s (causal 243 vs 155),
     # D=64 278 vs 238 for (64, 128, 8, 2). dQ, with them: D=128 (128, 64, 8, 3) 334 vs 269 for (128, 32, 8, 2),
-    # D=64 (64, 64, 4, 2) 301 vs 276.
+    # D=64 (64, 64, 4, 2) 301 vs 276. At D=128 (32, 128, 8, 3) ties (64, 128, 8, 3) on dense batches (272 vs 273,
+    # causal 248 vs 243) and wins on every masked case of the benchmark (fw+bw: packed sequences 295 vs 191,
+    # sliding window 285 vs 251, tensor bias 150 vs 129; tune_fmha_cases.json).
     ("sm90", "bwd", 64): Config(64, 128, 8, 3),
-    ("sm90", "bwd", 128): Config(64, 128, 8, 3),
+    ("sm90", "bwd", 128): Config(32, 128, 8, 3),
     ("sm90", "bwd", 256): Config(16, 32, 8, 1),
     ("sm90", "dq", 32): Config(128, 32, 4, 2),
     ("sm90", "dq", 64): Config(64, 64, 4, 2),
@@ -77,9 +79,28 @@ _INTERPRETER = {"fwd": Config(16, 16, 1, 1), "bwd": Config(16, 16, 1, 1), "dq": 
 _FP32_SHRINK = 2
 
 
-# Causal/local masks prefer the smaller query tile (less masked work on diagonal tiles): D=128 causal
-# measured 362 TFLOP/s with (64,64,4,2) against 331 with the non-causal choice.
-_MASKED_FWD = {("sm90", 128): Config(64, 64, 4, 2)}
+# Per mask kind where it was measured apart from the dense table (H100, bf16, D=128; the benchmark's masked
+# cases through `scripts/tune_fmha_cases.py`, benchmarks/results/h100/tune_fmha_cases.json):
+# - "masked" (causal, packed causal sequences): forward (64,64,4,2), 362 TFLOP/s vs 331 for the dense choice
+#   at N=4096 causal; the smaller query tile wastes less on diagonal tiles.
+# - "local" (sliding window, 16384 tokens, window 1024): forward (64,64,4,3) 404 vs 249-321 for the others;
+#   dQ (64,64,4,2) 289 vs 249 for (128,64,8,3) (fw+bw).
+# - "bias" ([B,H,N,N] tensor bias, N=2048): forward (128,64,8,3) 237 vs 228 for (64,64,4,2); a 128 x 128
+#   bias tile per stage overflows shared memory (262 KB asked, 227 KB on an H100).
+_BY_KIND = {
+    ("sm90", "fwd", 128, "masked"): Config(64, 64, 4, 2),
+    ("sm90", "fwd", 128, "local"): Config(64, 64, 4, 3),
+    ("sm90", "fwd", 128, "bias"): Config(128, 64, 8, 3),
+    ("sm90", "dq", 128, "local"): Config(64, 64, 4, 2),
+}
+
+
+def _kind(call) -> str:
+    if call.flags["HAS_BIAS"]:
+        return "bias"
+    if call.kind == "local":
+        return "local"
+    return "masked" if call.kind != "dense" else "dense"
 
 
 def _table_config(call, direction: str) -> Config:
@@ -87,11 +108,10 @@ def _table_config(call, direction: str) -> Config:
         return _INTERPRETER[direction]
     bucket = _d_bucket(max(call.K, call.Kv))
     cfg = _TABLE[(_arch(), direction, bucket)]
-    masked = call.kind != "dense" or call.flags["HAS_BIAS"]
-    if direction == "fwd" and masked and (_arch(), bucket) in _MASKED_FWD:
-        # also with a tensor bias: a 128 x 128 bias tile per stage overflowed shared memory (262 KB asked,
-        # 227 KB on an H100)
-        cfg = _MASKED_FWD[(_arch(), bucket)]
+    kind = _kind(call)
+    if kind == "local" and (_arch(), direction, bucket, kind) not in _BY_KIND:
+        kind = "masked"
+    cfg = _BY_KIND.get((_arch(), direction, bucket, kind), cfg)
     if call.dtype == torch.float32:
         cfg = Config(cfg.block_m, max(16, cfg.block_n // _FP32_SHRINK), cfg.num_warps, max(1, cfg.num_stages - 1))
     return cfg
