@@ -124,20 +124,21 @@ def attn_bwd_dkdv(
     stride_dqb, stride_dqm, stride_dqg, stride_dqh,
     stride_dkb, stride_dkn, stride_dkg, stride_dkh,
     stride_dvb, stride_dvn, stride_dvg, stride_dvh,
-    num_heads, HG, Mq, Mkv, qk_scale, sm_scale, WL, WR, dropout_p, seed, K_DIM, KV_DIM,
+    num_heads, HG, Mq, Mkv, qk_scale, sm_scale, WL, WR, dropout_p, seed, K_DIM, KV_DIM, NUM_TILES,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, KV_SHARED: tl.constexpr,
     HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     DB_MODE: tl.constexpr, ATOMIC_DQ: tl.constexpr, USE_TMA: tl.constexpr, BIAS_TMA: tl.constexpr,
     DQ_TMA: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    # program (z * kv_heads + kv_head, key tile); kv_head = g * HK + hk, HK = 1 when a group's HG query
-    # heads share one K/V head (GQA), else HK = HG
+    # program (z * kv_heads + kv_head) * NUM_TILES + key tile (key tiles vary fastest: programs running
+    # together share Q and dO through L2); kv_head = g * HK + hk, HK = 1 when a group's HG query heads share
+    # one K/V head (GQA), else HK = HG
     HK = HG
     if KV_SHARED:
         HK = 1
     num_kv_heads = (num_heads // HG) * HK
-    pid = tl.program_id(0)
+    pid = tl.program_id(0) // NUM_TILES
     z = pid // num_kv_heads
     kv_head = pid % num_kv_heads
     g = kv_head // HK
@@ -154,7 +155,7 @@ def attn_bwd_dkdv(
         q_len = Mq
         k_start = z * 0
         k_len = Mkv
-    n_start = tl.program_id(1) * BLOCK_N
+    n_start = (tl.program_id(0) % NUM_TILES) * BLOCK_N
     if n_start >= k_len:
         return
     off = 0
@@ -255,14 +256,14 @@ def attn_bwd_dq(
     stride_lb, stride_lg, stride_lh,
     stride_bb, stride_bg, stride_bh, stride_bm, stride_bn,
     stride_dqb, stride_dqm, stride_dqg, stride_dqh,
-    num_heads, HG, Mq, Mkv, qk_scale, sm_scale, WL, WR, dropout_p, seed, K_DIM, KV_DIM,
+    num_heads, HG, Mq, Mkv, qk_scale, sm_scale, WL, WR, dropout_p, seed, K_DIM, KV_DIM, NUM_TILES,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, KV_SHARED: tl.constexpr,
     HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     USE_TMA: tl.constexpr, BIAS_TMA: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    # program (z * heads + head, query tile), like the forward
-    pid_zh = tl.program_id(0)
+    # program (z * heads + head) * NUM_TILES + query tile, like the forward
+    pid_zh = tl.program_id(0) // NUM_TILES
     z = pid_zh // num_heads
     head = pid_zh % num_heads
     g = head // HG
@@ -282,7 +283,7 @@ def attn_bwd_dq(
         q_len = Mq
         k_start = z * 0
         k_len = Mkv
-    m_start = tl.program_id(1) * BLOCK_M
+    m_start = (tl.program_id(0) % NUM_TILES) * BLOCK_M
     if m_start >= q_len:
         return
     off = 0

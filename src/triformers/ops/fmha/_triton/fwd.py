@@ -83,14 +83,15 @@ def attn_fwd(
     stride_ob, stride_om, stride_og, stride_oh,
     stride_lb, stride_lg, stride_lh,
     stride_bb, stride_bg, stride_bh, stride_bm, stride_bn,
-    num_heads, HG, Mq, Mkv, qk_scale, WL, WR, dropout_p, seed, K_DIM, KV_DIM,
+    num_heads, HG, Mq, Mkv, qk_scale, WL, WR, dropout_p, seed, K_DIM, KV_DIM, NUM_TILES,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, KV_SHARED: tl.constexpr,
     HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     USE_TMA: tl.constexpr, BIAS_TMA: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    # program (z * heads + head, query tile); z is the batch element, or the packed sequence when varlen
-    pid_zh = tl.program_id(0)
+    # program (z * heads + head) * NUM_TILES + query tile; z is the batch element, or the packed sequence when
+    # varlen. Query tiles vary fastest, so the programs running together share their head's K/V through L2.
+    pid_zh = tl.program_id(0) // NUM_TILES
     z = pid_zh // num_heads
     head = pid_zh % num_heads
     g = head // HG
@@ -110,7 +111,7 @@ def attn_fwd(
         q_len = Mq
         k_start = z * 0
         k_len = Mkv
-    m_start = tl.program_id(1) * BLOCK_M
+    m_start = (tl.program_id(0) % NUM_TILES) * BLOCK_M
     if m_start >= q_len:
         return
     off = 0

@@ -210,7 +210,8 @@ def attention_forward(q, k, v, bias, m: MaskArgs, p: float, seed: int, scale: fl
     out5, lse5 = c.L.to5(out), c.L.lse5(lse)
 
     def launch(cfg):
-        grid = (c.Z * c.num_heads, cdiv(m.max_q, cfg.block_m))
+        tiles = cdiv(m.max_q, cfg.block_m)
+        grid = (c.Z * c.num_heads * tiles,)
         desc = c.descriptors(cfg.block_m, cfg.block_n)
         desc_b = c.bias_descriptor(cfg) if desc is not None else None
         _launch(_fwd.attn_fwd, grid, (
@@ -219,7 +220,7 @@ def attention_forward(q, k, v, bias, m: MaskArgs, p: float, seed: int, scale: fl
             c.seq_q, c.k_start, c.k_len,
             *_strides4(c.L.q), *c.kv_strides(c.L.k), *c.kv_strides(c.L.v), *_strides4(out5),
             lse5.stride(0), lse5.stride(1), lse5.stride(2), *c.bias_strides(),
-            c.num_heads, c.HG, c.Mq, c.Mkv, c.scale * LOG2E, c.wl, c.wr, c.p, seed, c.K, c.Kv,
+            c.num_heads, c.HG, c.Mq, c.Mkv, c.scale * LOG2E, c.wl, c.wr, c.p, seed, c.K, c.Kv, tiles,
         ), dict(
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=c.block_d, BLOCK_DV=c.block_dv,
             USE_TMA=desc is not None, BIAS_TMA=desc_b is not None,
@@ -290,7 +291,8 @@ def attention_backward(grad, q, k, v, out, lse, bias, db_reduce_mask: int, m: Ma
         desc = c.descriptors(cfg.block_m, cfg.block_n, extra)
         desc_b = c.bias_descriptor(cfg) if desc is not None else None
         names = ("desc_q", "desc_k", "desc_v", "desc_do")
-        _launch(_bwd.attn_bwd_dkdv, (c.Z * num_kv_heads, cdiv(m.max_k, cfg.block_n)), (
+        tiles = cdiv(m.max_k, cfg.block_n)
+        _launch(_bwd.attn_bwd_dkdv, (c.Z * num_kv_heads * tiles,), (
             L.q, L.k, L.v, go5, lse5, delta, bias_arg, db_target, dq_acc, dk5, dv5,
             *((desc[n] for n in names) if desc else (None,) * 4), desc_b,
             desc["desc_dq"] if desc and dq_tma else None,
@@ -298,7 +300,7 @@ def attention_backward(grad, q, k, v, out, lse, bias, db_reduce_mask: int, m: Ma
             lse5.stride(0), lse5.stride(1), lse5.stride(2),
             *c.bias_strides(), *db_strides, *(_strides4(dq_acc) if atomic_dq else (0, 0, 0, 0)),
             *_strides4(dk5), *_strides4(dv5),
-            c.num_heads, c.HG, c.Mq, c.Mkv, c.scale * LOG2E, c.scale, c.wl, c.wr, c.p, seed, c.K, c.Kv,
+            c.num_heads, c.HG, c.Mq, c.Mkv, c.scale * LOG2E, c.scale, c.wl, c.wr, c.p, seed, c.K, c.Kv, tiles,
         ), dict(
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=c.block_d, BLOCK_DV=c.block_dv,
             DB_MODE=db_mode, ATOMIC_DQ=atomic_dq, USE_TMA=desc is not None, BIAS_TMA=desc_b is not None,
@@ -317,12 +319,14 @@ def attention_backward(grad, q, k, v, out, lse, bias, db_reduce_mask: int, m: Ma
             desc = c.descriptors(cfg.block_m, cfg.block_n, [("desc_do", go5, cfg.block_m, c.block_dv)])
             desc_b = c.bias_descriptor(cfg) if desc is not None else None
             names = ("desc_q", "desc_k", "desc_v", "desc_do")
-            _launch(_bwd.attn_bwd_dq, (c.Z * c.num_heads, cdiv(m.max_q, cfg.block_m)), (
+            tiles = cdiv(m.max_q, cfg.block_m)
+            _launch(_bwd.attn_bwd_dq, (c.Z * c.num_heads * tiles,), (
                 L.q, L.k, L.v, go5, lse5, delta, bias_arg, dq5,
                 *((desc[n] for n in names) if desc else (None,) * 4), desc_b,
                 *c.common_args(go5),
                 lse5.stride(0), lse5.stride(1), lse5.stride(2), *c.bias_strides(), *_strides4(dq5),
                 c.num_heads, c.HG, c.Mq, c.Mkv, c.scale * LOG2E, c.scale, c.wl, c.wr, c.p, seed, c.K, c.Kv,
+                tiles,
             ), dict(
                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=c.block_d, BLOCK_DV=c.block_dv,
                 USE_TMA=desc is not None, BIAS_TMA=desc_b is not None,
