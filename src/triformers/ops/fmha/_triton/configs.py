@@ -46,11 +46,12 @@ def _d_bucket(d: int) -> int:
 # (`scripts/tune_fmha.py`, bf16, H100) picked among the spill-free ones. The backward was swept again with
 # spilling tiles included (below): there the larger tiles win despite the spills.
 _TABLE: dict[tuple[str, str, int], Config] = {
-    # H100 bf16 N=4096: D=64 (64,64,4,2) 388 TFLOP/s vs 351 for (128,64,8,3); D=128 (128,128,8,3) 466 vs 402
-    # non-causal, causal (64,64,4,2) 362 vs 331 (scripts/tune_fmha.py; benchmarks/NOTES.md)
+    # Forward, H100 bf16 N=4096, with the tile-fastest grid (`tune_fmha.py --quick --directions fwd`,
+    # benchmarks/results/h100/tune_fmha_fwd.json): (64,64,4,3) is fastest at D=64 (473 TFLOP/s, causal 395)
+    # and D=128 (512 vs 495 for (128,128,8,3); causal 471 vs 401 for (64,64,4,2)).
     ("sm90", "fwd", 32): Config(64, 64, 4, 2),
-    ("sm90", "fwd", 64): Config(64, 64, 4, 2),
-    ("sm90", "fwd", 128): Config(128, 128, 8, 3),
+    ("sm90", "fwd", 64): Config(64, 64, 4, 3),
+    ("sm90", "fwd", 128): Config(64, 64, 4, 3),
     ("sm90", "fwd", 256): Config(64, 64, 8, 2),
     ("sm90", "bwd", 32): Config(32, 128, 4, 2),
     # dK/dV and dQ: `scripts/tune_fmha.py --wide --directions bwd` (H100, bf16, N=4096, 2.5x forward FLOPs,
@@ -81,14 +82,14 @@ _FP32_SHRINK = 2
 
 # Per mask kind where it was measured apart from the dense table (H100, bf16, D=128; the benchmark's masked
 # cases through `scripts/tune_fmha_cases.py`, benchmarks/results/h100/tune_fmha_cases.json):
-# - "masked" (causal, packed causal sequences): forward (64,64,4,2), 362 TFLOP/s vs 331 for the dense choice
-#   at N=4096 causal; the smaller query tile wastes less on diagonal tiles.
+# - "masked" (causal, packed causal sequences): forward as dense (64,64,4,3) since the tile-fastest grid
+#   (before it: (64,64,4,2), 362 TFLOP/s vs 331 for the then dense (128,128,8,3)).
 # - "local" (sliding window, 16384 tokens, window 1024): forward (64,64,4,3) 404 vs 249-321 for the others;
 #   dQ (64,64,4,2) 289 vs 249 for (128,64,8,3) (fw+bw).
 # - "bias" ([B,H,N,N] tensor bias, N=2048): forward (128,64,8,3) 237 vs 228 for (64,64,4,2); a 128 x 128
 #   bias tile per stage overflows shared memory (262 KB asked, 227 KB on an H100).
 _BY_KIND = {
-    ("sm90", "fwd", 128, "masked"): Config(64, 64, 4, 2),
+    ("sm90", "fwd", 128, "masked"): Config(64, 64, 4, 3),
     ("sm90", "fwd", 128, "local"): Config(64, 64, 4, 3),
     ("sm90", "fwd", 128, "bias"): Config(128, 64, 8, 3),
     ("sm90", "dq", 128, "local"): Config(64, 64, 4, 2),
