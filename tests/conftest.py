@@ -13,7 +13,6 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # `make test` runs one worker per core: one intra-op thread each avoids oversubscribing the cores
     torch.set_num_threads(1)
