@@ -7,6 +7,7 @@ imported). The interpreter is how the CPU test suite covers every kernel.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -72,10 +73,7 @@ def _spec(a):
         return a.dtype, a.data_ptr() & 15 == 0
     c = a.__class__
     if c.__name__ == "TensorDescriptor":  # element type and block shape: what Triton itself reports
-        from triton._C.libtriton import native_specialize_impl
-        from triton.backends.compiler import BaseBackend
-
-        return native_specialize_impl(BaseBackend, a, False, True, True)
+        return triton_specialization(a)
     if c is int:
         return a == 1, a & 15 == 0, a in _INT32, a < 2**63
     if c is float:
@@ -83,19 +81,32 @@ def _spec(a):
     return c, a
 
 
+@functools.cache
+def _native_specialize():
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    return functools.partial(native_specialize_impl, BaseBackend)
+
+
+def triton_specialization(a):
+    """Triton's own specialisation of a kernel argument (type string and attribute, e.g. ``('i32', 'D')``)."""
+    return _native_specialize()(a, False, True, True)
+
+
 def _fast_launch_enabled() -> bool:
     return not interpret_mode() and os.environ.get("TRIFORMERS_FAST_LAUNCH", "1") != "0"
 
 
 def _direct_launcher(compiled, kernel, n_args: int, meta: dict):
-    """``(launch, fixed, tail)``: the compiled kernel's C launcher, its fixed leading arguments and the
-    values of the kernel parameters after the positional ones; None where the generic path is needed."""
+    """``(launch, function, fixed, tail)``: the compiled kernel's C launcher and CUDA function, the launcher's
+    fixed leading arguments and the values of the kernel parameters after the positional ones; None where the
+    generic path is needed (kernels that need scratch memory)."""
     run = compiled.run
-    names = kernel.arg_names[n_args:]
-    defaults = {p.name: p.default for p in kernel.params}
-    tail = tuple(meta[n] if n in meta else defaults[n] for n in names)
     if getattr(run, "global_scratch_size", 1) or getattr(run, "profile_scratch_size", 1):
         return None
+    defaults = {p.name: p.default for p in kernel.params}
+    tail = tuple(meta[n] if n in meta else defaults[n] for n in kernel.arg_names[n_args:])
     fixed = (run.launch_cooperative_grid, run.launch_pdl, None, None, compiled.packed_metadata, None, None, None)
     return run.launch, compiled.function, fixed, tail
 

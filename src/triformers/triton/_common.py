@@ -116,7 +116,6 @@ class Tuner:
     def __init__(self, kernel, configs: list[dict], prune=None, restore: tuple[int, ...] = ()) -> None:
         self.kernel, self.configs, self.prune, self.restore = kernel, configs, prune, restore
         self.enabled = autotune_enabled()
-        self.best: dict = {}
         self._chosen: dict = {}  # key -> (config, meta + config, launch key)
 
     def __call__(self, grid, args: tuple, key: tuple, default: dict, **meta):
@@ -147,7 +146,6 @@ class Tuner:
         best = min(range(len(candidates)), key=times.__getitem__)
         if times[best] == float("inf"):
             raise RuntimeError(f"no config of {self.kernel.__name__} runs for key {key}")
-        self.best[key] = candidates[best]
         if os.environ.get("TRITON_PRINT_AUTOTUNING") == "1":
             print(
                 f"tuned {self.kernel.__name__} {key}: {candidates[best]} {times[best]:.4f} ms "

@@ -16,7 +16,15 @@ Tiles of Q, K, V, dO come through TMA descriptors when ``USE_TMA`` (see ``fwd.py
 import triton
 import triton.language as tl
 
-from triformers.ops.fmha._triton.common import LOG2E, dropout_keep, key_tiles, load_rows, query_tiles, tile_allowed
+from triformers.ops.fmha._triton.common import (
+    LOG2E,
+    dropout_keep,
+    key_tiles,
+    load_rows,
+    query_tiles,
+    sequence_bounds,
+    tile_allowed,
+)
 from triformers.ops.fmha._triton.fwd import load_bias_tile
 
 
@@ -143,18 +151,7 @@ def attn_bwd_dkdv(
     kv_head = pid % num_kv_heads
     g = kv_head // HK
     hk = kv_head % HK
-    if IS_VARLEN:
-        b = z * 0
-        q_start = tl.load(SEQ_Q + z)
-        q_len = tl.load(SEQ_Q + z + 1) - q_start
-        k_start = tl.load(K_START + z)
-        k_len = tl.load(K_LEN + z)
-    else:
-        b = z
-        q_start = z * 0
-        q_len = Mq
-        k_start = z * 0
-        k_len = Mkv
+    b, q_start, q_len, k_start, k_len = sequence_bounds(z, SEQ_Q, K_START, K_LEN, Mq, Mkv, IS_VARLEN)
     n_start = (tl.program_id(0) % NUM_TILES) * BLOCK_N
     if n_start >= k_len:
         return
@@ -271,18 +268,7 @@ def attn_bwd_dq(
     hk = h
     if KV_SHARED:
         hk = h * 0
-    if IS_VARLEN:
-        b = z * 0
-        q_start = tl.load(SEQ_Q + z)
-        q_len = tl.load(SEQ_Q + z + 1) - q_start
-        k_start = tl.load(K_START + z)
-        k_len = tl.load(K_LEN + z)
-    else:
-        b = z
-        q_start = z * 0
-        q_len = Mq
-        k_start = z * 0
-        k_len = Mkv
+    b, q_start, q_len, k_start, k_len = sequence_bounds(z, SEQ_Q, K_START, K_LEN, Mq, Mkv, IS_VARLEN)
     m_start = (tl.program_id(0) % NUM_TILES) * BLOCK_M
     if m_start >= q_len:
         return

@@ -15,6 +15,25 @@ LN2 = tl.constexpr(LN2_F)
 
 
 @triton.jit
+def sequence_bounds(z, SEQ_Q, K_START, K_LEN, Mq, Mkv, IS_VARLEN: tl.constexpr):
+    """``(b, q_start, q_len, k_start, k_len)`` of block ``z``: a packed sequence (varlen: batch 0, offsets
+    from the seqstart arrays) or batch element ``z`` of a dense batch."""
+    if IS_VARLEN:
+        b = z * 0
+        q_start = tl.load(SEQ_Q + z)
+        q_len = tl.load(SEQ_Q + z + 1) - q_start
+        k_start = tl.load(K_START + z)
+        k_len = tl.load(K_LEN + z)
+    else:
+        b = z
+        q_start = z * 0
+        q_len = Mq + z * 0
+        k_start = z * 0
+        k_len = Mkv + z * 0
+    return b, q_start, q_len, k_start, k_len
+
+
+@triton.jit
 def tile_allowed(offs_i, offs_j, q_len, k_len, off, WL, WR, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr):
     """Allowed pairs of a tile: offs_i [BM, 1] and offs_j [1, BN] block-local indices."""
     ok = (offs_j < k_len) & (offs_i < q_len)

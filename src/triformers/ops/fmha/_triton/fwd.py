@@ -15,7 +15,15 @@ descriptor cannot express (unaligned, or stride-0 broadcast dims).
 import triton
 import triton.language as tl
 
-from triformers.ops.fmha._triton.common import LN2, LOG2E, dropout_keep, key_tiles, load_rows, tile_allowed
+from triformers.ops.fmha._triton.common import (
+    LN2,
+    LOG2E,
+    dropout_keep,
+    key_tiles,
+    load_rows,
+    sequence_bounds,
+    tile_allowed,
+)
 
 
 @triton.jit
@@ -99,18 +107,7 @@ def attn_fwd(
     hk = h
     if KV_SHARED:
         hk = h * 0
-    if IS_VARLEN:
-        b = z * 0
-        q_start = tl.load(SEQ_Q + z)
-        q_len = tl.load(SEQ_Q + z + 1) - q_start
-        k_start = tl.load(K_START + z)
-        k_len = tl.load(K_LEN + z)
-    else:
-        b = z
-        q_start = z * 0
-        q_len = Mq
-        k_start = z * 0
-        k_len = Mkv
+    b, q_start, q_len, k_start, k_len = sequence_bounds(z, SEQ_Q, K_START, K_LEN, Mq, Mkv, IS_VARLEN)
     m_start = (tl.program_id(0) % NUM_TILES) * BLOCK_M
     if m_start >= q_len:
         return
