@@ -18,7 +18,8 @@ B * N = 16384 tokens:
 
 Each in modes ``fw`` and ``fwbw``. TFLOP/s count the allowed area of the mask (causal and local masks
 count only the pairs they allow): fw = 4 * H * D * sum(allowed pairs), fw+bw = 3.5 * fw. Medians of
-``triton.testing.do_bench``. Output: ``fmha.json`` ``{"env": ..., "records": [...]}`` and ``fmha.png``.
+``triton.testing.do_bench``, taken in interleaved rounds (see :func:`run`). Output: ``fmha.json``
+``{"env": ..., "records": [...]}`` and ``fmha.png``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import math
 import random
+import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +43,8 @@ from triformers.ops.fmha.reference import ref_attention
 PROVIDERS = ["triformers", "triformers_triton", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "flex", "eager"]
 TOKENS = 16384
 WINDOW = 1024
+ROUNDS = 5  # interleaved timing rounds per record (see run)
+REP_MS = 40  # do_bench repetition time per provider and round
 EAGER_MAX_BYTES = 3 << 30  # the naive path keeps several [B, H, N, N] tensors alive (x4 with backward)
 
 
@@ -293,9 +297,14 @@ def _flex_wanted(c: Case, flex_dense_n: set[int]) -> bool:
 
 
 def run(selected: set[str], providers: list[str], quick: bool = False, flex_dense_n: set[int] | None = None,
-        out_path: Path | None = None) -> list[dict]:
+        out_path: Path | None = None, rounds: int = ROUNDS) -> list[dict]:
     """Measure every case and provider; with ``out_path`` the JSON is rewritten after every case (partial
-    results survive an interrupted run)."""
+    results survive an interrupted run).
+
+    Providers are timed in ``rounds`` interleaved rounds (each round times every provider once, in an order
+    rotated by one from the previous round); a record's ``ms`` is the median of its rounds' medians and
+    ``ms_rounds`` lists them, so a slow spell of the machine lands on all providers alike instead of on
+    whichever one ran during it."""
     import triton.testing
 
     env = env_info()
@@ -308,17 +317,19 @@ def run(selected: set[str], providers: list[str], quick: bool = False, flex_dens
             inp = Inputs(c, requires_grad=(mode == "fwbw"))
             ref = _reference_head0(inp)
             g = torch.randn_like(inp.q) if mode == "fwbw" else None
+            recs, benches = [], {}
             for name in providers:
                 rec = dict(c.record(), mode=mode, provider=name)
+                recs.append(rec)
                 if name == "flex" and flex_dense_n is not None and not _flex_wanted(c, flex_dense_n):
                     rec["error"] = "not measured: flex compiles for tens of seconds per shape; see --flex-dense-n"
-                    records.append(rec)
                     continue
                 try:
                     fn = _provider_fn(name, inp)
                     with torch.set_grad_enabled(mode == "fwbw"):
                         out = fn(inp)
                     _check(out.detach(), ref)
+                    out = None
                     if mode == "fw":
                         def bench(fn=fn, inp=inp):
                             with torch.no_grad():
@@ -326,18 +337,40 @@ def run(selected: set[str], providers: list[str], quick: bool = False, flex_dens
                     else:
                         def bench(fn=fn, inp=inp, g=g):
                             fn(inp).backward(g)
-                    ms = triton.testing.do_bench(bench, warmup=25, rep=100, return_mode="median")
-                    flops = c.fw_flops() * (3.5 if mode == "fwbw" else 1.0)
-                    rec.update(ms=ms, tflops=flops / (ms * 1e-3) / 1e12)
+                    bench()  # compiles and first-call work stay out of the rounds
+                    benches[name] = bench
                 except Exception as e:  # recorded, not hidden: a provider without such support
                     msg = str(e).strip().splitlines()
                     rec["error"] = f"{type(e).__name__}: {msg[0][:300] if msg else ''}"
                 finally:
                     for leaf in inp.leaves():
                         leaf.grad = None
+            times: dict[str, list[float]] = {name: [] for name in benches}
+            order = list(benches)
+            for r in range(rounds):
+                shift = r % max(1, len(order))
+                for name in order[shift:] + order[:shift]:
+                    try:
+                        times[name].append(
+                            triton.testing.do_bench(benches[name], warmup=10, rep=REP_MS, return_mode="median")
+                        )
+                    except Exception as e:
+                        msg = str(e).strip().splitlines()
+                        next(x for x in recs if x["provider"] == name)["error"] = (
+                            f"{type(e).__name__}: {msg[0][:300] if msg else ''}"
+                        )
+                        order.remove(name)
+            for rec in recs:
+                name = rec["provider"]
+                if "error" not in rec and times.get(name):
+                    ms = statistics.median(times[name])
+                    flops = c.fw_flops() * (3.5 if mode == "fwbw" else 1.0)
+                    rec.update(ms=ms, tflops=flops / (ms * 1e-3) / 1e12, ms_rounds=[round(t, 5) for t in times[name]])
+                for leaf in inp.leaves():
+                    leaf.grad = None
                 records.append(rec)
                 print(_fmt(rec), flush=True)
-            inp = ref = g = None
+            inp = ref = g = benches = None
             torch.cuda.empty_cache()
             if out_path is not None:
                 write_results(out_path, records, env)
@@ -464,6 +497,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer sequence lengths")
     parser.add_argument("--flex-dense-n", default="all",
                         help="dense sequence lengths at which flex is measured ('all' or e.g. 4096)")
+    parser.add_argument("--rounds", type=int, default=ROUNDS, help="interleaved timing rounds per record")
     parser.add_argument("--summary", metavar="JSON", help="print the README summary of a results file and exit")
     args = parser.parse_args(argv)
     if args.summary:
@@ -475,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     flex_n = None if args.flex_dense_n == "all" else {int(x) for x in args.flex_dense_n.split(",")}
     run(set(args.cases.split(",")), args.providers.split(","), quick=args.quick, flex_dense_n=flex_n,
-        out_path=out / "fmha.json")
+        out_path=out / "fmha.json", rounds=args.rounds)
     doc = load_results(out / "fmha.json")
     plot(doc, out / "fmha.png")
     print()

@@ -189,7 +189,7 @@ def test_broadcast_bias_gradient(op_name):
         torch.testing.assert_close(g.double(), rg, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("op_name", ["chunked", "triton"])
+@pytest.mark.parametrize("op_name", ["chunked", "triton", "sdpa"])
 def test_mqa_grad_sums_over_heads(op_name):
     """K/V shared by all heads (stride 0): the gradient of the shared tensor is the sum over heads."""
     B, M, H, K = 2, 12, 5, 8
@@ -204,7 +204,7 @@ def test_mqa_grad_sums_over_heads(op_name):
     torch.testing.assert_close(gv, rv.sum(2, keepdim=True), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("op_name", ["chunked", "triton"])
+@pytest.mark.parametrize("op_name", ["chunked", "triton", "sdpa"])
 def test_stride0_leaf_gets_per_head_gradient(op_name):
     """An expanded tensor that is itself the leaf receives its true per-element gradient."""
     B, M, H, K = 1, 6, 3, 4
@@ -391,3 +391,21 @@ def test_block_diagonal_random_lengths(q_lens, extra, window, kind, op_name, see
         g = torch.randn_like(out)
         for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g.double())):
             _assert_close(a, b.double(), TOL_GRAD[torch.float32], "grad")
+
+
+@pytest.mark.parametrize("op_name", ["chunked", "triton", "sdpa"])
+def test_gqa_bmghk_grad_sums_over_group(op_name):
+    """BMGHK with K/V expanded over each group's heads: the base K/V gets the sum over the group's heads."""
+    B, M, G, H, K = 2, 10, 2, 3, 8
+    q = torch.randn(B, M, G, H, K, requires_grad=True)
+    k1 = torch.randn(B, M, G, 1, K, requires_grad=True)
+    v1 = torch.randn(B, M, G, 1, K, requires_grad=True)
+    k, v = k1.expand(B, M, G, H, K), v1.expand(B, M, G, H, K)
+    out = fmha.memory_efficient_attention(q, k, v, ab.LowerTriangularMask(), op=OPS[op_name])
+    dy = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k1, v1), dy)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k1, v1))
+    ref, _ = ref_attention(q64, k64.expand(B, M, G, H, K), v64.expand(B, M, G, H, K), ab.LowerTriangularMask())
+    refs = torch.autograd.grad(ref, (q64, k64, v64), dy.double())
+    for g, r in zip(grads, refs):
+        torch.testing.assert_close(g.double(), r, atol=1e-4, rtol=1e-4)

@@ -132,20 +132,22 @@ def bias_reduce_dims(bias: torch.Tensor, layout: Layout5, is_leaf: bool | None =
     return tuple(dims)
 
 
-def grad_for_input(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """The gradient to hand autograd for input ``x`` given ``g``, summed (keepdim) over some of x's
-    broadcast dims; see the module docstring for why dividing and expanding is exact."""
-    if tuple(g.shape) == tuple(x.shape):
+def grad_for_input(g: torch.Tensor, x: torch.Tensor | torch.Size) -> torch.Tensor:
+    """The gradient to hand autograd for input ``x`` (or an input of shape ``x``) given ``g``, summed
+    (keepdim) over some of x's broadcast dims; see the module docstring for why dividing and expanding is
+    exact."""
+    shape = tuple(x.shape) if isinstance(x, torch.Tensor) else tuple(x)
+    if tuple(g.shape) == shape:
         return g
     readers = 1
-    for gs, xs in zip(g.shape, x.shape):
+    for gs, xs in zip(g.shape, shape):
         if gs != xs:
             if gs != 1:
-                raise RuntimeError(f"gradient of shape {tuple(g.shape)} cannot stand for {tuple(x.shape)}")
+                raise RuntimeError(f"gradient of shape {tuple(g.shape)} cannot stand for {shape}")
             readers *= xs
     if readers == 0:
-        return g.new_zeros(x.shape)
-    return (g / readers).expand(x.shape) if readers > 1 else g.reshape(x.shape)
+        return g.new_zeros(shape)
+    return (g / readers).expand(shape) if readers > 1 else g.reshape(shape)
 
 
 def shared_kv_grad(g5: torch.Tensor, x: torch.Tensor, layout: Layout5) -> torch.Tensor:

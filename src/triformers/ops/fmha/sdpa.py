@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from triformers.ops.common import register_operator
 from triformers.ops.fmha import attn_bias as ab
+from triformers.ops.fmha._layout import _stride0_shared, grad_for_input
 from triformers.ops.fmha.common import AttentionBwOpBase, AttentionFwOpBase, Context, Gradients, Inputs
 
 _TORCH_VERSION = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
@@ -64,6 +65,32 @@ def _cuda_backends():
 _BLOCK_TYPES = (ab.BlockDiagonalMask, ab.BlockDiagonalCausalMask, ab.BlockDiagonalCausalFromBottomRightMask)
 
 
+class _SharedHead(torch.autograd.Function):
+    """Head 0 of K/V expanded over the heads of a group (stride 0), for SDPA's ``enable_gqa``.
+
+    A plain ``x.select(dim, 0)`` would hand autograd a zero-filled gradient of the expanded shape with the
+    heads' summed gradient in head 0, which the expand's backward then reads in full (a zero fill, a copy
+    and a reduction over G times the K/V size). This backward returns that sum divided by the heads and
+    expanded (a view), as the Triton operator does (``_layout`` explains why that is exact)."""
+
+    @staticmethod
+    def forward(ctx, x, dim, squeeze):
+        ctx.dim, ctx.squeeze, ctx.shape = dim, squeeze, x.shape
+        return x.select(dim, 0) if squeeze else x.narrow(dim, 0, 1)
+
+    @staticmethod
+    def backward(ctx, g):
+        if ctx.squeeze:
+            g = g.unsqueeze(ctx.dim)
+        return grad_for_input(g, ctx.shape), None, None
+
+
+def _shared_head(x: torch.Tensor, dim: int, squeeze: bool) -> torch.Tensor:
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _SharedHead.apply(x, dim, squeeze)
+    return x.select(dim, 0) if squeeze else x.narrow(dim, 0, 1)
+
+
 class _Plan:
     """How one call maps onto SDPA: BHMK views, causal flag, mask, GQA flag, and blocks to loop over."""
 
@@ -76,14 +103,14 @@ class _Plan:
         if q.ndim == 5:
             B, M, G, H = q.shape[:4]
             q4 = self._fold_heads("query", q)
-            if H > 1 and k.stride(3) == 0 and v.stride(3) == 0:
-                k4, v4, self.gqa = k[:, :, :, 0], v[:, :, :, 0], True
+            if _stride0_shared(k, 3) and _stride0_shared(v, 3):
+                k4, v4, self.gqa = _shared_head(k, 3, True), _shared_head(v, 3, True), True
             else:
                 k4, v4 = self._fold_heads("key", k), self._fold_heads("value", v)
         else:
             q4, k4, v4 = q, k, v
-            if q.shape[2] > 1 and k.stride(2) == 0 and v.stride(2) == 0:
-                k4, v4, self.gqa = k[:, :, :1], v[:, :, :1], True
+            if _stride0_shared(k, 2) and _stride0_shared(v, 2):
+                k4, v4, self.gqa = _shared_head(k, 2, False), _shared_head(v, 2, False), True
         if self.gqa and not _HAS_GQA:
             self.reasons.append(f"GQA/MQA needs torch >= 2.5 (enable_gqa), this is {torch.__version__}")
         self.q, self.k, self.v = (None if x is None else x.transpose(1, 2) for x in (q4, k4, v4))
