@@ -18,7 +18,9 @@ B * N = 16384 tokens:
 
 Each in modes ``fw`` and ``fwbw``. TFLOP/s count the allowed area of the mask (causal and local masks
 count only the pairs they allow): fw = 4 * H * D * sum(allowed pairs), fw+bw = 3.5 * fw. Medians of
-``triton.testing.do_bench``, taken in interleaved rounds (see :func:`run`). Output: ``fmha.json``
+``triton.testing.do_bench``, taken in interleaved rounds (see :func:`run`); fw+bw resets the inputs'
+``.grad`` to None before each repetition (``grad_to_none``), so accumulation into ``.grad`` is not timed.
+Output: ``fmha.json``
 ``{"env": ..., "records": [...]}`` and ``fmha.png``.
 """
 
@@ -346,14 +348,17 @@ def run(selected: set[str], providers: list[str], quick: bool = False, flex_dens
                     for leaf in inp.leaves():
                         leaf.grad = None
             times: dict[str, list[float]] = {name: [] for name in benches}
+            # fw+bw: gradients reset before every repetition, as after zero_grad(set_to_none=True), so that
+            # accumulating into .grad (an extra read-add-write of every input) is not timed
+            grad_to_none = inp.leaves() if mode == "fwbw" else None
             order = list(benches)
             for r in range(rounds):
                 shift = r % max(1, len(order))
                 for name in order[shift:] + order[:shift]:
                     try:
-                        times[name].append(
-                            triton.testing.do_bench(benches[name], warmup=10, rep=REP_MS, return_mode="median")
-                        )
+                        times[name].append(triton.testing.do_bench(
+                            benches[name], warmup=10, rep=REP_MS, return_mode="median", grad_to_none=grad_to_none,
+                        ))
                     except Exception as e:
                         msg = str(e).strip().splitlines()
                         next(x for x in recs if x["provider"] == name)["error"] = (

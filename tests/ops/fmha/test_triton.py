@@ -146,3 +146,19 @@ def test_alternative_kernel_paths(path, monkeypatch):
         g = torch.randn_like(out)
         for a, b in zip(_grads(out, leaves, g), _grads(ref, leaves, g.double())):
             torch.testing.assert_close(a.double(), b.double(), atol=1e-4, rtol=1e-4)
+
+
+def test_keys_covered_only_when_every_key_is_in_a_block():
+    """The backward skips zero-filling dK/dV only when every key row lies in some block."""
+    from triformers.ops.fmha._triton.launch import mask_args
+
+    def covered(bias, Mq, Mkv):
+        return mask_args(bias, Mq, Mkv, torch.device("cpu")).keys_covered
+
+    assert covered(None, 5, 7) and covered(ab.LowerTriangularMask(), 7, 7)
+    assert covered(ab.BlockDiagonalCausalMask.from_seqlens([3, 5, 2]), 10, 10)
+    assert covered(ab.BlockDiagonalMask.from_seqlens([3, 5], [4, 6]), 8, 10)
+    padded = ab.BlockDiagonalCausalWithOffsetPaddedKeysMask.from_seqlens([2, 3], kv_padding=8, kv_seqlen=[5, 8])
+    assert not covered(padded, 5, 16)  # keys 5..7 of the first sequence are padding
+    full = ab.BlockDiagonalCausalWithOffsetPaddedKeysMask.from_seqlens([2, 3], kv_padding=8, kv_seqlen=[8, 8])
+    assert covered(full, 5, 16)

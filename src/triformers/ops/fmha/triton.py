@@ -44,19 +44,20 @@ def _launch():
 # ------------------------------------------------------------------------------------------------------
 
 
-def _mask_args(seq_q, k_start, k_len, max_q, max_k, bottom_right, window_left, window_right):
-    return _launch().MaskArgs(seq_q, k_start, k_len, max_q, max_k, bottom_right, window_left, window_right)
+def _mask_args(seq_q, k_start, k_len, max_q, max_k, bottom_right, window_left, window_right, keys_covered):
+    return _launch().MaskArgs(seq_q, k_start, k_len, max_q, max_k, bottom_right, window_left, window_right,
+                              keys_covered)
 
 
-def _fwd_impl(q, k, v, bias, seq_q, k_start, k_len, max_q, max_k, bottom_right, window_left, window_right, p, seed,
-              scale, share_kv, bias_is_leaf):
-    m = _mask_args(seq_q, k_start, k_len, max_q, max_k, bottom_right, window_left, window_right)
+def _fwd_impl(q, k, v, bias, seq_q, k_start, k_len, max_q, max_k, bottom_right, window_left, window_right,
+              keys_covered, p, seed, scale, share_kv, bias_is_leaf):
+    m = _mask_args(seq_q, k_start, k_len, max_q, max_k, bottom_right, window_left, window_right, keys_covered)
     return _launch().attention_forward(q, k, v, bias, m, p, 0 if seed is None else int(seed[0]), scale, share_kv)
 
 
 def _bwd_impl(grad, q, k, v, out, lse, bias, db_reduce_mask, seq_q, k_start, k_len, max_q, max_k, bottom_right,
-              window_left, window_right, p, seed, scale, share_kv, deterministic):
-    m = _mask_args(seq_q, k_start, k_len, max_q, max_k, bottom_right, window_left, window_right)
+              window_left, window_right, keys_covered, p, seed, scale, share_kv, deterministic):
+    m = _mask_args(seq_q, k_start, k_len, max_q, max_k, bottom_right, window_left, window_right, keys_covered)
     return _launch().attention_backward(grad, q, k, v, out, lse, bias, db_reduce_mask, m, p,
                                         0 if seed is None else int(seed[0]), scale, share_kv, deterministic)
 
@@ -65,17 +66,17 @@ def _bwd_impl(grad, q, k, v, out, lse, bias, db_reduce_mask, seq_q, k_start, k_l
 def flash_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
     seq_q: torch.Tensor | None, k_start: torch.Tensor | None, k_len: torch.Tensor | None,
-    max_q: int, max_k: int, bottom_right: bool, window_left: int, window_right: int,
+    max_q: int, max_k: int, bottom_right: bool, window_left: int, window_right: int, keys_covered: bool,
     p: float, seed: torch.Tensor | None, scale: float, share_kv: bool, bias_is_leaf: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(out, lse)``; ``bias_is_leaf`` only informs the backward formula."""
+    """``(out, lse)``; ``keys_covered`` and ``bias_is_leaf`` only inform the backward."""
     return _fwd_impl(q, k, v, bias, seq_q, k_start, k_len, max_q, max_k, bottom_right, window_left, window_right,
-                     p, seed, scale, share_kv, bias_is_leaf)
+                     keys_covered, p, seed, scale, share_kv, bias_is_leaf)
 
 
 @flash_fwd.register_fake
 def _flash_fwd_fake(q, k, v, bias, seq_q, k_start, k_len, max_q, max_k, bottom_right, window_left,
-                    window_right, p, seed, scale, share_kv, bias_is_leaf):
+                    window_right, keys_covered, p, seed, scale, share_kv, bias_is_leaf):
     out = q.new_empty((*q.shape[:-1], v.shape[-1]))
     lse = q.new_empty((q.shape[0], *q.shape[2:-1], q.shape[1]), dtype=torch.float32)
     return out, lse
@@ -86,18 +87,18 @@ def flash_bwd(
     grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     bias: torch.Tensor | None, db_reduce_mask: int,
     seq_q: torch.Tensor | None, k_start: torch.Tensor | None, k_len: torch.Tensor | None,
-    max_q: int, max_k: int, bottom_right: bool, window_left: int, window_right: int,
+    max_q: int, max_k: int, bottom_right: bool, window_left: int, window_right: int, keys_covered: bool,
     p: float, seed: torch.Tensor | None, scale: float, share_kv: bool, deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk5, dv5, db)``: K/V gradients per shared head in the canonical layout, ``db`` float32 with the
     dims of ``db_reduce_mask`` summed (empty when the mask is negative)."""
     return _bwd_impl(grad, q, k, v, out, lse, bias, db_reduce_mask, seq_q, k_start, k_len, max_q, max_k,
-                     bottom_right, window_left, window_right, p, seed, scale, share_kv, deterministic)
+                     bottom_right, window_left, window_right, keys_covered, p, seed, scale, share_kv, deterministic)
 
 
 @flash_bwd.register_fake
 def _flash_bwd_fake(grad, q, k, v, out, lse, bias, db_reduce_mask, seq_q, k_start, k_len, max_q, max_k,
-                    bottom_right, window_left, window_right, p, seed, scale, share_kv, deterministic):
+                    bottom_right, window_left, window_right, keys_covered, p, seed, scale, share_kv, deterministic):
     launch = _launch()
     dk5 = k.new_empty(launch.kv_grad_shape(q, k, share_kv, k.shape[-1]))
     dv5 = v.new_empty(launch.kv_grad_shape(q, v, share_kv, v.shape[-1]))
@@ -107,28 +108,28 @@ def _flash_bwd_fake(grad, q, k, v, out, lse, bias, db_reduce_mask, seq_q, k_star
 
 
 def _setup_context(ctx, inputs, output):
-    (q, k, v, bias, seq_q, k_start, k_len, max_q, max_k, bottom_right, window_left, window_right, p, seed,
-     scale, share_kv, bias_is_leaf) = inputs
+    (q, k, v, bias, seq_q, k_start, k_len, max_q, max_k, bottom_right, window_left, window_right, keys_covered, p,
+     seed, scale, share_kv, bias_is_leaf) = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, bias, seq_q, k_start, k_len, seed, out, lse)
-    ctx.args = (max_q, max_k, bottom_right, window_left, window_right, p, scale, share_kv, bias_is_leaf)
+    ctx.args = (max_q, max_k, bottom_right, window_left, window_right, keys_covered, p, scale, share_kv, bias_is_leaf)
 
 
 def _backward(ctx, grad_out, grad_lse, bwd=None):
     q, k, v, bias, seq_q, k_start, k_len, seed, out, lse = ctx.saved_tensors
-    max_q, max_k, bottom_right, window_left, window_right, p, scale, share_kv, bias_is_leaf = ctx.args
+    max_q, max_k, bottom_right, window_left, window_right, keys_covered, p, scale, share_kv, bias_is_leaf = ctx.args
     L = _layout.canonical(q, k, v, bias, share_kv)
     want_db = bias is not None and ctx.needs_input_grad[3]
     mask = -1
     if want_db:
         mask = sum(1 << d for d in _layout.bias_reduce_dims(bias, L, is_leaf=bias_is_leaf))
     dq, dk5, dv5, db = (bwd or flash_bwd)(grad_out, q, k, v, out, lse, bias, mask, seq_q, k_start, k_len, max_q,
-                                          max_k, bottom_right, window_left, window_right, p, seed, scale, share_kv,
-                                          torch.are_deterministic_algorithms_enabled())
+                                          max_k, bottom_right, window_left, window_right, keys_covered, p, seed, scale,
+                                          share_kv, torch.are_deterministic_algorithms_enabled())
     dk = _layout.shared_kv_grad(dk5, k, L)
     dv = _layout.shared_kv_grad(dv5, v, L)
     dbias = _layout.grad_for_input(L.bias_from5(db).to(bias.dtype), bias) if want_db else None
-    return dq, dk, dv, dbias, None, None, None, None, None, None, None, None, None, None, None, None, None
+    return dq, dk, dv, dbias, None, None, None, None, None, None, None, None, None, None, None, None, None, None
 
 
 flash_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -160,7 +161,7 @@ def _call_args(inp: Inputs, seed: torch.Tensor | None):
     bias = inp.tensor_bias
     m = _launch().mask_args(inp.attn_bias, q.shape[1], k.shape[1], q.device)
     return (q, k, v, bias, m.seq_q, m.k_start, m.k_len, m.max_q, m.max_k, m.bottom_right, m.window_left,
-            m.window_right, float(inp.p), seed, inp.scale_float, _layout.kv_shareable(k, v),
+            m.window_right, m.keys_covered, float(inp.p), seed, inp.scale_float, _layout.kv_shareable(k, v),
             bias is None or bias.is_leaf)
 
 
@@ -248,14 +249,15 @@ class BwOp(AttentionBwOpBase):
             raise ValueError("dropout backward needs the forward's rng_state (the seed) in the Context")
         args = _call_args(inp, ctx.rng_state)
         q, k, v, bias = args[:4]
-        share_kv = args[15]
+        share_kv = args[16]
         L = _layout.canonical(q, k, v, bias, share_kv)
         want_db = bias is not None and bias.requires_grad
         mask = sum(1 << d for d in _layout.bias_reduce_dims(bias, L)) if want_db else -1
         with torch.no_grad():
-            # args[4:15]: seq_q, k_start, k_len, max_q, max_k, bottom_right, window_left, window_right, p, seed, scale
+            # args[4:16]: seq_q, k_start, k_len, max_q, max_k, bottom_right, window_left, window_right, keys_covered,
+            # p, seed, scale
             dq, dk5, dv5, db = (_bwd_impl if _eager() else flash_bwd)(
-                grad, q, k, v, ctx.out, ctx.lse, bias, mask, *args[4:15], share_kv,
+                grad, q, k, v, ctx.out, ctx.lse, bias, mask, *args[4:16], share_kv,
                 torch.are_deterministic_algorithms_enabled())
         return Gradients(
             dq=dq,

@@ -42,6 +42,8 @@ class MaskArgs:
         max_q, max_k: longest query / key block (the grid size).
         bottom_right: diagonal offset ``k_len - q_len`` instead of 0.
         window_left, window_right: window bounds around the diagonal, ``NO_WINDOW`` when absent.
+        keys_covered: every key row lies in some block (dense batches, and packed sequences without
+            padded or skipped keys): the backward writes every dK/dV row and needs no zero fill.
     """
 
     seq_q: torch.Tensor | None
@@ -52,6 +54,7 @@ class MaskArgs:
     bottom_right: bool
     window_left: int
     window_right: int
+    keys_covered: bool = True
 
 
 def mask_args(attn_bias, Mq: int, Mkv: int, device: torch.device) -> MaskArgs:
@@ -61,28 +64,31 @@ def mask_args(attn_bias, Mq: int, Mkv: int, device: torch.device) -> MaskArgs:
     wr = NO_WINDOW if spec.window_right is None else spec.window_right
     if not spec.is_block_diagonal:
         return MaskArgs(None, None, None, Mq, Mkv, spec.bottom_right, wl, wr)
-    seq_q, k_start, k_len = _varlen_arrays(attn_bias, spec, device)
+    seq_q, k_start, k_len, keys_covered = _varlen_arrays(attn_bias, spec, Mkv, device)
     # plain lists (not max(generator, default=...)) keep this traceable by torch.compile
     max_q = max([0] + [b - a for a, b in zip(spec.q_starts, spec.q_starts[1:])])
-    return MaskArgs(seq_q, k_start, k_len, max_q, max([0, *spec.k_lens]), spec.bottom_right, wl, wr)
+    return MaskArgs(seq_q, k_start, k_len, max_q, max([0, *spec.k_lens]), spec.bottom_right, wl, wr, keys_covered)
 
 
-def _varlen_arrays(bias, spec, device: torch.device):
-    """``(seq_q, k_start, k_len)`` on ``device``, built once per bias object and device (no host copies on
-    later calls with the same bias)."""
+def _varlen_arrays(bias, spec, Mkv: int, device: torch.device):
+    """``(seq_q, k_start, k_len, keys_covered)``, the arrays on ``device``, built once per bias object and
+    device (no host copies on later calls with the same bias)."""
     cache = None
     if not torch.compiler.is_compiling():
         cache = getattr(bias, "_triformers_varlen", None)
         if cache is None:
             cache = {}
             object.__setattr__(bias, "_triformers_varlen", cache)
-        if device in cache:
-            return cache[device]
+        if (device, Mkv) in cache:
+            return cache[device, Mkv]
     nb = spec.num_blocks
     packed = torch.tensor([*spec.q_starts, *spec.k_starts, *spec.k_lens], dtype=torch.int32).to(device)
-    arrays = (packed[: nb + 1], packed[nb + 1: 2 * nb + 1], packed[2 * nb + 1:])
+    blocks = sorted(zip(spec.k_starts, spec.k_lens))
+    ends = [0] + [a + n for a, n in blocks]
+    covered = all(a == e for (a, _), e in zip(blocks, ends)) and ends[-1] == Mkv
+    arrays = (packed[: nb + 1], packed[nb + 1: 2 * nb + 1], packed[2 * nb + 1:], covered)
     if cache is not None:
-        cache[device] = arrays
+        cache[device, Mkv] = arrays
     return arrays
 
 
@@ -249,9 +255,9 @@ def attention_backward(grad, q, k, v, out, lse, bias, db_reduce_mask: int, m: Ma
     if out.stride(-1) != 1:
         out = out.contiguous()
     go5, o5, lse5 = L.to5(grad), L.to5(out), L.lse5(lse)
-    # Every key row of a dense batch gets its dK/dV written; packed sequences may leave keys outside every
+    # Every key row inside a block gets its dK/dV written; packed sequences may leave keys outside every
     # block (padded keys), which must read 0.
-    alloc = torch.zeros if c.varlen or q.numel() == 0 or c.Z == 0 or m.max_k == 0 else torch.empty
+    alloc = torch.empty if m.keys_covered and q.numel() and c.Z and m.max_k else torch.zeros
     dk5 = alloc(kv_grad_shape(q, k, share_kv, c.K), dtype=k.dtype, device=dev)
     dv5 = alloc(kv_grad_shape(q, v, share_kv, c.Kv), dtype=v.dtype, device=dev)
     want_db = db_reduce_mask >= 0 and bias is not None
