@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from triformers.ops.common import register_operator
 from triformers.ops.fmha import attn_bias as ab
-from triformers.ops.fmha._layout import _stride0_shared, grad_for_input
+from triformers.ops.fmha._layout import _stride0_shared
 from triformers.ops.fmha.common import AttentionBwOpBase, AttentionFwOpBase, Context, Gradients, Inputs
 
 _TORCH_VERSION = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
@@ -65,29 +65,9 @@ def _cuda_backends():
 _BLOCK_TYPES = (ab.BlockDiagonalMask, ab.BlockDiagonalCausalMask, ab.BlockDiagonalCausalFromBottomRightMask)
 
 
-class _SharedHead(torch.autograd.Function):
-    """Head 0 of K/V expanded over the heads of a group (stride 0), for SDPA's ``enable_gqa``.
-
-    A plain ``x.select(dim, 0)`` would hand autograd a zero-filled gradient of the expanded shape with the
-    heads' summed gradient in head 0, which the expand's backward then reads in full (a zero fill, a copy
-    and a reduction over G times the K/V size). This backward returns that sum divided by the heads and
-    expanded (a view), as the Triton operator does (``_layout`` explains why that is exact)."""
-
-    @staticmethod
-    def forward(ctx, x, dim, squeeze):
-        ctx.dim, ctx.squeeze, ctx.shape = dim, squeeze, x.shape
-        return x.select(dim, 0) if squeeze else x.narrow(dim, 0, 1)
-
-    @staticmethod
-    def backward(ctx, g):
-        if ctx.squeeze:
-            g = g.unsqueeze(ctx.dim)
-        return grad_for_input(g, ctx.shape), None, None
-
-
 def _shared_head(x: torch.Tensor, dim: int, squeeze: bool) -> torch.Tensor:
-    if torch.is_grad_enabled() and x.requires_grad:
-        return _SharedHead.apply(x, dim, squeeze)
+    """Head 0 of K/V expanded over heads (stride 0), for SDPA's ``enable_gqa``. Its backward (zeros with the
+    summed gradient in head 0) is what the Triton operator hands autograd too (``_layout.grad_for_input``)."""
     return x.select(dim, 0) if squeeze else x.narrow(dim, 0, 1)
 
 

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from triformers.triton._common import Tuner, cdiv, default_tile, next_pow2, prune_by_tile, sm_count, tile_configs
+from triformers.triton._common import Tuner, cdiv, default_tile, next_pow2, prune_by_tile, tile_configs
 from triformers.triton._kernels.activations import activation_grad, apply_activation
 from triformers.triton._kernels.reduce import sum_rows
 
@@ -34,9 +34,11 @@ _LANES = tl.constexpr(LANES)
 # Lane block: 128 columns per lane (2 KB of bf16 per row across the 8 lanes) keeps loads full-width;
 # the row count (BLOCK_M) is tuned so that a tile holds 4K-16K elements.
 BLOCK_S_MAX = 128
-# Persistent backward programs per SM. H100, bf16, M = 16384 with gelu: four per SM beat two by 14 % at
-# N = 4096 (0.265 vs 0.308 ms); eight were no better at N >= 4096.
-BWD_PROGRAMS_PER_SM = 4
+# Rows per backward program when it also sums db (one float32 partial row of db per program, summed by
+# `sum_rows`). H100, bf16, M = 16384, N = 4096 with gelu: a persistent grid (4 programs per SM, 124 rows
+# each) ran at 0.38-0.41 ms; 32 rows per program leave many programs resident to hide memory latency
+# while the partials (M / 32 float32 rows) stay ~2 % of the traffic.
+DB_ROWS = 32
 _PRUNE = prune_by_tile(4096, 16384, 8, 64, columns=lambda meta: LANES * meta["BLOCK_S"])
 
 
@@ -56,32 +58,80 @@ def _lane_keep(r0, r1, r2, r3, J: tl.constexpr, threshold):
 
 
 @triton.jit
+def _fwd_load(x_ptr, b_ptr, rows64, row_ok, offs, L, N, stride_x_m, stride_x_n, J: tl.constexpr,
+              HAS_BIAS: tl.constexpr):  # fmt: skip
+    """Lane J's tile of x + bias, in float32."""
+    cols = J * L + offs
+    col_ok = (offs < L) & (cols < N)
+    ok = row_ok[:, None] & col_ok[None, :]
+    z = tl.load(x_ptr + rows64[:, None] * stride_x_m + cols[None, :] * stride_x_n, mask=ok, other=0.0)
+    z = z.to(tl.float32)
+    if HAS_BIAS:  # read as a [BLOCK_M, BLOCK_S] tile of stride-0 rows: x's layout, no shuffle through smem
+        b = tl.load(b_ptr + (rows64 * 0)[:, None] + cols[None, :], mask=col_ok[None, :], other=0.0)
+        z += b.to(tl.float32)
+    return z
+
+
+@triton.jit
+def _fwd_store(z, r0, r1, r2, r3, y_ptr, rows64, row_ok, offs, L, N, stride_y_m, threshold, scale,
+               J: tl.constexpr, ACTIVATION: tl.constexpr, HAS_DROPOUT: tl.constexpr):  # fmt: skip
+    """y for lane J from its tile of x + bias."""
+    cols = J * L + offs
+    y = apply_activation(z, ACTIVATION)
+    if HAS_DROPOUT:
+        y = tl.where(_lane_keep(r0, r1, r2, r3, J, threshold), y * scale, 0.0)
+    ok = row_ok[:, None] & ((offs < L) & (cols < N))[None, :]
+    tl.store(y_ptr + rows64[:, None] * stride_y_m + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
 def _dropout_fwd_kernel(
     x_ptr, b_ptr, y_ptr, M, N, L,  # L: lane width (columns), a multiple of 16
     stride_x_m, stride_x_n, stride_y_m, seed, threshold, scale,
     ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
 ):  # fmt: skip
+    """Program (i, k) owns rows block i of lane-offset block k. All eight lanes are loaded before any is
+    stored: y may alias x as far as the compiler knows, so a load after a store could not be issued
+    early, and the program would wait for memory once per lane."""
     pid_m = tl.program_id(0)  # row block
     pid_c = tl.program_id(1)  # block of lane offsets, the same in all 8 lanes
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs = pid_c * BLOCK_S + tl.arange(0, BLOCK_S)
     row_ok = rows < M
     rows64 = rows.to(tl.int64)
+    x0 = _fwd_load(x_ptr, b_ptr, rows64, row_ok, offs, L, N, stride_x_m, stride_x_n, 0, HAS_BIAS)
+    x1 = _fwd_load(x_ptr, b_ptr, rows64, row_ok, offs, L, N, stride_x_m, stride_x_n, 1, HAS_BIAS)
+    x2 = _fwd_load(x_ptr, b_ptr, rows64, row_ok, offs, L, N, stride_x_m, stride_x_n, 2, HAS_BIAS)
+    x3 = _fwd_load(x_ptr, b_ptr, rows64, row_ok, offs, L, N, stride_x_m, stride_x_n, 3, HAS_BIAS)
+    x4 = _fwd_load(x_ptr, b_ptr, rows64, row_ok, offs, L, N, stride_x_m, stride_x_n, 4, HAS_BIAS)
+    x5 = _fwd_load(x_ptr, b_ptr, rows64, row_ok, offs, L, N, stride_x_m, stride_x_n, 5, HAS_BIAS)
+    x6 = _fwd_load(x_ptr, b_ptr, rows64, row_ok, offs, L, N, stride_x_m, stride_x_n, 6, HAS_BIAS)
+    x7 = _fwd_load(x_ptr, b_ptr, rows64, row_ok, offs, L, N, stride_x_m, stride_x_n, 7, HAS_BIAS)
+    r0 = rows  # r0-r3 are unused without dropout
+    r1 = rows
+    r2 = rows
+    r3 = rows
     if HAS_DROPOUT:
         r0, r1, r2, r3 = tl.randint4x(seed, rows64[:, None] * L + offs[None, :])
-    for j in tl.static_range(_LANES):
-        cols = j * L + offs
-        col_ok = (offs < L) & (cols < N)
-        ok = row_ok[:, None] & col_ok[None, :]
-        z = tl.load(x_ptr + rows64[:, None] * stride_x_m + cols[None, :] * stride_x_n, mask=ok, other=0.0)
-        z = z.to(tl.float32)
-        if HAS_BIAS:
-            z += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        y = apply_activation(z, ACTIVATION)
-        if HAS_DROPOUT:
-            y = tl.where(_lane_keep(r0, r1, r2, r3, j, threshold), y * scale, 0.0)
-        tl.store(y_ptr + rows64[:, None] * stride_y_m + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=ok)
+    # fmt: off
+    _fwd_store(x0, r0, r1, r2, r3, y_ptr, rows64, row_ok, offs, L, N, stride_y_m, threshold, scale, 0,
+               ACTIVATION, HAS_DROPOUT)
+    _fwd_store(x1, r0, r1, r2, r3, y_ptr, rows64, row_ok, offs, L, N, stride_y_m, threshold, scale, 1,
+               ACTIVATION, HAS_DROPOUT)
+    _fwd_store(x2, r0, r1, r2, r3, y_ptr, rows64, row_ok, offs, L, N, stride_y_m, threshold, scale, 2,
+               ACTIVATION, HAS_DROPOUT)
+    _fwd_store(x3, r0, r1, r2, r3, y_ptr, rows64, row_ok, offs, L, N, stride_y_m, threshold, scale, 3,
+               ACTIVATION, HAS_DROPOUT)
+    _fwd_store(x4, r0, r1, r2, r3, y_ptr, rows64, row_ok, offs, L, N, stride_y_m, threshold, scale, 4,
+               ACTIVATION, HAS_DROPOUT)
+    _fwd_store(x5, r0, r1, r2, r3, y_ptr, rows64, row_ok, offs, L, N, stride_y_m, threshold, scale, 5,
+               ACTIVATION, HAS_DROPOUT)
+    _fwd_store(x6, r0, r1, r2, r3, y_ptr, rows64, row_ok, offs, L, N, stride_y_m, threshold, scale, 6,
+               ACTIVATION, HAS_DROPOUT)
+    _fwd_store(x7, r0, r1, r2, r3, y_ptr, rows64, row_ok, offs, L, N, stride_y_m, threshold, scale, 7,
+               ACTIVATION, HAS_DROPOUT)
+    # fmt: on
 
 
 @triton.jit
@@ -128,8 +178,8 @@ def _dropout_bwd_kernel(
     ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, COMPUTE_DB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
 ):  # fmt: skip
-    """Program (i, k) owns row chunk i of lane-offset block k (one tile per program without db; a few
-    programs per SM looping over rows with db, so that each writes one partial row of db).
+    """Program (i, k) owns row chunk i of lane-offset block k (one tile per program without db; DB_ROWS
+    rows, looped over in tiles, with db, so that each program writes one partial row of db).
 
     All eight lanes are loaded before any is stored: dx may alias dy, so a load after a store could not
     be issued early, and a persistent program would wait for memory once per lane."""
@@ -269,8 +319,8 @@ def dropout_bwd(
     L, block_s = _lanes(N)
     threshold, scale = _threshold_and_scale(p)
     lane_blocks = cdiv(L, block_s)
-    if compute_db:  # persistent: a few programs per SM, each writing one partial row of db
-        chunks = max(1, min(M, cdiv(BWD_PROGRAMS_PER_SM * sm_count(x), lane_blocks)))
+    if compute_db:  # DB_ROWS rows per program, each program writing one partial row of db
+        chunks = cdiv(M, DB_ROWS)
         grid = lambda c: (chunks, lane_blocks)  # noqa: E731
     else:  # one tile per program, as in the forward
         grid = lambda c: (cdiv(M, c["BLOCK_M"]), lane_blocks)  # noqa: E731
