@@ -155,8 +155,9 @@ def _bwd_load(dy_ptr, x_ptr, b_ptr, rows64, row_ok, offs, L, N, stride_dy_m, str
 @triton.jit
 def _bwd_store(g, z, r0, r1, r2, r3, dx_ptr, rows64, row_ok, offs, L, N, stride_dx_m, threshold, scale,
                J: tl.constexpr, ACTIVATION: tl.constexpr, HAS_DROPOUT: tl.constexpr, COMPUTE_DB: tl.constexpr,
-               BLOCK_S: tl.constexpr):  # fmt: skip
-    """dx for lane J from its loaded tiles; returns its column sums (for db) or zeros."""
+               BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr):  # fmt: skip
+    """dx for lane J from its loaded tiles; returns the tile of dx in float32 (0 outside the bounds) for
+    the db accumulator, or zeros."""
     cols = J * L + offs
     ok = row_ok[:, None] & ((offs < L) & (cols < N))[None, :]
     g = g.to(tl.float32)
@@ -166,9 +167,9 @@ def _bwd_store(g, z, r0, r1, r2, r3, dx_ptr, rows64, row_ok, offs, L, N, stride_
         g = g * activation_grad(z, ACTIVATION)
     tl.store(dx_ptr + rows64[:, None] * stride_dx_m + cols[None, :], g.to(dx_ptr.dtype.element_ty), mask=ok)
     if COMPUTE_DB:
-        return tl.sum(tl.where(ok, g, 0.0), axis=0)
+        return tl.where(ok, g, 0.0)
     else:
-        return tl.zeros([BLOCK_S], dtype=tl.float32)
+        return tl.zeros([BLOCK_M, BLOCK_S], dtype=tl.float32)
 
 
 @triton.jit
@@ -189,15 +190,16 @@ def _dropout_bwd_kernel(
     row_start = pid_m * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, M)
     offs = pid_c * BLOCK_S + tl.arange(0, BLOCK_S)
-    # one column-sum accumulator per lane (for db)
-    acc0 = tl.zeros([BLOCK_S], dtype=tl.float32)
-    acc1 = tl.zeros([BLOCK_S], dtype=tl.float32)
-    acc2 = tl.zeros([BLOCK_S], dtype=tl.float32)
-    acc3 = tl.zeros([BLOCK_S], dtype=tl.float32)
-    acc4 = tl.zeros([BLOCK_S], dtype=tl.float32)
-    acc5 = tl.zeros([BLOCK_S], dtype=tl.float32)
-    acc6 = tl.zeros([BLOCK_S], dtype=tl.float32)
-    acc7 = tl.zeros([BLOCK_S], dtype=tl.float32)
+    # one accumulator tile per lane (for db), summed over its rows once at the end: a column sum per tile
+    # would shuffle through shared memory (with barriers) eight times per iteration
+    acc0 = tl.zeros([BLOCK_M, BLOCK_S], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_M, BLOCK_S], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_M, BLOCK_S], dtype=tl.float32)
+    acc3 = tl.zeros([BLOCK_M, BLOCK_S], dtype=tl.float32)
+    acc4 = tl.zeros([BLOCK_M, BLOCK_S], dtype=tl.float32)
+    acc5 = tl.zeros([BLOCK_M, BLOCK_S], dtype=tl.float32)
+    acc6 = tl.zeros([BLOCK_M, BLOCK_S], dtype=tl.float32)
+    acc7 = tl.zeros([BLOCK_M, BLOCK_S], dtype=tl.float32)
     for start in range(row_start, row_end, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
         row_ok = rows < row_end
@@ -226,21 +228,21 @@ def _dropout_bwd_kernel(
         if HAS_DROPOUT:
             r0, r1, r2, r3 = tl.randint4x(seed, rows64[:, None] * L + offs[None, :])
         acc0 += _bwd_store(g0, z0, r0, r1, r2, r3, dx_ptr, rows64, row_ok, offs, L, N, stride_dx_m, threshold, scale,
-                           0, ACTIVATION, HAS_DROPOUT, COMPUTE_DB, BLOCK_S)
+                           0, ACTIVATION, HAS_DROPOUT, COMPUTE_DB, BLOCK_M, BLOCK_S)
         acc1 += _bwd_store(g1, z1, r0, r1, r2, r3, dx_ptr, rows64, row_ok, offs, L, N, stride_dx_m, threshold, scale,
-                           1, ACTIVATION, HAS_DROPOUT, COMPUTE_DB, BLOCK_S)
+                           1, ACTIVATION, HAS_DROPOUT, COMPUTE_DB, BLOCK_M, BLOCK_S)
         acc2 += _bwd_store(g2, z2, r0, r1, r2, r3, dx_ptr, rows64, row_ok, offs, L, N, stride_dx_m, threshold, scale,
-                           2, ACTIVATION, HAS_DROPOUT, COMPUTE_DB, BLOCK_S)
+                           2, ACTIVATION, HAS_DROPOUT, COMPUTE_DB, BLOCK_M, BLOCK_S)
         acc3 += _bwd_store(g3, z3, r0, r1, r2, r3, dx_ptr, rows64, row_ok, offs, L, N, stride_dx_m, threshold, scale,
-                           3, ACTIVATION, HAS_DROPOUT, COMPUTE_DB, BLOCK_S)
+                           3, ACTIVATION, HAS_DROPOUT, COMPUTE_DB, BLOCK_M, BLOCK_S)
         acc4 += _bwd_store(g4, z4, r0, r1, r2, r3, dx_ptr, rows64, row_ok, offs, L, N, stride_dx_m, threshold, scale,
-                           4, ACTIVATION, HAS_DROPOUT, COMPUTE_DB, BLOCK_S)
+                           4, ACTIVATION, HAS_DROPOUT, COMPUTE_DB, BLOCK_M, BLOCK_S)
         acc5 += _bwd_store(g5, z5, r0, r1, r2, r3, dx_ptr, rows64, row_ok, offs, L, N, stride_dx_m, threshold, scale,
-                           5, ACTIVATION, HAS_DROPOUT, COMPUTE_DB, BLOCK_S)
+                           5, ACTIVATION, HAS_DROPOUT, COMPUTE_DB, BLOCK_M, BLOCK_S)
         acc6 += _bwd_store(g6, z6, r0, r1, r2, r3, dx_ptr, rows64, row_ok, offs, L, N, stride_dx_m, threshold, scale,
-                           6, ACTIVATION, HAS_DROPOUT, COMPUTE_DB, BLOCK_S)
+                           6, ACTIVATION, HAS_DROPOUT, COMPUTE_DB, BLOCK_M, BLOCK_S)
         acc7 += _bwd_store(g7, z7, r0, r1, r2, r3, dx_ptr, rows64, row_ok, offs, L, N, stride_dx_m, threshold, scale,
-                           7, ACTIVATION, HAS_DROPOUT, COMPUTE_DB, BLOCK_S)
+                           7, ACTIVATION, HAS_DROPOUT, COMPUTE_DB, BLOCK_M, BLOCK_S)
         # fmt: on
     if COMPUTE_DB:
         for j in tl.static_range(_LANES):
@@ -261,7 +263,7 @@ def _dropout_bwd_kernel(
                 acc = acc6
             else:
                 acc = acc7
-            tl.store(db_ptr + pid_m * N + cols, acc, mask=(offs < L) & (cols < N))
+            tl.store(db_ptr + pid_m * N + cols, tl.sum(acc, axis=0), mask=(offs < L) & (cols < N))
 
 
 _fwd = Tuner(_dropout_fwd_kernel, tile_configs(), _PRUNE)
