@@ -73,6 +73,8 @@ def cases() -> dict:
     b = torch.zeros(256, dtype=torch.bfloat16, requires_grad=True)
     q, k, v = (rand(2, 128, 4, 64, dtype=torch.float16) for _ in range(3))
     op = fmha.TritonFlashAttentionOp
+    q1, k1, v1 = (rand(1, 512, 4, 64, dtype=torch.float16) for _ in range(3))
+    packed = fmha.attn_bias.BlockDiagonalCausalMask.from_seqlens([64] * 8)
     return {
         "identity Function": (lambda: _Identity.apply(x), (x,)),
         "rms_norm": (lambda: rms_norm(x, w), (x, w)),
@@ -81,6 +83,8 @@ def cases() -> dict:
         "silu_mul": (lambda: silu_mul(x, y), (x, y)),
         "dropout+bias+gelu": (lambda: dropout(x, 0.1, b, "gelu"), (x, b)),
         "attention (triton op)": (lambda: fmha.memory_efficient_attention(q, k, v, op=op), (q, k, v)),
+        "attention, 8 packed sequences": (
+            lambda: fmha.memory_efficient_attention(q1, k1, v1, packed, op=op), (q1, k1, v1)),
     }
 
 

@@ -7,11 +7,11 @@ opaque. :class:`MaskArgs` carries an attention bias as the kernels see it; :func
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
 import torch
-import triton
 
 from triformers._triton import cdiv
 from triformers._triton import launch as _launch
@@ -101,27 +101,58 @@ def _input_precision(dtype: torch.dtype) -> str:
 def _descriptor(x: torch.Tensor, block: list[int]):
     """A TMA descriptor of ``x`` with the given block shape, or None when TMA cannot address it (base or
     strides not 16-byte aligned, stride-0 broadcast dims, last dim not contiguous)."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    size = x.element_size()
-    if x.numel() == 0 or x.data_ptr() % 16 or x.stride(-1) != 1:
+    if x.data_ptr() % 16:
         return None
-    strides = []
-    for n, st in zip(x.shape[:-1], x.stride()[:-1]):
-        if n == 1:
-            st = 16 // size  # never stepped over: any aligned stride
-        elif st == 0 or (st * size) % 16:
-            return None
-        strides.append(st)
-    # The checks above are the ones TensorDescriptor.__post_init__ makes (and block shapes come from the
+    shape = x.shape
+    strides = _tma_strides(shape, x.stride(), x.element_size())
+    if strides is None:
+        return None
+    # The checks are the ones TensorDescriptor.__post_init__ makes (and block shapes come from the
     # configuration table, powers of two): skipping it saves host time on every call.
-    desc = object.__new__(TensorDescriptor)
-    desc.base, desc.shape, desc.strides, desc.block_shape, desc.padding = x, list(x.shape), strides + [1], block, "zero"
+    desc = object.__new__(_tensor_descriptor())
+    desc.base, desc.shape, desc.strides, desc.block_shape, desc.padding = x, list(shape), list(strides), block, "zero"
     return desc
 
 
+@functools.lru_cache(maxsize=1024)
+def _tma_strides(shape: torch.Size, stride: tuple[int, ...], size: int) -> tuple[int, ...] | None:
+    """The descriptor strides of a tensor of this shape, strides and element size, or None when TMA cannot
+    address it. Size-1 dims are never stepped over: any aligned stride stands for theirs."""
+    if math.prod(shape) == 0 or stride[-1] != 1:
+        return None
+    out = []
+    for n, st in zip(shape[:-1], stride[:-1]):
+        if n == 1:
+            st = 16 // size
+        elif st == 0 or (st * size) % 16:
+            return None
+        out.append(st)
+    return (*out, 1)
+
+
+@functools.cache
+def _tensor_descriptor():
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor
+
+
+_DUMMIES: dict = {}
+
+
+def _dummy_int32(device: torch.device) -> torch.Tensor:
+    """A one-element int32 tensor per device, for the sequence-array arguments of dense calls (allocating
+    one per call cost a fill kernel on every launch)."""
+    t = _DUMMIES.get(device)
+    if t is None or torch.compiler.is_compiling():
+        t = torch.zeros(1, dtype=torch.int32, device=device)
+        if not torch.compiler.is_compiling():
+            _DUMMIES[device] = t
+    return t
+
+
 def _strides4(x5: torch.Tensor) -> tuple[int, int, int, int]:
-    return x5.stride(0), x5.stride(1), x5.stride(2), x5.stride(3)
+    return x5.stride()[:4]
 
 
 class _Call:
@@ -139,10 +170,10 @@ class _Call:
         self.scale = scale
         self.varlen = m.seq_q is not None
         self.Z = m.seq_q.shape[0] - 1 if self.varlen else self.B
-        dummy = m.seq_q if self.varlen else q.new_zeros(1, dtype=torch.int32)
+        dummy = m.seq_q if self.varlen else _dummy_int32(q.device)  # never read by dense kernels
         self.seq_q, self.k_start, self.k_len = (m.seq_q, m.k_start, m.k_len) if self.varlen else (dummy,) * 3
-        self.block_d = max(16, triton.next_power_of_2(self.K))
-        self.block_dv = max(16, triton.next_power_of_2(self.Kv))
+        self.block_d = max(16, 1 << (self.K - 1).bit_length())
+        self.block_dv = max(16, 1 << (self.Kv - 1).bit_length())
         self.flags = dict(
             IS_VARLEN=self.varlen,
             KV_SHARED=self.kv_shared,
@@ -180,7 +211,8 @@ class _Call:
 
     def kv_strides(self, x5: torch.Tensor) -> tuple[int, int, int, int]:
         """(b, n, g, h) strides of a canonical K/V view; the head stride is 0 when heads share it."""
-        return x5.stride(0), x5.stride(1), x5.stride(2), 0 if self.kv_shared else x5.stride(3)
+        st = x5.stride()
+        return st[0], st[1], st[2], 0 if self.kv_shared else st[3]
 
     def bias_strides(self) -> tuple[int, ...]:
         b = self.L.bias
@@ -225,7 +257,7 @@ def attention_forward(q, k, v, bias, m: MaskArgs, p: float, seed: int, scale: fl
             *((desc[n] for n in ("desc_q", "desc_k", "desc_v")) if desc else (None, None, None)), desc_b,
             c.seq_q, c.k_start, c.k_len,
             *_strides4(c.L.q), *c.kv_strides(c.L.k), *c.kv_strides(c.L.v), *_strides4(out5),
-            lse5.stride(0), lse5.stride(1), lse5.stride(2), *c.bias_strides(),
+            *lse5.stride()[:3], *c.bias_strides(),
             c.num_heads, c.HG, c.Mq, c.Mkv, c.scale * LOG2E, c.wl, c.wr, c.p, seed, c.K, c.Kv, tiles,
         ), dict(
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=c.block_d, BLOCK_DV=c.block_dv,
@@ -303,7 +335,7 @@ def attention_backward(grad, q, k, v, out, lse, bias, db_reduce_mask: int, m: Ma
             *((desc[n] for n in names) if desc else (None,) * 4), desc_b,
             desc["desc_dq"] if desc and dq_tma else None,
             *c.common_args(go5),
-            lse5.stride(0), lse5.stride(1), lse5.stride(2),
+            *lse5.stride()[:3],
             *c.bias_strides(), *db_strides, *(_strides4(dq_acc) if atomic_dq else (0, 0, 0, 0)),
             *_strides4(dk5), *_strides4(dv5),
             c.num_heads, c.HG, c.Mq, c.Mkv, c.scale * LOG2E, c.scale, c.wl, c.wr, c.p, seed, c.K, c.Kv, tiles,
@@ -330,7 +362,7 @@ def attention_backward(grad, q, k, v, out, lse, bias, db_reduce_mask: int, m: Ma
                 L.q, L.k, L.v, go5, lse5, delta, bias_arg, dq5,
                 *((desc[n] for n in names) if desc else (None,) * 4), desc_b,
                 *c.common_args(go5),
-                lse5.stride(0), lse5.stride(1), lse5.stride(2), *c.bias_strides(), *_strides4(dq5),
+                *lse5.stride()[:3], *c.bias_strides(), *_strides4(dq5),
                 c.num_heads, c.HG, c.Mq, c.Mkv, c.scale * LOG2E, c.scale, c.wl, c.wr, c.p, seed, c.K, c.Kv,
                 tiles,
             ), dict(
