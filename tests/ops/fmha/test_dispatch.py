@@ -7,6 +7,7 @@ from triformers.benchmarks._harness import bench_interleaved
 from triformers.ops import fmha
 from triformers.ops.fmha import attn_bias as ab
 from triformers.ops.fmha import chunked, dispatch, sdpa
+from triformers.ops.fmha.reference import ref_attention
 
 
 def _pick(q, k, v, bias=None, p=0.0, needs_gradient=False, needs_lse=False):
@@ -111,3 +112,21 @@ def test_cpu_auto_within_1_2x_of_the_faster_operator():
     ms = bench_interleaved({"auto": run(None), "chunked": run(fmha.MemoryEfficientAttentionChunkedOp),
                             "sdpa": run(fmha.MemoryEfficientAttentionSdpaOp)}, rounds=5, budget_s=15)
     assert ms["auto"] <= 1.2 * min(ms["chunked"], ms["sdpa"]), ms
+
+
+def test_cached_checks_follow_block_diagonal_parameters():
+    """Checks of an explicitly chosen operator are remembered per input signature; two block-diagonal biases
+    over the same shapes but different sequences are different signatures."""
+    q = torch.randn(1, 12, 2, 8)
+    ok = ab.BlockDiagonalCausalMask.from_seqlens([4, 8], [4, 8])
+    fmha.memory_efficient_attention(q, q, q, ok, op=fmha.MemoryEfficientAttentionSdpaOp)
+    fmha.memory_efficient_attention(q, q, q, ok, op=fmha.MemoryEfficientAttentionSdpaOp)  # remembered
+    k = torch.randn(1, 12, 2, 8)  # the same key count for both biases
+    unequal = ab.BlockDiagonalCausalMask.from_seqlens([4, 8], [6, 6])  # SDPA cannot express it
+    with pytest.raises(ValueError, match="equal query and key lengths"):
+        fmha.memory_efficient_attention(q, k, k, unequal, op=fmha.MemoryEfficientAttentionSdpaOp)
+    # auto: the same shapes, the two biases, each dispatched to an operator that runs it
+    for bias in (ok, unequal, ok, unequal):
+        out = fmha.memory_efficient_attention(q, k, k, bias)
+        ref, _ = ref_attention(q, k, k, bias)
+        torch.testing.assert_close(out, ref.to(out.dtype), atol=1e-4, rtol=1e-4)

@@ -165,6 +165,9 @@ def run_priority_list(name: str, priority_list: Sequence[type[AttentionOpBase]],
 
 def ensure_op_supports(name: str, op: type[AttentionOpBase], inp: Inputs, *, needs_lse: bool = False) -> None:
     """Raises ValueError with the reasons when an explicitly chosen ``op`` cannot run ``inp``."""
+    key = _fw_cache_key(inp, None, needs_lse)
+    if key is not None and (op, key) in _SUPPORTED:
+        return
     reasons = op.not_supported_reasons(inp)
     if needs_lse and not getattr(op, "RETURNS_LSE", True):
         reasons = [*reasons, "does not return the logsumexp needed for the backward of the low-level API"]
@@ -172,13 +175,19 @@ def ensure_op_supports(name: str, op: type[AttentionOpBase], inp: Inputs, *, nee
         raise ValueError(
             f"Operator `{name}` does not support inputs:\n{_format_inputs(inp)}\n{_reasons_block(op, reasons)}"
         )
+    if key is not None:
+        if len(_SUPPORTED) >= _FW_CACHE_MAX:
+            _SUPPORTED.clear()
+        _SUPPORTED.add((op, key))
 
 
-# Decisions of dispatch_fw for inputs that differ only in their values: the choice is a pure function of
-# shapes, strides, dtypes, devices, gradient flags, the bias's type and parameters, p, scale, torch's
-# determinism and SDPA backend switches, all in the key. It saves the ~20 us of reasons per call that
+# Decisions of dispatch_fw (and checks of an explicitly chosen operator) for inputs that differ only in their
+# values: the choice is a pure function of shapes, strides, dtypes, devices, gradient flags, the bias's type
+# and parameters (a block-diagonal bias's sequence boundaries included), p, scale, torch's determinism and
+# SDPA backend switches, all in the key. It saves the ~20 us of reasons per call that
 # showed on small kernels (D=128, N=1024 causal forward: 0.25 ms per call instead of the kernel's 0.16).
 _FW_CACHE: dict[tuple, type[AttentionFwOpBase]] = {}
+_SUPPORTED: set[tuple] = set()  # (operator, key) pairs an explicitly chosen operator was found to support
 _FW_CACHE_MAX = 4096
 _CACHEABLE_BIAS = (type(None), torch.Tensor, ab.LowerTriangularMask, ab.LowerTriangularFromBottomRightMask,
                    ab.LowerTriangularFromBottomRightLocalAttentionMask, ab.LocalAttentionFromBottomRightMask)
@@ -188,15 +197,30 @@ def _tensor_key(x: torch.Tensor) -> tuple:
     return (tuple(x.shape), x.stride(), x.dtype, x.device, x.requires_grad, x.is_leaf, x.data_ptr() % 16)
 
 
-def _fw_cache_key(inp: Inputs, needs_gradient: bool, needs_lse: bool) -> tuple | None:
+def _block_diagonal_key(bias) -> tuple:
+    """The parameters of a block-diagonal bias (its type, window and sequence boundaries), computed once per
+    bias object."""
+    key = bias.__dict__.get("_triformers_key")
+    if key is None:
+        key = (type(bias), getattr(bias, "_window_size", None), tuple(bias.q_seqinfo.seqstart_py),
+               tuple(bias.k_seqinfo.seqstart_py), tuple(getattr(bias.k_seqinfo, "seqlen_py", ())))
+        object.__setattr__(bias, "_triformers_key", key)
+    return key
+
+
+def _fw_cache_key(inp: Inputs, needs_gradient: bool | None, needs_lse: bool) -> tuple | None:
     bias = inp.attn_bias
-    if type(bias) not in _CACHEABLE_BIAS or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():
         return None
     if isinstance(bias, torch.Tensor):
         bias_key = _tensor_key(bias)
-    else:
+    elif type(bias) in _CACHEABLE_BIAS:
         bias_key = (type(bias), getattr(bias, "_window_size", None), getattr(bias, "window_left", None),
                     getattr(bias, "window_right", None))
+    elif hasattr(bias, "q_seqinfo") and hasattr(bias, "k_seqinfo"):
+        bias_key = _block_diagonal_key(bias)
+    else:
+        return None
     backends = ()
     if inp.query.device.type == "cuda":
         b = torch.backends.cuda

@@ -58,7 +58,22 @@ class MaskArgs:
 
 
 def mask_args(attn_bias, Mq: int, Mkv: int, device: torch.device) -> MaskArgs:
-    """:class:`MaskArgs` of an attention bias (a tensor bias is passed to the kernels separately)."""
+    """:class:`MaskArgs` of an attention bias (a tensor bias is passed to the kernels separately), kept on
+    an :class:`AttentionBias` object per (device, Mq, Mkv) after its first call."""
+    cache = None
+    if attn_bias is not None and not isinstance(attn_bias, torch.Tensor) and not torch.compiler.is_compiling():
+        cache = attn_bias.__dict__.get("_triformers_mask_args")
+        if cache is None:
+            cache = {}
+            object.__setattr__(attn_bias, "_triformers_mask_args", cache)
+        m = cache.get((device, Mq, Mkv))
+        if m is None:
+            m = cache[device, Mq, Mkv] = _mask_args(attn_bias, Mq, Mkv, device)
+        return m
+    return _mask_args(attn_bias, Mq, Mkv, device)
+
+
+def _mask_args(attn_bias, Mq: int, Mkv: int, device: torch.device) -> MaskArgs:
     spec = mask_spec(attn_bias)
     wl = NO_WINDOW if spec.window_left is None else spec.window_left
     wr = NO_WINDOW if spec.window_right is None else spec.window_right
