@@ -119,3 +119,24 @@ def test_inputs_helpers():
     x = torch.randn(6, 5, 4)  # [B * H, M, K]
     y = bmk2bmhk(x, 3)
     assert y.shape == (2, 5, 3, 4) and torch.equal(y[1, :, 2], x[5])
+
+
+@pytest.mark.parametrize("shape,readers_dims", [((2, 5, 3, 4, 8), (3,)), ((1, 70, 2, 3), (1,)), ((6, 4, 5), (0, 2))])
+def test_grad_for_input_sums_back_through_the_broadcast(shape, readers_dims):
+    """Whatever form the gradient of a broadcast input takes (zeros with the sum at the first reader, or the
+    divided sum expanded past the size bounds), the broadcast's backward recovers exactly the sum."""
+    from triformers.ops.fmha import _layout
+
+    small = tuple(1 if d in readers_dims else n for d, n in enumerate(shape))
+    g = torch.randn(small, dtype=torch.float64)
+    base = torch.randn(small, dtype=torch.float64, requires_grad=True)
+    for max_bytes in (_layout.ZERO_FILL_MAX_BYTES, 0):  # the zero-filled form, then the expanded view
+        old = _layout.ZERO_FILL_MAX_BYTES
+        _layout.ZERO_FILL_MAX_BYTES = max_bytes
+        try:
+            out = _layout.grad_for_input(g, torch.Size(shape))
+        finally:
+            _layout.ZERO_FILL_MAX_BYTES = old
+        assert tuple(out.shape) == shape
+        (got,) = torch.autograd.grad(base.expand(shape), base, out)
+        torch.testing.assert_close(got, g)
