@@ -122,13 +122,14 @@ def main(argv=None) -> int:
             q, k, v, bias = inp.query, inp.key, inp.value, inp.attn_bias
             finp = fmha.Inputs(q, k, v, bias, dropout)
             call = fmha.triton._call_args(finp, torch.tensor([1]) if dropout else None)
-            out, lse = launch.attention_forward(*call[:4], launch.MaskArgs(*call[4:12]), call[12], 1, call[14],
-                                                call[15])
+            # call: q, k, v, bias, the nine MaskArgs fields, p, seed, scale, share_kv, bias_is_leaf
+            m = launch.MaskArgs(*call[4:13])
+            out, lse = launch.attention_forward(*call[:4], m, call[13], 1, call[15], call[16])
             tensor_bias = finp.tensor_bias
             mask = 0 if tensor_bias is not None else -1
             for deterministic in (False, True):
                 launch.attention_backward(torch.randn_like(out), *call[:3], out, lse, tensor_bias, mask,
-                                          launch.MaskArgs(*call[4:12]), call[12], 1, call[14], call[15], deterministic)
+                                          m, call[13], 1, call[15], call[16], deterministic)
     failed = [r for r in RESULTS if r["status"] != "ok"]
     spills = [r for r in RESULTS if "spill_st=0" not in r["report"] and r["status"] == "ok"]
     print(f"\n{len(RESULTS)} kernels compiled for sm{args.arch}: {len(failed)} failed, {len(spills)} with spills")

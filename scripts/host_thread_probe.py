@@ -14,20 +14,7 @@ import os
 import time
 
 import torch
-
-
-def per_call_us(fn, n=2000):
-    for _ in range(50):
-        fn()
-    torch.cuda.synchronize()
-    best = float("inf")
-    for _ in range(3):
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        torch.cuda.synchronize()
-        best = min(best, (time.perf_counter() - t0) / n * 1e6)
-    return best
+from host_overhead import per_call_us  # scripts/ is on sys.path
 
 
 def timed_backward(fn_cls, acc):

@@ -20,6 +20,38 @@ from torch.profiler import ProfilerActivity, profile
 from triformers.benchmarks import fmha as bench
 
 
+def ms_per_call(run, iters: int, until_done: bool) -> float:
+    """Milliseconds per call of a loop of ``iters`` calls: until the GPU is done (``until_done``), or until
+    the host has issued them (the host's time per call when it runs ahead of the GPU)."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        run()
+    if until_done:
+        torch.cuda.synchronize()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / iters * 1e3
+
+
+def kernel_ms_per_call(run, iters: int) -> dict[str, float]:
+    """GPU milliseconds per call of each CUDA kernel ``run`` launches, by name (``torch.profiler``)."""
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            run()
+        torch.cuda.synchronize()
+    kernels: dict[str, float] = {}
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            kernels[ev.name] = kernels.get(ev.name, 0.0) + ev.device_time_total / 1e3 / iters
+    return kernels
+
+
+def print_kernels(kernels: dict[str, float], top: int, indent: int) -> None:
+    for k, v in sorted(kernels.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"  {'':>{indent}}   {v:.4f} ms  {k[:110]}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--cases", default="gqa,varlen")
@@ -49,24 +81,11 @@ def main() -> None:
 
                 run()
                 ms = triton.testing.do_bench(run, warmup=10, rep=50, return_mode="median")
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                for _ in range(args.iters):
-                    run()
-                torch.cuda.synchronize()
-                wall = (time.perf_counter() - t0) / args.iters * 1e3
-                with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                    for _ in range(args.iters):
-                        run()
-                    torch.cuda.synchronize()
-                kernels = {}
-                for ev in prof.events():
-                    if ev.device_type == torch.autograd.DeviceType.CUDA:
-                        kernels[ev.name] = kernels.get(ev.name, 0.0) + ev.device_time_total / 1e3 / args.iters
-                gpu = sum(kernels.values())
-                print(f"  {name:>18}: do_bench {ms:.4f} ms | GPU {gpu:.4f} ms/call | wall {wall:.4f} ms/call")
-                for k, v in sorted(kernels.items(), key=lambda kv: -kv[1])[: args.top]:
-                    print(f"  {'':>18}   {v:.4f} ms  {k[:110]}")
+                wall = ms_per_call(run, args.iters, until_done=True)
+                kernels = kernel_ms_per_call(run, args.iters)
+                print(f"  {name:>18}: do_bench {ms:.4f} ms | GPU {sum(kernels.values()):.4f} ms/call | "
+                      f"wall {wall:.4f} ms/call")
+                print_kernels(kernels, args.top, 18)
                 for leaf in inp.leaves():
                     leaf.grad = None
 

@@ -11,10 +11,9 @@ rate: above the GPU time, the call is host-bound), also with the backward run on
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+from profile_fmha import kernel_ms_per_call, ms_per_call, print_kernels  # scripts/ is on sys.path
 
 from triformers.benchmarks import layers as bench
 
@@ -50,35 +49,13 @@ def main() -> None:
                     ms = bench._time(fn, own, leaves, dy, mode)
                     for _ in range(5):
                         run()
-                    torch.cuda.synchronize()
-                    t0 = time.perf_counter()
-                    for _ in range(args.iters):
-                        run()
-                    t1 = time.perf_counter()
-                    torch.cuda.synchronize()
-                    host = (t1 - t0) / args.iters * 1e3
-                    torch.cuda.synchronize()
+                    host = ms_per_call(run, args.iters, until_done=False)
                     with torch.autograd.set_multithreading_enabled(False):  # backward on the calling thread
-                        t0 = time.perf_counter()
-                        for _ in range(args.iters):
-                            run()
-                        t1 = time.perf_counter()
-                    torch.cuda.synchronize()
-                    host1 = (t1 - t0) / args.iters * 1e3
-                    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                        for _ in range(args.iters):
-                            run()
-                        torch.cuda.synchronize()
-                    kernels = {}
-                    for ev in prof.events():
-                        if ev.device_type == torch.autograd.DeviceType.CUDA:
-                            kernels[ev.name] = kernels.get(ev.name, 0.0) + ev.device_time_total / 1e3 / args.iters
-                    gpu = sum(kernels.values())
-                    print(f"  {name:>12}: bench {ms:.4f} ms | GPU {gpu:.4f} ms/call | host issue {host:.4f} ms/call"
-                          f" ({host1:.4f} with the backward on the calling thread)")
-                    for k, v in sorted(kernels.items(), key=lambda kv: -kv[1])[: args.top]:
-                        print(f"  {'':>12}   {v:.4f} ms  {k[:100]}")
-
+                        host1 = ms_per_call(run, args.iters, until_done=False)
+                    kernels = kernel_ms_per_call(run, args.iters)
+                    print(f"  {name:>12}: bench {ms:.4f} ms | GPU {sum(kernels.values()):.4f} ms/call | "
+                          f"host issue {host:.4f} ms/call ({host1:.4f} with the backward on the calling thread)")
+                    print_kernels(kernels, args.top, 12)
 
 if __name__ == "__main__":
     main()

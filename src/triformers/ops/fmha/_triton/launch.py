@@ -79,32 +79,21 @@ def _mask_args(attn_bias, Mq: int, Mkv: int, device: torch.device) -> MaskArgs:
     wr = NO_WINDOW if spec.window_right is None else spec.window_right
     if not spec.is_block_diagonal:
         return MaskArgs(None, None, None, Mq, Mkv, spec.bottom_right, wl, wr)
-    seq_q, k_start, k_len, keys_covered = _varlen_arrays(attn_bias, spec, Mkv, device)
+    seq_q, k_start, k_len, keys_covered = _varlen_arrays(spec, Mkv, device)
     # plain lists (not max(generator, default=...)) keep this traceable by torch.compile
     max_q = max([0] + [b - a for a, b in zip(spec.q_starts, spec.q_starts[1:])])
     return MaskArgs(seq_q, k_start, k_len, max_q, max([0, *spec.k_lens]), spec.bottom_right, wl, wr, keys_covered)
 
 
-def _varlen_arrays(bias, spec, Mkv: int, device: torch.device):
-    """``(seq_q, k_start, k_len, keys_covered)``, the arrays on ``device``, built once per bias object and
-    device (no host copies on later calls with the same bias)."""
-    cache = None
-    if not torch.compiler.is_compiling():
-        cache = getattr(bias, "_triformers_varlen", None)
-        if cache is None:
-            cache = {}
-            object.__setattr__(bias, "_triformers_varlen", cache)
-        if (device, Mkv) in cache:
-            return cache[device, Mkv]
+def _varlen_arrays(spec, Mkv: int, device: torch.device):
+    """``(seq_q, k_start, k_len, keys_covered)``: the sequence arrays on ``device`` (one host-to-device copy;
+    :func:`mask_args` keeps the result per bias object) and whether the blocks cover every key."""
     nb = spec.num_blocks
     packed = torch.tensor([*spec.q_starts, *spec.k_starts, *spec.k_lens], dtype=torch.int32).to(device)
     blocks = sorted(zip(spec.k_starts, spec.k_lens))
     ends = [0] + [a + n for a, n in blocks]
     covered = all(a == e for (a, _), e in zip(blocks, ends)) and ends[-1] == Mkv
-    arrays = (packed[: nb + 1], packed[nb + 1: 2 * nb + 1], packed[2 * nb + 1:], covered)
-    if cache is not None:
-        cache[device, Mkv] = arrays
-    return arrays
+    return packed[: nb + 1], packed[nb + 1: 2 * nb + 1], packed[2 * nb + 1:], covered
 
 
 def _input_precision(dtype: torch.dtype) -> str:
@@ -159,10 +148,8 @@ def _dummy_int32(device: torch.device) -> torch.Tensor:
     """A one-element int32 tensor per device, for the sequence-array arguments of dense calls (allocating
     one per call cost a fill kernel on every launch)."""
     t = _DUMMIES.get(device)
-    if t is None or torch.compiler.is_compiling():
-        t = torch.zeros(1, dtype=torch.int32, device=device)
-        if not torch.compiler.is_compiling():
-            _DUMMIES[device] = t
+    if t is None:
+        t = _DUMMIES[device] = torch.zeros(1, dtype=torch.int32, device=device)
     return t
 
 
