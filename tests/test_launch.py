@@ -58,3 +58,95 @@ def test_launch_takes_the_jit_path_under_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert T.launch(Kernel(), (3,), (1, 2), {"BLOCK": 16}) == "compiled"
     assert calls == [((3,), (1, 2), {"BLOCK": 16})]
+
+
+class _FakeRun:
+    global_scratch_size = profile_scratch_size = 0
+    launch_cooperative_grid = launch_pdl = False
+
+    def __init__(self):
+        self.calls = []
+
+    def launch(self, *args):
+        self.calls.append(args)
+
+
+class _FakeKernel:
+    """Stands for a JITFunction: ``kernel[grid](*args, **meta)`` counts JIT-path calls and returns a
+    compiled kernel whose C launcher records its arguments."""
+
+    class _Param:
+        def __init__(self, name, default=None):
+            self.name, self.default = name, default
+
+    arg_names = ["x", "n", "BLOCK", "FLAG"]
+    params = [_Param("x"), _Param("n"), _Param("BLOCK"), _Param("FLAG", default=True)]
+
+    def __init__(self):
+        self.jit_calls = 0
+        self.run = _FakeRun()
+
+    def __getitem__(self, grid):
+        def call(*args, **meta):
+            self.jit_calls += 1
+            return type("Compiled", (), {"run": self.run, "function": 7, "packed_metadata": "meta"})()
+
+        return call
+
+
+def test_launch_takes_the_direct_path_after_the_first_call(monkeypatch):
+    """Once a specialisation is compiled, launches go straight to its C launcher with Triton's argument
+    layout, unless a launch hook is installed (Triton >= 3.4 always has an empty ``HookChain`` there)."""
+    triton = pytest.importorskip("triton")
+    from triton import knobs
+
+    kernel = _FakeKernel()
+    monkeypatch.setattr(T, "_FAST_LAUNCH", True)
+    monkeypatch.setattr(T, "_knobs", knobs)
+    monkeypatch.setattr(T, "_compiled", {})
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda device: 99, raising=False)
+    assert isinstance(knobs.runtime.launch_enter_hook, knobs.HookChain) or triton.__version__ < "3.4"
+    T.launch(kernel, (3, 2), (torch.zeros(4), 5), {"BLOCK": 16})
+    T.launch(kernel, (3, 2), (torch.zeros(4), 6), {"BLOCK": 16})
+    assert kernel.jit_calls == 1
+    (args,) = kernel.run.calls
+    # grid, stream, function, cooperative, pdl, two scratch buffers, metadata, launch metadata, two hooks
+    assert args[:13] == (3, 2, 1, 99, 7, False, False, None, None, "meta", None, None, None)
+    assert args[14:] == (6, 16, True)  # the arguments, then constexprs from meta and the defaults
+
+    hook = lambda *a, **k: None  # noqa: E731
+    knobs.runtime.launch_enter_hook.add(hook)
+    try:
+        T.launch(kernel, (3, 2), (torch.zeros(4), 6), {"BLOCK": 16})
+    finally:
+        knobs.runtime.launch_enter_hook.remove(hook)
+    assert kernel.jit_calls == 2  # a hook (a profiler) sees every launch through the JIT path
+
+
+def test_hooked():
+    assert not T._hooked(None) and T._hooked(print)
+    chain = type("HookChain", (), {"calls": []})()
+    assert not T._hooked(chain)
+    chain.calls.append(print)
+    assert T._hooked(chain)
+
+
+@pytest.mark.gpu
+def test_repeated_launches_skip_the_jit_on_the_gpu(monkeypatch):
+    """On CUDA, a second call with the same specialisation never enters Triton's JIT, and computes the same."""
+    from triton.runtime.jit import JITFunction
+
+    from triformers.ops.rmsnorm import rms_norm, rms_norm_reference
+
+    jit_run = JITFunction.run
+    calls = []
+    monkeypatch.setattr(JITFunction, "run", lambda self, *a, **k: calls.append(self) or jit_run(self, *a, **k))
+    x = torch.randn(64, 1000, device="cuda", dtype=torch.float16)
+    w = torch.rand(1000, device="cuda", dtype=torch.float16)
+    first = rms_norm(x, w)
+    n_first = len(calls)
+    second = rms_norm(x + 1, w)
+    assert len(calls) == n_first, "the second launch went through the JIT"
+    torch.testing.assert_close(first, rms_norm_reference(x, w, 1e-6).half(), atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(second, rms_norm_reference(x + 1, w, 1e-6).half(), atol=2e-3, rtol=2e-3)

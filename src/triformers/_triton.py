@@ -121,7 +121,7 @@ def launch(kernel, grid: tuple, args: tuple, meta: dict, static_key=None):
     """
     if _FAST_LAUNCH is None:
         _init_fast_launch()
-    if not _FAST_LAUNCH or _knobs.runtime.launch_enter_hook is not None:
+    if not _FAST_LAUNCH or _hooked(_knobs.runtime.launch_enter_hook):
         return kernel[grid](*args, **meta)
     device = torch.cuda.current_device()
     key = (static_key if static_key is not None else (kernel, tuple(meta.items())), device, *map(_spec, args))
@@ -144,6 +144,13 @@ def launch(kernel, grid: tuple, args: tuple, meta: dict, static_key=None):
 
 _FAST_LAUNCH: bool | None = None  # decided at the first launch (importing triton is not free)
 _knobs = None
+
+
+def _hooked(hook) -> bool:
+    """Whether a launch hook is installed: a non-empty ``HookChain`` (Triton >= 3.4, where the knob is never
+    None) or, in older Triton, any value but None."""
+    calls = getattr(hook, "calls", None)
+    return bool(calls) if calls is not None else hook is not None
 
 
 def _init_fast_launch() -> None:
