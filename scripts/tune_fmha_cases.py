@@ -24,7 +24,7 @@ from triformers.ops.fmha._triton import configs
 from triformers.ops.fmha._triton.configs import Config
 
 FWD = [Config(64, 64, 4, 2), Config(64, 64, 4, 3), Config(128, 64, 8, 2), Config(128, 64, 8, 3),
-       Config(128, 32, 8, 3), Config(64, 128, 8, 2)]
+       Config(128, 32, 8, 3), Config(64, 128, 8, 2), Config(128, 64, 4, 3), Config(64, 64, 4, 4), Config(128, 64, 8, 4)]
 BWD = [Config(64, 128, 8, 3), Config(32, 128, 8, 3), Config(64, 64, 4, 2), Config(64, 64, 8, 3), Config(32, 64, 8, 3)]
 DQ = [Config(128, 64, 8, 3), Config(64, 64, 4, 2), Config(128, 32, 8, 2)]
 

@@ -190,3 +190,22 @@ def test_torch_path_without_interpreter(monkeypatch):
     assert abs((y != 0).float().mean().item() - 0.5) < 0.05
     y.sum().backward()
     torch.testing.assert_close(x.grad, (y != 0).float() * 2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_whole_tiles_match_the_masked_path(device):
+    """M % 64 == 0 and N a multiple of 8 lanes x lane block: the forward runs without bounds masks
+    (EVEN). Its bits and values equal those of the masked path (one row fewer) on the shared rows, and
+    the kept values are gelu(x + b) / (1 - p)."""
+    p = 0.25
+    x = torch.randn(64, LANES * BLOCK_S_MAX, device=device, dtype=torch.float16)
+    b = torch.randn(x.shape[1], device=device, dtype=torch.float16)
+    torch.manual_seed(11)
+    y_even = dropout(x, p, b, "gelu")
+    torch.manual_seed(11)
+    y_masked = dropout(x[:63], p, b, "gelu")
+    torch.testing.assert_close(y_even[:63], y_masked, atol=0, rtol=0)
+    kept = y_even != 0
+    assert 0.7 < kept.float().mean().item() < 0.8
+    ref = torch.nn.functional.gelu(x.double() + b.double()) / (1 - effective_p(p))
+    torch.testing.assert_close(y_even.double()[kept], ref[kept], atol=4e-3, rtol=4e-3)

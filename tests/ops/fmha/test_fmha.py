@@ -409,3 +409,42 @@ def test_gqa_bmghk_grad_sums_over_group(op_name):
     refs = torch.autograd.grad(ref, (q64, k64, v64), dy.double())
     for g, r in zip(grads, refs):
         torch.testing.assert_close(g.double(), r, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("fmt", ["BMGHK", "BMHK"])
+def test_sdpa_gqa_gradient_reaches_the_unexpanded_base(fmt):
+    """K/V passed as ``base`` expanded over heads: SDPA takes ``base`` itself (no zero-filled expanded
+    gradient), and every gradient still matches the float64 reference."""
+    from triformers.ops.fmha.sdpa import _shared_head
+
+    B, M, G, H, K = 2, 9, 2, 3, 8
+    gen = torch.Generator().manual_seed(3)
+    if fmt == "BMGHK":
+        q = torch.randn(B, M, G, H, K, generator=gen, requires_grad=True)
+        kb, vb = (torch.randn(B, M, G, K, generator=gen, requires_grad=True) for _ in range(2))
+        expand = lambda t: t.unsqueeze(3).expand(B, M, G, H, K)  # noqa: E731
+        dim, squeeze = 3, True
+    else:
+        q = torch.randn(B, M, H, K, generator=gen, requires_grad=True)
+        kb, vb = (torch.randn(B, M, 1, K, generator=gen, requires_grad=True) for _ in range(2))
+        expand = lambda t: t.expand(B, M, H, K)  # noqa: E731
+        dim, squeeze = 2, False
+    k, v = expand(kb), expand(vb)
+    assert _shared_head(k, dim, squeeze) is kb
+    out = fmha.memory_efficient_attention(q, k, v, ab.LowerTriangularMask(), op=OPS["sdpa"])
+    dy = torch.randn(out.shape, generator=gen)
+    grads = torch.autograd.grad(out, (q, kb, vb), dy)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, kb, vb))
+    ref, _ = ref_attention(q64, expand(k64), expand(v64), ab.LowerTriangularMask())
+    for g, r in zip(grads, torch.autograd.grad(ref, (q64, k64, v64), dy.double())):
+        torch.testing.assert_close(g.double(), r, atol=1e-4, rtol=1e-4)
+
+    # where autograd would not route the view's gradient to the base unchanged, the base is not used
+    k.retain_grad()
+    assert _shared_head(k, dim, squeeze) is not kb
+    with torch.no_grad():
+        k_nograd = expand(kb)
+    assert _shared_head(k_nograd, dim, squeeze) is not kb
+    assert _shared_head(expand(kb.detach()), dim, squeeze)._base is not kb
+    assert _shared_head(kb[:, :-1].unsqueeze(3).expand(B, M - 1, G, H, K) if fmt == "BMGHK"
+                        else kb[:, :-1].expand(B, M - 1, H, K), dim, squeeze) is not kb

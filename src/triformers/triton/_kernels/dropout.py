@@ -59,36 +59,47 @@ def _lane_keep(r0, r1, r2, r3, J: tl.constexpr, threshold):
 
 @triton.jit
 def _fwd_load(x_ptr, b_ptr, rows64, row_ok, offs, L, N, stride_x_m, stride_x_n, J: tl.constexpr,
-              HAS_BIAS: tl.constexpr):  # fmt: skip
-    """Lane J's tile of x + bias, in float32."""
+              HAS_BIAS: tl.constexpr, EVEN: tl.constexpr):  # fmt: skip
+    """Lane J's tile of x + bias, in float32 (``EVEN``: every tile is whole, no bounds masks)."""
     cols = J * L + offs
     col_ok = (offs < L) & (cols < N)
     ok = row_ok[:, None] & col_ok[None, :]
-    z = tl.load(x_ptr + rows64[:, None] * stride_x_m + cols[None, :] * stride_x_n, mask=ok, other=0.0)
-    z = z.to(tl.float32)
+    x_ptrs = x_ptr + rows64[:, None] * stride_x_m + cols[None, :] * stride_x_n
+    b_ptrs = b_ptr + (rows64 * 0)[:, None] + cols[None, :]
+    if EVEN:
+        z = tl.load(x_ptrs).to(tl.float32)
+    else:
+        z = tl.load(x_ptrs, mask=ok, other=0.0).to(tl.float32)
     if HAS_BIAS:  # read as a [BLOCK_M, BLOCK_S] tile of stride-0 rows: x's layout, no shuffle through smem
-        b = tl.load(b_ptr + (rows64 * 0)[:, None] + cols[None, :], mask=col_ok[None, :], other=0.0)
+        if EVEN:
+            b = tl.load(b_ptrs)
+        else:
+            b = tl.load(b_ptrs, mask=col_ok[None, :], other=0.0)
         z += b.to(tl.float32)
     return z
 
 
 @triton.jit
 def _fwd_store(z, r0, r1, r2, r3, y_ptr, rows64, row_ok, offs, L, N, stride_y_m, threshold, scale,
-               J: tl.constexpr, ACTIVATION: tl.constexpr, HAS_DROPOUT: tl.constexpr):  # fmt: skip
+               J: tl.constexpr, ACTIVATION: tl.constexpr, HAS_DROPOUT: tl.constexpr, EVEN: tl.constexpr):  # fmt: skip
     """y for lane J from its tile of x + bias."""
     cols = J * L + offs
     y = apply_activation(z, ACTIVATION)
     if HAS_DROPOUT:
         y = tl.where(_lane_keep(r0, r1, r2, r3, J, threshold), y * scale, 0.0)
-    ok = row_ok[:, None] & ((offs < L) & (cols < N))[None, :]
-    tl.store(y_ptr + rows64[:, None] * stride_y_m + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=ok)
+    y_ptrs = y_ptr + rows64[:, None] * stride_y_m + cols[None, :]
+    if EVEN:
+        tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty))
+    else:
+        ok = row_ok[:, None] & ((offs < L) & (cols < N))[None, :]
+        tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
 def _dropout_fwd_kernel(
     x_ptr, b_ptr, y_ptr, M, N, L,  # L: lane width (columns), a multiple of 16
     stride_x_m, stride_x_n, stride_y_m, seed, threshold, scale,
-    ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, EVEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
 ):  # fmt: skip
     """Program (i, k) owns rows block i of lane-offset block k. All eight lanes are loaded before any is
@@ -100,14 +111,14 @@ def _dropout_fwd_kernel(
     offs = pid_c * BLOCK_S + tl.arange(0, BLOCK_S)
     row_ok = rows < M
     rows64 = rows.to(tl.int64)
-    x0 = _fwd_load(x_ptr, b_ptr, rows64, row_ok, offs, L, N, stride_x_m, stride_x_n, 0, HAS_BIAS)
-    x1 = _fwd_load(x_ptr, b_ptr, rows64, row_ok, offs, L, N, stride_x_m, stride_x_n, 1, HAS_BIAS)
-    x2 = _fwd_load(x_ptr, b_ptr, rows64, row_ok, offs, L, N, stride_x_m, stride_x_n, 2, HAS_BIAS)
-    x3 = _fwd_load(x_ptr, b_ptr, rows64, row_ok, offs, L, N, stride_x_m, stride_x_n, 3, HAS_BIAS)
-    x4 = _fwd_load(x_ptr, b_ptr, rows64, row_ok, offs, L, N, stride_x_m, stride_x_n, 4, HAS_BIAS)
-    x5 = _fwd_load(x_ptr, b_ptr, rows64, row_ok, offs, L, N, stride_x_m, stride_x_n, 5, HAS_BIAS)
-    x6 = _fwd_load(x_ptr, b_ptr, rows64, row_ok, offs, L, N, stride_x_m, stride_x_n, 6, HAS_BIAS)
-    x7 = _fwd_load(x_ptr, b_ptr, rows64, row_ok, offs, L, N, stride_x_m, stride_x_n, 7, HAS_BIAS)
+    x0 = _fwd_load(x_ptr, b_ptr, rows64, row_ok, offs, L, N, stride_x_m, stride_x_n, 0, HAS_BIAS, EVEN)
+    x1 = _fwd_load(x_ptr, b_ptr, rows64, row_ok, offs, L, N, stride_x_m, stride_x_n, 1, HAS_BIAS, EVEN)
+    x2 = _fwd_load(x_ptr, b_ptr, rows64, row_ok, offs, L, N, stride_x_m, stride_x_n, 2, HAS_BIAS, EVEN)
+    x3 = _fwd_load(x_ptr, b_ptr, rows64, row_ok, offs, L, N, stride_x_m, stride_x_n, 3, HAS_BIAS, EVEN)
+    x4 = _fwd_load(x_ptr, b_ptr, rows64, row_ok, offs, L, N, stride_x_m, stride_x_n, 4, HAS_BIAS, EVEN)
+    x5 = _fwd_load(x_ptr, b_ptr, rows64, row_ok, offs, L, N, stride_x_m, stride_x_n, 5, HAS_BIAS, EVEN)
+    x6 = _fwd_load(x_ptr, b_ptr, rows64, row_ok, offs, L, N, stride_x_m, stride_x_n, 6, HAS_BIAS, EVEN)
+    x7 = _fwd_load(x_ptr, b_ptr, rows64, row_ok, offs, L, N, stride_x_m, stride_x_n, 7, HAS_BIAS, EVEN)
     r0 = rows  # r0-r3 are unused without dropout
     r1 = rows
     r2 = rows
@@ -116,21 +127,21 @@ def _dropout_fwd_kernel(
         r0, r1, r2, r3 = tl.randint4x(seed, rows64[:, None] * L + offs[None, :])
     # fmt: off
     _fwd_store(x0, r0, r1, r2, r3, y_ptr, rows64, row_ok, offs, L, N, stride_y_m, threshold, scale, 0,
-               ACTIVATION, HAS_DROPOUT)
+               ACTIVATION, HAS_DROPOUT, EVEN)
     _fwd_store(x1, r0, r1, r2, r3, y_ptr, rows64, row_ok, offs, L, N, stride_y_m, threshold, scale, 1,
-               ACTIVATION, HAS_DROPOUT)
+               ACTIVATION, HAS_DROPOUT, EVEN)
     _fwd_store(x2, r0, r1, r2, r3, y_ptr, rows64, row_ok, offs, L, N, stride_y_m, threshold, scale, 2,
-               ACTIVATION, HAS_DROPOUT)
+               ACTIVATION, HAS_DROPOUT, EVEN)
     _fwd_store(x3, r0, r1, r2, r3, y_ptr, rows64, row_ok, offs, L, N, stride_y_m, threshold, scale, 3,
-               ACTIVATION, HAS_DROPOUT)
+               ACTIVATION, HAS_DROPOUT, EVEN)
     _fwd_store(x4, r0, r1, r2, r3, y_ptr, rows64, row_ok, offs, L, N, stride_y_m, threshold, scale, 4,
-               ACTIVATION, HAS_DROPOUT)
+               ACTIVATION, HAS_DROPOUT, EVEN)
     _fwd_store(x5, r0, r1, r2, r3, y_ptr, rows64, row_ok, offs, L, N, stride_y_m, threshold, scale, 5,
-               ACTIVATION, HAS_DROPOUT)
+               ACTIVATION, HAS_DROPOUT, EVEN)
     _fwd_store(x6, r0, r1, r2, r3, y_ptr, rows64, row_ok, offs, L, N, stride_y_m, threshold, scale, 6,
-               ACTIVATION, HAS_DROPOUT)
+               ACTIVATION, HAS_DROPOUT, EVEN)
     _fwd_store(x7, r0, r1, r2, r3, y_ptr, rows64, row_ok, offs, L, N, stride_y_m, threshold, scale, 7,
-               ACTIVATION, HAS_DROPOUT)
+               ACTIVATION, HAS_DROPOUT, EVEN)
     # fmt: on
 
 
@@ -296,7 +307,9 @@ def dropout_fwd(
     threshold, scale = _threshold_and_scale(p)
     b = bias if bias is not None else x
     args = (x, b, y, M, N, L, x.stride(0), x.stride(1), y.stride(0), seed, threshold, scale)
-    meta = dict(ACTIVATION=activation, HAS_BIAS=bias is not None, HAS_DROPOUT=p > 0.0, BLOCK_S=block_s)
+    # every tile whole, for every candidate BLOCK_M (<= 64): no bounds masks, full-width loads and stores
+    even = M % 64 == 0 and N == LANES * L and L % block_s == 0
+    meta = dict(ACTIVATION=activation, HAS_BIAS=bias is not None, HAS_DROPOUT=p > 0.0, EVEN=even, BLOCK_S=block_s)
     key = (N, x.dtype, b.dtype, y.dtype, *meta.values())
     grid = lambda c: (cdiv(M, c["BLOCK_M"]), cdiv(L, block_s))  # noqa: E731
     _fwd(grid, args, key, default_tile(LANES * block_s), **meta)
