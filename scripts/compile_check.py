@@ -19,6 +19,7 @@ import tempfile
 import time
 
 os.environ.pop("TRITON_INTERPRET", None)  # real JITFunctions, not the interpreter
+os.environ["TRIFORMERS_FAST_LAUNCH"] = "0"  # every launch through kernel[grid], which compiles here instead
 
 import torch  # noqa: E402
 import triton  # noqa: E402
@@ -46,6 +47,26 @@ def _ptxas_report(ptx: str, arch: int) -> str:
             f"spill_ld={spill.group(2) if spill else '?'} smem={smem.group(1) if smem else 0}")
 
 
+SASS_OPS: list[str] = []  # --sass: opcodes to count in the kernel's SASS (besides the total)
+
+
+def _sass_summary(cubin: bytes) -> str:
+    """Instruction count of the kernel's SASS (``nvdisasm``), and of the opcodes in SASS_OPS."""
+    from triton import knobs
+
+    nvdisasm = os.path.join(os.path.dirname(knobs.nvidia.ptxas.path), "nvdisasm")
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+    sass = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True).stdout
+    os.unlink(f.name)
+    ops: dict[str, int] = {}
+    for line in sass.splitlines():
+        m = re.search(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", line)
+        if m and m.group(1) != "NOP":
+            ops[m.group(1)] = ops.get(m.group(1), 0) + 1
+    return f"sass={sum(ops.values())} " + " ".join(f"{op}={ops.get(op, 0)}" for op in SASS_OPS if op != "all")
+
+
 def _compile_launch(kernel: JITFunction, args, kwargs, arch: int, label: str):
     signature, constexprs = {}, {}
     for i, p in enumerate(kernel.params):
@@ -66,6 +87,8 @@ def _compile_launch(kernel: JITFunction, args, kwargs, arch: int, label: str):
         compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", arch, 32),
                                   options=options)
         report = _ptxas_report(compiled.asm["ptx"], arch)
+        if SASS_OPS:
+            report += " " + _sass_summary(compiled.asm["cubin"])
         status = "ok"
     except Exception as e:  # reported, then the script exits non-zero
         report = str(e).strip().splitlines()[-1][:300]
@@ -83,7 +106,11 @@ def main(argv=None) -> int:
     ap.add_argument("--bias", help="only bias types whose name contains this (e.g. 'None', 'Causal')")
     ap.add_argument("--d", type=int, default=128, help="head dim of the bias-type scenarios (default 128)")
     ap.add_argument("--gqa", type=int, default=1, help="bias-type scenarios in BMGHK with shared K/V (default 1)")
+    ap.add_argument("--sass", metavar="OPS", help="also count SASS instructions: 'all', or opcodes 'FFMA,MUFU,...'")
+    ap.add_argument("--forward-only", action="store_true", help="compile the forward kernels only")
     args = ap.parse_args(argv)
+    if args.sass:
+        SASS_OPS.extend(args.sass.split(","))
 
     from triformers.ops import fmha
     from triformers.ops.fmha._triton import configs
@@ -127,7 +154,7 @@ def main(argv=None) -> int:
             out, lse = launch.attention_forward(*call[:4], m, call[13], 1, call[15], call[16])
             tensor_bias = finp.tensor_bias
             mask = 0 if tensor_bias is not None else -1
-            for deterministic in (False, True):
+            for deterministic in (() if args.forward_only else (False, True)):
                 launch.attention_backward(torch.randn_like(out), *call[:3], out, lse, tensor_bias, mask,
                                           m, call[13], 1, call[15], call[16], deterministic)
     failed = [r for r in RESULTS if r["status"] != "ok"]

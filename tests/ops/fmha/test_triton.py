@@ -162,3 +162,20 @@ def test_keys_covered_only_when_every_key_is_in_a_block():
     assert not covered(padded, 5, 16)  # keys 5..7 of the first sequence are padding
     full = ab.BlockDiagonalCausalWithOffsetPaddedKeysMask.from_seqlens([2, 3], kv_padding=8, kv_seqlen=[8, 8])
     assert covered(full, 5, 16)
+
+
+@pytest.mark.parametrize("scale", [0.3, -0.3, 0.0])
+@pytest.mark.parametrize("bias_type", [ab.LowerTriangularMaskWithTensorBias, ab.LowerTriangularMask])
+def test_scale_of_any_sign(scale, bias_type):
+    """The forward folds a positive scale into exp2 after the row max (bias divided by the scale); zero and
+    negative scales take the unfolded path. Every sign matches the float64 reference, outputs and lse."""
+    inp = create_inputs(bias_type, batch_size=1, q_len=37, kv_len=37, num_heads=2, k=16, dtype=torch.float32,
+                        requires_grad=True, bias_requires_grad=True, seed=5)
+    q, k, v, bias = inp.query, inp.key, inp.value, inp.attn_bias
+    out = fmha.memory_efficient_attention(q, k, v, bias, scale=scale, op=TRITON)
+    ref, _ = ref_attention(q, k, v, bias, scale=scale)
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
+    g = torch.randn_like(out)
+    tensors = inp.tensors()
+    for a, b in zip(_grads(out, tensors, g), _grads(ref, tensors, g.double())):
+        torch.testing.assert_close(a.double(), b.double(), atol=2e-4, rtol=2e-4)
