@@ -167,8 +167,8 @@ def test_keys_covered_only_when_every_key_is_in_a_block():
 @pytest.mark.parametrize("scale", [0.3, -0.3, 0.0])
 @pytest.mark.parametrize("bias_type", [ab.LowerTriangularMaskWithTensorBias, ab.LowerTriangularMask])
 def test_scale_of_any_sign(scale, bias_type):
-    """The forward folds a positive scale into exp2 after the row max (bias divided by the scale); zero and
-    negative scales take the unfolded path. Every sign matches the float64 reference, outputs and lse."""
+    """Custom scales of every sign (the row max does not commute with a negative scale), with a tensor bias
+    and a mask: outputs and all gradients match the float64 reference."""
     inp = create_inputs(bias_type, batch_size=1, q_len=37, kv_len=37, num_heads=2, k=16, dtype=torch.float32,
                         requires_grad=True, bias_requires_grad=True, seed=5)
     q, k, v, bias = inp.query, inp.key, inp.value, inp.attn_bias

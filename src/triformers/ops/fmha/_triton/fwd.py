@@ -46,26 +46,14 @@ def _fwd_tiles(acc, l_i, m_i, q, desc_k, desc_v, desc_b, k_ptr, v_ptr, b_ptr, lo
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                MASKED: tl.constexpr, USE_TMA: tl.constexpr, BIAS_TMA: tl.constexpr,
                HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-               INPUT_PRECISION: tl.constexpr, POS_SCALE: tl.constexpr):
+               INPUT_PRECISION: tl.constexpr):
     dtype = q.dtype
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         k = load_rows(desc_k, k_ptr, b, k_start + start_n, g, hk, k_start + k_len, stride_kn, K_DIM,
                       BLOCK_N, BLOCK_D, USE_TMA, MASKED)
         qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)  # [BM, BN]
-        if (HAS_BIAS or MASKED) and POS_SCALE:
-            # scores kept unscaled (the bias divided by the scale: one FMA); with a positive scale the row max
-            # commutes with scaling, so the scale goes into exp2's FMA as on full tiles
-            if HAS_BIAS:
-                qk += load_bias_tile(desc_b, b_ptr, b, g, h, m_start, start_n, q_len, k_len, stride_bm, stride_bn,
-                                     BLOCK_M, BLOCK_N, BIAS_TMA) * (LOG2E / qk_scale)
-            if MASKED:
-                qk = tl.where(tile_allowed(offs_i, start_n + offs_j, q_len, k_len, off, WL, WR, HAS_WL, HAS_WR), qk,
-                              -float("inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
-            p = tl.math.exp2(qk * qk_scale - m_safe[:, None])
-        elif HAS_BIAS or MASKED:
+        if HAS_BIAS or MASKED:
             qk = qk * qk_scale
             if HAS_BIAS:
                 qk += load_bias_tile(desc_b, b_ptr, b, g, h, m_start, start_n, q_len, k_len, stride_bm, stride_bn,
@@ -107,7 +95,7 @@ def attn_fwd(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, KV_SHARED: tl.constexpr,
     HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    USE_TMA: tl.constexpr, BIAS_TMA: tl.constexpr, INPUT_PRECISION: tl.constexpr, POS_SCALE: tl.constexpr,
+    USE_TMA: tl.constexpr, BIAS_TMA: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     # program (z * heads + head) * NUM_TILES + query tile; z is the batch element, or the packed sequence when
     # varlen. Query tiles vary fastest, so the programs running together share their head's K/V through L2.
@@ -148,17 +136,17 @@ def attn_fwd(
                                b, g, h, hk, m_start, q_start, k_start, offs_i, offs_j, q_len, k_len, off, WL, WR,
                                stride_kn, stride_vn, stride_bm, stride_bn, qk_scale, seed, dropout_p, drop_head,
                                K_DIM, KV_DIM, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, True, USE_TMA, BIAS_TMA,
-                               HAS_WL, HAS_WR, HAS_BIAS, HAS_DROPOUT, INPUT_PRECISION, POS_SCALE)
+                               HAS_WL, HAS_WR, HAS_BIAS, HAS_DROPOUT, INPUT_PRECISION)
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, desc_k, desc_v, desc_b, k_ptr, v_ptr, b_ptr, mid_lo, mid_hi,
                                b, g, h, hk, m_start, q_start, k_start, offs_i, offs_j, q_len, k_len, off, WL, WR,
                                stride_kn, stride_vn, stride_bm, stride_bn, qk_scale, seed, dropout_p, drop_head,
                                K_DIM, KV_DIM, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, False, USE_TMA, BIAS_TMA,
-                               HAS_WL, HAS_WR, HAS_BIAS, HAS_DROPOUT, INPUT_PRECISION, POS_SCALE)
+                               HAS_WL, HAS_WR, HAS_BIAS, HAS_DROPOUT, INPUT_PRECISION)
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, desc_k, desc_v, desc_b, k_ptr, v_ptr, b_ptr, mid_hi, hi,
                                b, g, h, hk, m_start, q_start, k_start, offs_i, offs_j, q_len, k_len, off, WL, WR,
                                stride_kn, stride_vn, stride_bm, stride_bn, qk_scale, seed, dropout_p, drop_head,
                                K_DIM, KV_DIM, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, True, USE_TMA, BIAS_TMA,
-                               HAS_WL, HAS_WR, HAS_BIAS, HAS_DROPOUT, INPUT_PRECISION, POS_SCALE)
+                               HAS_WL, HAS_WR, HAS_BIAS, HAS_DROPOUT, INPUT_PRECISION)
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)

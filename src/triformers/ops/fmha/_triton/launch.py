@@ -263,7 +263,7 @@ def attention_forward(q, k, v, bias, m: MaskArgs, p: float, seed: int, scale: fl
             c.num_heads, c.HG, c.Mq, c.Mkv, c.scale * LOG2E, c.wl, c.wr, c.p, seed, c.K, c.Kv, tiles,
         ), dict(
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=c.block_d, BLOCK_DV=c.block_dv,
-            USE_TMA=desc is not None, BIAS_TMA=desc_b is not None, POS_SCALE=c.scale > 0,
+            USE_TMA=desc is not None, BIAS_TMA=desc_b is not None,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **c.flags,
         ))
 
