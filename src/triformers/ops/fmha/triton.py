@@ -115,7 +115,7 @@ def _setup_context(ctx, inputs, output):
     ctx.args = (max_q, max_k, bottom_right, window_left, window_right, keys_covered, p, scale, share_kv, bias_is_leaf)
 
 
-def _backward(ctx, grad_out, grad_lse, bwd=None):
+def _backward(ctx, grad_out, grad_lse, bwd=None, kv_bases=(None, None)):
     q, k, v, bias, seq_q, k_start, k_len, seed, out, lse = ctx.saved_tensors
     max_q, max_k, bottom_right, window_left, window_right, keys_covered, p, scale, share_kv, bias_is_leaf = ctx.args
     L = _layout.canonical(q, k, v, bias, share_kv)
@@ -126,8 +126,8 @@ def _backward(ctx, grad_out, grad_lse, bwd=None):
     dq, dk5, dv5, db = (bwd or flash_bwd)(grad_out, q, k, v, out, lse, bias, mask, seq_q, k_start, k_len, max_q,
                                           max_k, bottom_right, window_left, window_right, keys_covered, p, seed, scale,
                                           share_kv, torch.are_deterministic_algorithms_enabled())
-    dk = _layout.shared_kv_grad(dk5, k, L)
-    dv = _layout.shared_kv_grad(dv5, v, L)
+    dk = _layout.shared_kv_grad(dk5, k, L, kv_bases[0])
+    dv = _layout.shared_kv_grad(dv5, v, L, kv_bases[1])
     dbias = _layout.grad_for_input(L.bias_from5(db).to(bias.dtype), bias) if want_db else None
     return dq, dk, dv, dbias, None, None, None, None, None, None, None, None, None, None, None, None, None, None
 
@@ -150,6 +150,34 @@ class _FlashFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
         return _backward(ctx, grad_out, grad_lse, _bwd_impl)
+
+
+class _FlashFnSharedKV(torch.autograd.Function):
+    """:class:`_FlashFn` for K/V that expand tensors of one head per group (``_layout.expanded_base``): those
+    tensors are extra inputs and get the group-summed gradients directly; the expanded views get none, so
+    autograd never materialises an expanded gradient for them."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        out, lse = _fwd_impl(*inputs[:-2])
+        _setup_context(ctx, inputs[:-2], (out, lse))
+        ctx.kv_bases = (inputs[-2].shape, inputs[-1].shape)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        dq, dk, dv, *rest = _backward(ctx, grad_out, grad_lse, _bwd_impl, ctx.kv_bases)
+        return dq, None, None, *rest, dk, dv
+
+
+def _flash_autograd(args: tuple) -> torch.Tensor:
+    """The eager autograd call: K/V gradients straight to the tensors they expand, where that is exact."""
+    if args[16]:  # share_kv
+        kb, vb = _layout.expanded_base(args[1]), _layout.expanded_base(args[2])
+        if kb is not None and vb is not None and (kb.requires_grad or vb.requires_grad):
+            return _FlashFnSharedKV.apply(*args, kb, vb)[0]
+    return _FlashFn.apply(*args)[0]
 
 
 def _eager() -> bool:
@@ -216,7 +244,8 @@ class FwOp(AttentionFwOpBase):
     @classmethod
     def apply_autograd(cls, inp: Inputs) -> torch.Tensor:
         rng_state = _rng.draw_seed() if inp.p > 0.0 else None
-        return (_FlashFn.apply if _eager() else flash_fwd)(*_call_args(inp, rng_state))[0]
+        args = _call_args(inp, rng_state)
+        return _flash_autograd(args) if _eager() else flash_fwd(*args)[0]
 
 
 @register_operator
