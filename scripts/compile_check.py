@@ -50,20 +50,26 @@ def _ptxas_report(ptx: str, arch: int) -> str:
 SASS_OPS: list[str] = []  # --sass: opcodes to count in the kernel's SASS (besides the total)
 
 
-def _sass_summary(cubin: bytes) -> str:
-    """Instruction count of the kernel's SASS (``nvdisasm``), and of the opcodes in SASS_OPS."""
+def sass_op_counts(cubin: bytes) -> dict[str, int]:
+    """Opcode -> count in a cubin's SASS (``nvdisasm`` from Triton's toolchain; NOPs left out)."""
     from triton import knobs
 
     nvdisasm = os.path.join(os.path.dirname(knobs.nvidia.ptxas.path), "nvdisasm")
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(cubin)
-    sass = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True).stdout
+    sass = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True, check=True).stdout
     os.unlink(f.name)
     ops: dict[str, int] = {}
     for line in sass.splitlines():
         m = re.search(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", line)
         if m and m.group(1) != "NOP":
             ops[m.group(1)] = ops.get(m.group(1), 0) + 1
+    return ops
+
+
+def _sass_summary(cubin: bytes) -> str:
+    """Instruction count of the kernel's SASS, and of the opcodes in SASS_OPS."""
+    ops = sass_op_counts(cubin)
     return f"sass={sum(ops.values())} " + " ".join(f"{op}={ops.get(op, 0)}" for op in SASS_OPS if op != "all")
 
 

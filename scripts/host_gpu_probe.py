@@ -20,7 +20,7 @@ import pstats
 import traceback
 
 import torch
-from profile_fmha import ms_per_call  # scripts/ is on sys.path
+from profile_fmha import attention_call, ms_per_call  # scripts/ is on sys.path
 
 from triformers.benchmarks import fmha as fbench
 from triformers.benchmarks import layers as lbench
@@ -85,13 +85,9 @@ def main() -> None:
             g = torch.randn_like(inp.q)
 
             def run(fn=fn, inp=inp, g=g, mode=mode):
-                if mode == "fw":
-                    with torch.no_grad():
-                        fn(inp)
-                else:
-                    fn(inp).backward(g)
-                    for leaf in inp.leaves():
-                        leaf.grad = None
+                attention_call(fn, inp, g, mode)
+                for leaf in inp.leaves():
+                    leaf.grad = None
 
             probe(f"attention {c.case} D={c.D} N={c.N} B={c.B} {mode}", run, args.iters, args.top)
             del inp, fn, run

@@ -52,6 +52,15 @@ def print_kernels(kernels: dict[str, float], top: int, indent: int) -> None:
         print(f"  {'':>{indent}}   {v:.4f} ms  {k[:110]}")
 
 
+def attention_call(fn, inp, g, mode: str) -> None:
+    """One benchmark call of ``fn``: the forward without grad (``fw``), or forward and backward of ``g``."""
+    if mode == "fw":
+        with torch.no_grad():
+            fn(inp)
+    else:
+        fn(inp).backward(g)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--cases", default="gqa,varlen")
@@ -73,11 +82,7 @@ def main() -> None:
                     continue
 
                 def run(fn=fn, inp=inp, g=g, mode=mode):
-                    if mode == "fw":
-                        with torch.no_grad():
-                            fn(inp)
-                    else:
-                        fn(inp).backward(g)
+                    attention_call(fn, inp, g, mode)
 
                 run()
                 ms = triton.testing.do_bench(run, warmup=10, rep=50, return_mode="median")

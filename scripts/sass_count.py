@@ -14,17 +14,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 os.environ.pop("TRITON_INTERPRET", None)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import triton  # noqa: E402
-from triton import knobs  # noqa: E402
+from compile_check import sass_op_counts  # noqa: E402  (scripts/ is on sys.path)
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
@@ -53,16 +50,7 @@ def main() -> None:
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in DIVISIBLE}
     src = ASTSource(fn=D._dropout_fwd_kernel, signature=SIGNATURE, constexprs=consts, attrs=attrs)
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": args.warps, "num_stages": 3})
-    nvdisasm = os.path.join(os.path.dirname(knobs.nvidia.ptxas.path), "nvdisasm")
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-        f.write(k.asm["cubin"])
-    sass = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True, check=True).stdout
-    os.unlink(f.name)
-    ops: dict[str, int] = {}
-    for line in sass.splitlines():
-        m = re.search(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", line)
-        if m and m.group(1) != "NOP":
-            ops[m.group(1)] = ops.get(m.group(1), 0) + 1
+    ops = sass_op_counts(k.asm["cubin"])
     per_thread = sum(ops.values())
     elements = args.block_m * D.LANES * block_s
     print(f"{per_thread} instructions per thread, {per_thread * 32 * args.warps / elements:.2f} per element "

@@ -411,40 +411,59 @@ def test_gqa_bmghk_grad_sums_over_group(op_name):
         torch.testing.assert_close(g.double(), r, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("fmt", ["BMGHK", "BMHK"])
-def test_sdpa_gqa_gradient_reaches_the_unexpanded_base(fmt):
-    """K/V passed as ``base`` expanded over heads: SDPA takes ``base`` itself (no zero-filled expanded
-    gradient), and every gradient still matches the float64 reference."""
-    from triformers.ops.fmha.sdpa import _shared_head
+def _expand_gradients(out: torch.Tensor) -> list[torch.Tensor]:
+    """Hooks on every expand in ``out``'s graph: the list fills, on backward, with the gradients that
+    reach them (an expand that gets none is skipped by autograd)."""
+    seen, nodes, got = set(), [out.grad_fn], []
+    while nodes:
+        node = nodes.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if type(node).__name__ == "ExpandBackward0":
+            node.register_prehook(lambda grads: got.extend(g for g in grads if g is not None))
+        nodes += [n for n, _ in node.next_functions]
+    return got
 
-    B, M, G, H, K = 2, 9, 2, 3, 8
+
+@pytest.mark.parametrize("fmt", ["BMGHK", "BMHK"])
+@pytest.mark.parametrize("op_name", ["sdpa", "triton"])
+def test_gqa_gradient_reaches_the_unexpanded_base(op_name, fmt):
+    """K/V passed as ``base`` expanded over heads: the operator sends the group-summed gradient to ``base``
+    itself (no gradient passes through the expand, so autograd builds no expanded gradient), and every
+    gradient matches the float64 reference. A view whose own gradient is wanted keeps the expand's path."""
+    from triformers.ops.fmha._layout import expanded_base
+
+    B, M, G, H, K = 2, 21, 2, 3, 16
     gen = torch.Generator().manual_seed(3)
     if fmt == "BMGHK":
         q = torch.randn(B, M, G, H, K, generator=gen, requires_grad=True)
         kb, vb = (torch.randn(B, M, G, K, generator=gen, requires_grad=True) for _ in range(2))
         expand = lambda t: t.unsqueeze(3).expand(B, M, G, H, K)  # noqa: E731
-        dim, squeeze = 3, True
     else:
         q = torch.randn(B, M, H, K, generator=gen, requires_grad=True)
         kb, vb = (torch.randn(B, M, 1, K, generator=gen, requires_grad=True) for _ in range(2))
         expand = lambda t: t.expand(B, M, H, K)  # noqa: E731
-        dim, squeeze = 2, False
-    k, v = expand(kb), expand(vb)
-    assert _shared_head(k, dim, squeeze) is kb
-    out = fmha.memory_efficient_attention(q, k, v, ab.LowerTriangularMask(), op=OPS["sdpa"])
-    dy = torch.randn(out.shape, generator=gen)
-    grads = torch.autograd.grad(out, (q, kb, vb), dy)
+    bias = ab.LowerTriangularMask()
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, kb, vb))
-    ref, _ = ref_attention(q64, expand(k64), expand(v64), ab.LowerTriangularMask())
-    for g, r in zip(grads, torch.autograd.grad(ref, (q64, k64, v64), dy.double())):
-        torch.testing.assert_close(g.double(), r, atol=1e-4, rtol=1e-4)
+    ref, _ = ref_attention(q64, expand(k64), expand(v64), bias)
+    for retain in (False, True):
+        k, v = expand(kb), expand(vb)
+        assert expanded_base(k) is kb
+        if retain:  # k's own gradient is wanted: the gradient must flow through the view
+            k.retain_grad()
+        out = fmha.memory_efficient_attention(q, k, v, bias, op=OPS[op_name])
+        through_expand = _expand_gradients(out)
+        _assert_close(out, ref, TOL_OUT[torch.float32], "out")
+        dy = torch.randn(out.shape, generator=gen)
+        grads = torch.autograd.grad(out, (q, kb, vb), dy)
+        assert bool(through_expand) == retain
+        for a, b in zip(grads, torch.autograd.grad(ref, (q64, k64, v64), dy.double(), retain_graph=True)):
+            _assert_close(a, b, TOL_GRAD[torch.float32], "grad")
 
-    # where autograd would not route the view's gradient to the base unchanged, the base is not used
-    k.retain_grad()
-    assert _shared_head(k, dim, squeeze) is not kb
-    with torch.no_grad():
-        k_nograd = expand(kb)
-    assert _shared_head(k_nograd, dim, squeeze) is not kb
-    assert _shared_head(expand(kb.detach()), dim, squeeze)._base is not kb
-    assert _shared_head(kb[:, :-1].unsqueeze(3).expand(B, M - 1, G, H, K) if fmt == "BMGHK"
-                        else kb[:, :-1].expand(B, M - 1, H, K), dim, squeeze) is not kb
+    with torch.no_grad():  # a view autograd does not track: its gradient does not reach kb
+        assert expanded_base(expand(kb)) is None
+    assert expanded_base(expand(kb.detach())) is not kb
+    shorter = kb[:, :-1]  # a view of a larger tensor: the base is not the head
+    assert expanded_base(shorter.unsqueeze(3).expand(B, M - 1, G, H, K) if fmt == "BMGHK"
+                         else shorter.expand(B, M - 1, H, K)) is None
