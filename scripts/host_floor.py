@@ -52,7 +52,7 @@ def main() -> None:
     torch.autograd.grad(rms_norm(x, w, eps), (x, w), dy)  # tunes and keeps the launch entries
     torch.cuda.synchronize()
     fwd, bwd, red = entry(norm._norm_fwd_kernel), entry(norm._norm_bwd_kernel), entry(reduce._sum_rows_kernel)
-    (fwd_cfg, _, _), = [v for k, v in norm._fwd._chosen.items() if k[0] == N]
+    ((fwd_cfg, _, _),) = [v for k, v in norm._fwd._chosen.items() if k[0] == N]
     block_n, programs, _ = norm._bwd_plan(M, N, torch.cuda.get_device_properties(0).multi_processor_count)
     stream = torch._C._cuda_getCurrentRawStream
     grid_fwd = T.cdiv(M, fwd_cfg["BLOCK_M"])
@@ -101,6 +101,48 @@ def main() -> None:
         bench = do_bench(fb, warmup=10, rep=200) * 1e3
         print(f"{name:28s} {host_fw:8.1f} {host_fwbw:10.1f} {one:9.1f} {bench:9.1f} us")
 
+    # Time spent inside the Function's own forward and backward bodies, with the backward on autograd's
+    # device thread (the default) and on the calling thread: what the thread switch itself costs.
+    spent = {"forward": [], "backward": []}
+    originals = {name: getattr(_RMSNormFn, name) for name in spent}
+
+    def timed(name):
+        body = originals[name]
+
+        def run(ctx, *args):
+            t0 = time.perf_counter()
+            out = body(ctx, *args)
+            spent[name].append(time.perf_counter() - t0)
+            return out
+
+        return staticmethod(run)
+
+    fb = lambda: torch.autograd.grad(rms_norm(x, w, eps), (x, w), dy)  # noqa: E731
+    for name in spent:
+        setattr(_RMSNormFn, name, timed(name))
+    try:
+        for threads in (True, False):
+            with torch.autograd.set_multithreading_enabled(threads):
+                for _ in range(50):
+                    fb()
+                torch.cuda.synchronize()
+                for v in spent.values():
+                    v.clear()
+                t0 = time.perf_counter()
+                for _ in range(500):
+                    fb()
+                torch.cuda.synchronize()
+                total = (time.perf_counter() - t0) / 500 * 1e6
+            body = {k: sorted(v)[len(v) // 2] * 1e6 for k, v in spent.items()}
+            print(
+                f"rms_norm fwbw, backward on {'the device thread' if threads else 'the calling thread'}: "
+                f"{total:.1f} us per call, forward body {body['forward']:.1f} us, backward body "
+                f"{body['backward']:.1f} us (medians)"
+            )
+    finally:
+        for name, f in originals.items():
+            setattr(_RMSNormFn, name, staticmethod(f))
+
     t = torch.empty(4, device="cuda")
     run, fn, fixed, tail = red
     prims = {
@@ -117,12 +159,12 @@ def main() -> None:
         "T.launch (key + C launcher)": lambda: T.launch(
             reduce._sum_rows_kernel, (1,), (t, t, 0, 0, 0), {"BLOCK_P": 32, "BLOCK_N": 64, "num_warps": 4}),
         "sum_rows (alloc + launch)": lambda: reduce.sum_rows(t.view(1, 4), torch.float32),
+        "launch key, 15 args": lambda: T._key((x, x, w, x, x, x, x, M, N, eps, N, 1, N, 1, N)),
     }  # fmt: skip
     print()
     for name, f in prims.items():
         print(f"{name:30s} {per_call_us(f, 5000):7.2f} us")
 
-    fb = lambda: torch.autograd.grad(rms_norm(x, w, eps), (x, w), dy)  # noqa: E731
     with torch.autograd.set_multithreading_enabled(False):
         pr = cProfile.Profile()
         pr.enable()

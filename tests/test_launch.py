@@ -30,6 +30,21 @@ def test_tensor_keys_refine_triton_specialisation():
     assert T._spec(x[8:]) == T._spec(x)
 
 
+def test_launch_key_is_the_per_argument_spec():
+    """The launch key built in one loop tells argument tuples apart exactly when ``_spec`` does, including
+    tuples whose arguments are of different kinds at the same position."""
+    x = torch.zeros(64, dtype=torch.float16)
+    w = torch.nn.Parameter(torch.ones(8))
+    values = [x, x[1:], x[8:], x.float(), x.to(torch.bfloat16), w, 0, 1, 2, 16, 32, -16, 2**31, 2**63, True, False,
+              0.5, 2.0, None, torch.float16, "s"]
+    tuples = [(a, b) for a in values for b in values] + [(a,) for a in values] + [(x, 1, 0.5), (1, x, 0.5)]
+    specs = [tuple(map(T._spec, t)) for t in tuples]
+    keys = [T._key(t) for t in tuples]
+    for i in range(len(tuples)):
+        for j in range(len(tuples)):
+            assert (keys[i] == keys[j]) == (specs[i] == specs[j]), (tuples[i], tuples[j])
+
+
 def test_descriptor_keys_follow_block_shape():
     pytest.importorskip("triton")
     from triton.tools.tensor_descriptor import TensorDescriptor
