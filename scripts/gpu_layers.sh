@@ -20,12 +20,13 @@ if ls .whl/liger_kernel-*.whl >/dev/null 2>&1; then
 fi
 if has tests; then
     TESTS="tests/triton tests/components/test_activations.py tests/ops/test_rmsnorm.py tests/ops/test_swiglu.py
-           tests/ops/test_indexing.py tests/ops/test_unbind.py"
+           tests/ops/test_indexing.py tests/ops/test_unbind.py tests/test_launch.py"
     XDIST=""
     $PY -c "import xdist" 2>/dev/null && XDIST="-n ${JOBS:-8}"
     # Autotuning every odd test shape would take minutes; the tests check the default configs, the benchmark
     # checks the autotuned ones (each provider's output is compared with the reference before timing).
-    TRIFORMERS_AUTOTUNE=0 timeout "${TEST_TIMEOUT:-240}" $PY -m pytest -q -m gpu $XDIST -p no:cacheprovider \
+    # TRIFORMERS_CHECK_LAUNCH_KEYS=1: every launch that skips the argument key verifies the caller's dyn_key.
+    TRIFORMERS_CHECK_LAUNCH_KEYS=1 TRIFORMERS_AUTOTUNE=0 timeout "${TEST_TIMEOUT:-240}" $PY -m pytest -q -m gpu $XDIST -p no:cacheprovider \
         -W ignore::DeprecationWarning $TESTS >"$OUT/gpu_tests.log" 2>&1
     echo "gpu tests: exit $? ($(tail -1 "$OUT/gpu_tests.log"))"
     grep -E "FAILED|Error" "$OUT/gpu_tests.log" | head -20

@@ -2,11 +2,13 @@
 
     python scripts/host_cpu_stubbed.py [--profile NAME]
 
-Triton's kernels are defined normally (not interpreted), every ``kernel[grid](...)`` returns without running,
-and the ops are made to take their Triton paths on small CPU tensors. What remains is the Python the
+Triton's kernels are defined normally (not interpreted), every ``kernel[grid](...)`` returns a compiled kernel
+whose launcher does nothing, ``triformers._triton.launch`` takes its direct path as on a GPU, and the ops are
+made to take their Triton paths on small CPU tensors. What remains is the Python the
 package runs around its kernels: argument checks, allocations, launch plans, autograd. Prints µs per call
 (best of 7 batches in each of 3 rounds) for the fused layers and the attention operator, forward and
-forward + backward, next to an identity ``autograd.Function`` (the floor autograd itself sets).
+forward + backward, next to an identity ``autograd.Function`` (the floor autograd itself sets) and a minimal
+RMSNorm Function (the floor of a Python Function making RMSNorm's allocations and launcher calls).
 ``--profile NAME`` prints the top of a cProfile of one case.
 """
 
@@ -25,7 +27,19 @@ os.environ["TRIFORMERS_AUTOTUNE"] = "0"
 import torch  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-JITFunction.__getitem__ = lambda self, grid: (lambda *args, **kwargs: None)
+
+class _StubCompiled:
+    """What ``kernel[grid](...)`` returns: a compiled kernel whose C launcher does nothing."""
+
+    class run:  # noqa: N801  (the attribute names of Triton's CompiledKernel.run)
+        global_scratch_size = profile_scratch_size = 0
+        launch_cooperative_grid = launch_pdl = False
+        launch = staticmethod(lambda *args: None)
+
+    function, packed_metadata = 0, None
+
+
+JITFunction.__getitem__ = lambda self, grid: (lambda *args, **kwargs: _StubCompiled)
 
 import triformers.ops.fmha._triton.launch  # noqa: E402, F401  (kernels defined before the switch below)
 from triformers.ops import fmha  # noqa: E402
@@ -40,6 +54,16 @@ os.environ["TRITON_INTERPRET"] = "1"
 for _module in list(sys.modules.values()):
     if getattr(_module, "__name__", "").startswith("triformers.") and hasattr(_module, "use_triton"):
         _module.use_triton = lambda op, *tensors: True
+# ``launch`` takes its direct path, as on a GPU: after the first call of a specialisation it builds the key
+# and calls the stub's launcher (``--jit-path``: every launch through the stubbed ``kernel[grid]``).
+if "--jit-path" not in sys.argv:
+    from triton import knobs  # noqa: E402
+
+    import triformers._triton as _T  # noqa: E402
+
+    _T._FAST_LAUNCH, _T._knobs = True, knobs
+    torch.cuda.current_device = lambda: 0
+    torch._C._cuda_getCurrentRawStream = lambda device: 0
 
 
 class _Identity(torch.autograd.Function):
@@ -50,6 +74,34 @@ class _Identity(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         return g
+
+
+class _MinimalRMSNorm(torch.autograd.Function):
+    """RMSNorm's work as a bare minimum: the allocations and the three launcher calls of ``rms_norm`` with the
+    same arguments, no checks, plans or keys (the floor of a Python Function with these kernels)."""
+
+    LAUNCH = staticmethod(lambda *args: None)
+    FIXED = (False, False, None, None, None, None, None, None)
+
+    @staticmethod
+    def forward(ctx, x, w):
+        M, N = x.shape
+        y, rstd = torch.empty_like(x), torch.empty(M, device=x.device, dtype=torch.float32)
+        F = _MinimalRMSNorm
+        F.LAUNCH(4, 1, 1, 0, 0, *F.FIXED, x, x, w, y, y, rstd, M, N, 1e-6, N, 1, N, 1, N, 0, 0, 0, 0, 0, 0, 0)
+        ctx.save_for_backward(x, w, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w, rstd = ctx.saved_tensors
+        M, N = x.shape
+        dx, partial = torch.empty_like(x), torch.empty((8, N), device=x.device, dtype=torch.float32)
+        F = _MinimalRMSNorm
+        F.LAUNCH(8, 1, 1, 0, 0, *F.FIXED, x, w, dy, dx, rstd, rstd, partial, partial, M, N, N, 1, N, 1, N, N, 0, 0)
+        dw = torch.empty(N, device=x.device, dtype=w.dtype)
+        F.LAUNCH(4, 1, 1, 0, 0, *F.FIXED, partial, dw, 8, N, N, 0, 0)
+        return dx, dw
 
 
 def per_call_us(fn, n: int = 400) -> float:
@@ -78,6 +130,7 @@ def cases() -> dict:
     return {
         "identity Function": (lambda: _Identity.apply(x), (x,)),
         "rms_norm": (lambda: rms_norm(x, w), (x, w)),
+        "rms_norm, minimal": (lambda: _MinimalRMSNorm.apply(x, w), (x, w)),
         "layer_norm": (lambda: layer_norm(x, w, b), (x, w, b)),
         "softmax": (lambda: softmax(x), (x,)),
         "silu_mul": (lambda: silu_mul(x, y), (x, y)),
@@ -91,6 +144,7 @@ def cases() -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--profile", metavar="NAME", help="cProfile forward + backward of this case")
+    ap.add_argument("--jit-path", action="store_true", help="launches through kernel[grid], not the direct path")
     args = ap.parse_args()
     all_cases = cases()
     times: dict[str, list[float]] = {}

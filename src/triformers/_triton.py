@@ -103,6 +103,11 @@ def _key(args: tuple) -> tuple:
     return tuple(key)
 
 
+def int_code(a: int) -> int:
+    r"""The entry :func:`_key` makes for an int (for ``dyn_key``\ s holding per-call ints such as seeds)."""
+    return 16 if a == 1 else 8 | (a & 15 == 0) | (a in _INT32) << 1 | (a < 2**63) << 2
+
+
 @functools.cache
 def _native_specialize():
     from triton._C.libtriton import native_specialize_impl
@@ -133,28 +138,53 @@ def _direct_launcher(compiled, kernel, n_args: int, meta: dict):
     return run.launch, compiled.function, fixed, tail
 
 
-def launch(kernel, grid: tuple, args: tuple, meta: dict, static_key=None):
+def launch(kernel, grid: tuple, args: tuple, meta: dict, static_key=None, dyn_key=None):
     """``kernel[grid](*args, **meta)``, through the compiled kernel's C launcher once it is known.
 
     The first call of a specialisation goes through Triton's JIT (compiling if needed) and keeps the compiled
     kernel; later calls pass the arguments straight to its launcher. ``static_key`` (hashable) stands for
-    ``kernel`` and ``meta`` when the caller has one. The interpreter, launch hooks (profilers) and
-    ``TRIFORMERS_FAST_LAUNCH=0`` take the JIT path.
+    ``kernel`` and ``meta`` when the caller has one. Keys name kernels by ``id`` (kernels live as long as
+    their module): hashing a ``JITFunction`` runs Python code on every lookup. The interpreter, launch hooks
+    (profilers) and ``TRIFORMERS_FAST_LAUNCH=0`` take the JIT path.
+
+    ``dyn_key`` (hashable, optional) holds the few values that vary between the caller's launches (sizes,
+    strides, the alignment ``data_ptr() & 15`` of tensors it did not allocate itself), chosen so that
+    ``static_key`` and ``dyn_key`` together fix what Triton specialises every argument on. Such a launch
+    skips building the per-argument key (:func:`_key`, the larger part of the host time of a launch). With
+    ``TRIFORMERS_CHECK_LAUNCH_KEYS=1`` every such launch verifies that claim against :func:`_key`.
     """
     if _FAST_LAUNCH is None:
         _init_fast_launch()
     if not _FAST_LAUNCH or _hooked(_knobs.runtime.launch_enter_hook):
         return kernel[grid](*args, **meta)
     device = torch.cuda.current_device()
-    key = (static_key if static_key is not None else (kernel, tuple(meta.items())), device, _key(args))
-    entry = _compiled.get(key)
+    static = static_key if static_key is not None else (id(kernel), tuple(meta.items()))
+    entry = None
+    if dyn_key is not None:
+        short = (static, device, dyn_key)
+        hit = _by_dyn_key.get(short)
+        if hit is not None:
+            entry, full = hit
+            if _CHECK_KEYS and full != _key(args):
+                raise AssertionError(
+                    f"launch of {getattr(kernel, '__name__', kernel)}: dyn_key {dyn_key} was first seen with "
+                    f"argument specialisation {full}, now {_key(args)}; the caller's dyn_key misses a value"
+                )
     if entry is None:
-        compiled = kernel[grid](*args, **meta)
-        if compiled is not None and not hasattr(compiled, "result"):
-            direct = _direct_launcher(compiled, kernel, len(args), meta)
-            if direct is not None:
-                _compiled[key] = direct
-        return compiled
+        full = _key(args)
+        key = (static, device, full)
+        entry = _compiled.get(key)
+        if entry is None:
+            compiled = kernel[grid](*args, **meta)
+            if compiled is not None and not hasattr(compiled, "result"):
+                direct = _direct_launcher(compiled, kernel, len(args), meta)
+                if direct is not None:
+                    _compiled[key] = direct
+            return compiled
+        if dyn_key is not None:
+            if len(_by_dyn_key) >= _MAX_DYN_KEYS:  # raw sizes in the keys: bounded, refilled as needed
+                _by_dyn_key.clear()
+            _by_dyn_key[short] = (entry, full)
     run, function, fixed, tail = entry
     n = len(grid)
     run(
@@ -162,6 +192,11 @@ def launch(kernel, grid: tuple, args: tuple, meta: dict, static_key=None):
         function, *fixed, *args, *tail,
     )  # fmt: skip
     return None
+
+
+_by_dyn_key: dict = {}  # (static, device, dyn_key) -> (entry, the _key it stands for)
+_MAX_DYN_KEYS = 8192
+_CHECK_KEYS = os.environ.get("TRIFORMERS_CHECK_LAUNCH_KEYS", "0") == "1"
 
 
 _FAST_LAUNCH: bool | None = None  # decided at the first launch (importing triton is not free)

@@ -118,14 +118,15 @@ class Tuner:
         self.enabled = autotune_enabled()
         self._chosen: dict = {}  # key -> (config, meta + config, launch key)
 
-    def __call__(self, grid, args: tuple, key: tuple, default: dict, **meta):
-        """Launch on ``grid(config)`` (a function of the chosen config)."""
+    def __call__(self, grid, args: tuple, key: tuple, default: dict, dyn_key=None, **meta):
+        """Launch on ``grid(config)`` (a function of the chosen config); ``dyn_key`` as for :func:`launch`,
+        with ``key`` (dtypes, flags, the sizes the kernel is compiled for) as the static part."""
         entry = self._chosen.get(key)
         if entry is None:
             config = self._tune(grid, args, key, meta) if self.enabled else default
-            entry = self._chosen[key] = (config, {**meta, **config}, (self.kernel, key, tuple(config.items())))
+            entry = self._chosen[key] = (config, {**meta, **config}, (id(self.kernel), key, tuple(config.items())))
         config, full, static = entry
-        return launch(self.kernel, grid(config), args, full, static)
+        return launch(self.kernel, grid(config), args, full, static, dyn_key)
 
     def _tune(self, grid, args, key, meta) -> dict:
         from triton.testing import do_bench

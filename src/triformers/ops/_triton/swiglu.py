@@ -131,11 +131,13 @@ def silu_mul_fwd(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = No
     g = out if out is not None else torch.empty((M, N), device=a.device, dtype=a.dtype)
     block_n = _block_n(N)
     # fmt: off
-    args = (a, b, g, M, N, a.stride(0), a.stride(1), b.stride(0), b.stride(1), g.stride(0))
+    sa0, sa1, sb0, sb1, sg0 = *a.stride(), *b.stride(), g.stride(0)
+    args = (a, b, g, M, N, sa0, sa1, sb0, sb1, sg0)
+    dyn = (M, sa0, sa1, sb0, sb1, sg0, a.data_ptr() & 15, b.data_ptr() & 15, g.data_ptr() & 15)
     # fmt: on
     key = (N, a.dtype, b.dtype, g.dtype, block_n)
     grid = lambda c: (cdiv(M, c["BLOCK_M"]), cdiv(N, block_n))  # noqa: E731
-    _fwd(grid, args, key, default_tile(block_n), BLOCK_N=block_n)
+    _fwd(grid, args, key, default_tile(block_n), dyn, BLOCK_N=block_n)
     return g
 
 
@@ -156,11 +158,13 @@ def silu_mul_bwd(
     chunks = max(1, min(M, cdiv(BWD_PROGRAMS_PER_SM * sm_count(a), col_blocks)))
     dbias = torch.empty((chunks, 2 * N), device=a.device, dtype=torch.float32) if compute_dbias else None
     # fmt: off
-    args = (a, b, dg, da, db, g if g is not None else da, dbias if dbias is not None else da, M, N,
-            a.stride(0), a.stride(1), b.stride(0), b.stride(1), dg.stride(0), dg.stride(1),
-            da.stride(0), db.stride(0), g.stride(0) if g is not None else 0)
+    gg = g if g is not None else da
+    strides = (*a.stride(), *b.stride(), *dg.stride(), da.stride(0), db.stride(0), g.stride(0) if g is not None else 0)
+    args = (a, b, dg, da, db, gg, dbias if dbias is not None else da, M, N, *strides)
+    dyn = (M, *strides, a.data_ptr() & 15, b.data_ptr() & 15, dg.data_ptr() & 15, da.data_ptr() & 15,
+           db.data_ptr() & 15, gg.data_ptr() & 15)  # dbias: fresh
     # fmt: on
     meta = dict(STORE_G=g is not None, COMPUTE_DBIAS=compute_dbias, BLOCK_N=block_n)
     key = (N, a.dtype, b.dtype, dg.dtype, da.dtype, *meta.values())
-    _bwd(lambda c: (chunks, col_blocks), args, key, default_tile(block_n), **meta)
+    _bwd(lambda c: (chunks, col_blocks), args, key, default_tile(block_n), dyn, **meta)
     return dbias.sum(0) if dbias is not None else None

@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from triformers._triton import int_code
 from triformers.triton._common import Tuner, cdiv, default_tile, next_pow2, prune_by_tile, tile_configs
 from triformers.triton._kernels.activations import activation_grad, apply_activation
 from triformers.triton._kernels.reduce import sum_rows
@@ -308,8 +309,10 @@ def dropout_fwd(
     b = bias if bias is not None else x
     L, threshold, scale, grid, key, default, meta = _fwd_plan(M, N, p, activation, bias is not None, x.dtype,
                                                               b.dtype, out_dtype)
-    args = (x, b, y, M, N, L, x.stride(0), x.stride(1), y.stride(0), seed, threshold, scale)
-    _fwd(grid, args, key, default, **meta)
+    sx0, sx1 = x.stride()
+    args = (x, b, y, M, N, L, sx0, sx1, N, seed, threshold, scale)  # y: fresh [M, N]
+    dyn = (M, sx0, sx1, x.data_ptr() & 15, b.data_ptr() & 15, int_code(seed), int_code(threshold))
+    _fwd(grid, args, key, default, dyn, **meta)
     return y
 
 
@@ -353,11 +356,13 @@ def dropout_bwd(
     db = torch.empty((chunks, N), device=x.device, dtype=torch.float32) if compute_db else None
     b = bias if bias is not None else x
     # fmt: off
-    args = (dy, x, b, dx, db if db is not None else dx, M, N, L, dy.stride(0), dy.stride(1), x.stride(0),
-            x.stride(1), dx.stride(0), seed, threshold, scale)
+    sdy0, sdy1, sx0, sx1 = *dy.stride(), *x.stride()
+    args = (dy, x, b, dx, db if db is not None else dx, M, N, L, sdy0, sdy1, sx0, sx1, N, seed, threshold, scale)
+    dyn = (M, sdy0, sdy1, sx0, sx1, dy.data_ptr() & 15, x.data_ptr() & 15, b.data_ptr() & 15, int_code(seed),
+           int_code(threshold))  # dx, db: fresh
     meta = dict(ACTIVATION=activation, HAS_BIAS=bias is not None, HAS_DROPOUT=p > 0.0, COMPUTE_DB=compute_db,
                 BLOCK_S=block_s)
     # fmt: on
     key = (N, dy.dtype, x.dtype, b.dtype, dx.dtype, *meta.values())
-    _bwd(grid, args, key, default_tile(LANES * block_s), **meta)
+    _bwd(grid, args, key, default_tile(LANES * block_s), dyn, **meta)
     return dx, sum_rows(db, db_dtype) if db is not None else None

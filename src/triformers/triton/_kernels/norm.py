@@ -245,16 +245,19 @@ def norm_fwd(
     r = residual if residual is not None else x
     w, b = weight if weight is not None else y, bias if bias is not None else y
     m, s = mean if mean is not None else y, rstd if rstd is not None else y
+    sx0, sx1, sr0, sr1 = *x.stride(), *r.stride()
     # fmt: off
-    args = (x, r, w, b, y, m, s, M, N, eps, x.stride(0), x.stride(1), r.stride(0), r.stride(1), y.stride(0))
+    args = (x, r, w, b, y, m, s, M, N, eps, sx0, sx1, sr0, sr1, N)
     flags = (rms, residual is not None, weight is not None, bias is not None, store_stats)
+    # with the key: what the launch specialises on (y, mean, rstd are fresh, so aligned, and y is [M, N])
+    dyn = (M, sx0, sx1, sr0, sr1, x.data_ptr() & 15, r.data_ptr() & 15, w.data_ptr() & 15, b.data_ptr() & 15)
     meta = dict(IS_RMS=rms, HAS_RESIDUAL=flags[1], HAS_WEIGHT=flags[2], HAS_BIAS=flags[3], STORE_STATS=store_stats,
                 BLOCK_N=block_n, SINGLE_PASS=single)
     # fmt: on
     if single:
         key = (N, x.dtype, r.dtype, w.dtype, b.dtype, y.dtype, block_n, *flags)
         tuner = _fwd_residual if residual is not None else _fwd
-        tuner(lambda c: (cdiv(M, c["BLOCK_M"]),), args, key, default, **meta)
+        tuner(lambda c: (cdiv(M, c["BLOCK_M"]),), args, key, default, dyn, **meta)
     else:  # wide rows: one row per program, no autotuning (a rare shape)
         _norm_fwd_kernel[(M,)](*args, BLOCK_M=1, num_warps=8, **meta)
     return y, mean, rstd
@@ -302,12 +305,16 @@ def norm_bwd(
     else:
         dw_p = db_p = partial
     w = weight if weight is not None else dx
+    sx0, sx1, sdy0, sdy1 = *x.stride(), *dy.stride()
+    stats = mean if mean is not None else rstd
     # fmt: off
-    args = (x, w, dy, dx, mean if mean is not None else rstd, rstd, dw_p, db_p, M, N, x.stride(0), x.stride(1),
-            dy.stride(0), dy.stride(1), dx.stride(0), width)
+    args = (x, w, dy, dx, stats, rstd, dw_p, db_p, M, N, sx0, sx1, sdy0, sdy1, N, width)
     # fmt: on
     key = (N, x.dtype, w.dtype, dy.dtype, dx.dtype, rms, weight is not None, compute_dw, compute_db, block_n)
-    _bwd(lambda c: (programs,), args, key, default, IS_RMS=rms, HAS_WEIGHT=weight is not None,
+    # with the key: what the launch specialises on (dx and the partials are fresh; db_p sits N floats in)
+    dyn = (M, sx0, sx1, sdy0, sdy1, x.data_ptr() & 15, w.data_ptr() & 15, dy.data_ptr() & 15,
+           stats.data_ptr() & 15, rstd.data_ptr() & 15)
+    _bwd(lambda c: (programs,), args, key, default, dyn, IS_RMS=rms, HAS_WEIGHT=weight is not None,
          COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db, BLOCK_N=block_n)  # fmt: skip
     if not width:
         return dx, None, None

@@ -27,17 +27,23 @@ def _sum_rows_kernel(src_ptr, dst_ptr, P, N, stride_p, BLOCK_P: tl.constexpr, BL
     tl.store(dst_ptr + cols, tl.sum(acc, axis=0).to(dst_ptr.dtype.element_ty), mask=col_ok)
 
 
+_META = {"BLOCK_P": 32, "BLOCK_N": 64, "num_warps": 4}
+_STATIC = (id(_sum_rows_kernel), tuple(_META.items()))
+
+
 def sum_rows(partial: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     """``partial.sum(0).to(out_dtype)`` for a float32 ``[P, N]`` tensor with unit column stride."""
     P, N = partial.shape
     out = torch.empty(N, device=partial.device, dtype=out_dtype)
     if N == 0:
         return out
-    block_n = 64
+    stride = partial.stride(0)
     launch(
         _sum_rows_kernel,
-        (cdiv(N, block_n),),
-        (partial, out, P, N, partial.stride(0)),
-        {"BLOCK_P": 32, "BLOCK_N": block_n, "num_warps": 4},
+        (cdiv(N, 64),),
+        (partial, out, P, N, stride),
+        _META,
+        _STATIC,
+        (partial.dtype, out_dtype, P, N, stride, partial.data_ptr() & 15),  # out is fresh
     )
     return out

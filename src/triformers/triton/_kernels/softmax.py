@@ -240,11 +240,13 @@ def softmax_fwd(
     y = torch.empty((R, N), device=x.device, dtype=out_dtype)
     single, block_n = _blocks(N, max_block_n)
     m = mask if mask is not None else x
-    args = (x, m, y, R, N, seq_m, x.stride(0), x.stride(1), m.stride(0), m.stride(1), y.stride(0))
+    sx0, sx1, sm0, sm1 = *x.stride(), *m.stride()
+    args = (x, m, y, R, N, seq_m, sx0, sx1, sm0, sm1, N)  # y: fresh [R, N]
     meta = dict(LOG=log, HAS_MASK=mask is not None, CAUSAL=causal, BLOCK_N=block_n, SINGLE_PASS=single)
     if single:
         key = (N, x.dtype, m.dtype, y.dtype, *meta.values())
-        _fwd(lambda c: (cdiv(R, c["BLOCK_M"]),), args, key, default_tile(block_n), **meta)
+        dyn = (R, seq_m, sx0, sx1, sm0, sm1, x.data_ptr() & 15, m.data_ptr() & 15)
+        _fwd(lambda c: (cdiv(R, c["BLOCK_M"]),), args, key, default_tile(block_n), dyn, **meta)
     else:
         _softmax_fwd_kernel[(R,)](*args, BLOCK_M=1, num_warps=8, **meta)
     return y
@@ -262,11 +264,13 @@ def softmax_bwd(
     R, N = y.shape
     dx = torch.empty((R, N), device=y.device, dtype=dx_dtype)
     single, block_n = _blocks(N, max_block_n)
-    args = (y, dy, dx, R, N, y.stride(0), dy.stride(0), dy.stride(1), dx.stride(0))
+    sy0, sdy0, sdy1 = y.stride(0), *dy.stride()
+    args = (y, dy, dx, R, N, sy0, sdy0, sdy1, N)  # dx: fresh [R, N]
     if single:
         meta = dict(LOG=log, BLOCK_N=block_n, SINGLE_PASS=True)
         key = (N, y.dtype, dy.dtype, dx.dtype, *meta.values())
-        _bwd(lambda c: (cdiv(R, c["BLOCK_M"]),), args, key, default_tile(block_n), **meta)
+        dyn = (R, sy0, sdy0, sdy1, y.data_ptr() & 15, dy.data_ptr() & 15)
+        _bwd(lambda c: (cdiv(R, c["BLOCK_M"]),), args, key, default_tile(block_n), dyn, **meta)
     else:
         _softmax_bwd_kernel[(R,)](*args, LOG=log, BLOCK_M=1, BLOCK_N=block_n, SINGLE_PASS=False, num_warps=8)
     return dx

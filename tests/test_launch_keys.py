@@ -1,0 +1,186 @@
+"""Launches that pass ``dyn_key`` skip the per-argument specialisation key: their caller claims that
+``(static_key, dyn_key)`` fixes what Triton specialises every argument on. These tests run the callers over
+inputs that vary in every such property (sizes, strides, alignment, dtypes, optional arguments) and check
+the claim against ``_key`` on every launch, and check ``launch``'s own use of ``dyn_key``."""
+
+import pytest
+import torch
+
+from triformers import _triton as T
+from triformers.ops import swiglu
+from triformers.ops.rmsnorm import rms_norm, rms_norm_add
+from triformers.ops.swiglu import silu_mul
+from triformers.triton import _common, dropout, layer_norm, log_softmax, softmax
+from triformers.triton._kernels import reduce
+
+
+@pytest.fixture
+def claims(monkeypatch):
+    """Wraps the launches of the fused layers; returns the list of (static, dyn_key) launches checked."""
+    seen: dict = {}
+    checked = []
+    real = _common.launch
+
+    def checking(kernel, grid, args, meta, static_key=None, dyn_key=None):
+        if dyn_key is not None:
+            static = static_key if static_key is not None else (id(kernel), tuple(meta.items()))
+            full = T._key(args)
+            first = seen.setdefault((static, dyn_key), (full, getattr(kernel, "__name__", "")))
+            assert first[0] == full, f"{first[1]}: dyn_key {dyn_key} stood for {first[0]}, now {full}"
+            checked.append((static, dyn_key, getattr(kernel, "__name__", "")))
+        return real(kernel, grid, args, meta, static_key, dyn_key)
+
+    monkeypatch.setattr(_common, "launch", checking)
+    monkeypatch.setattr(reduce, "launch", checking)
+    return checked
+
+
+def _inputs(kind: str, M: int, N: int, dtype):
+    """x [M, N] laid out as ``kind``: fresh, one element off 16-byte alignment, a column slice of a wider
+    buffer, or a transposed view."""
+    if kind == "fresh":
+        return torch.randn(M, N, dtype=dtype)
+    if kind == "offset":
+        return torch.randn(M * N + 1, dtype=dtype)[1:].view(M, N)
+    if kind == "wide":
+        return torch.randn(M, N + 24, dtype=dtype)[:, 5 : 5 + N]
+    return torch.randn(N, M, dtype=dtype).t()
+
+
+def _param(N: int, dtype, offset: bool):
+    """A [N] parameter, aligned or one element off alignment."""
+    p = torch.randn(N + 1, dtype=dtype)
+    return p[1:] if offset else p[:N]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_norm_launch_keys(claims, dtype):
+    for M, N in [(1, 16), (3, 17), (16, 32)]:
+        for kind in ("fresh", "offset", "wide", "transposed"):
+            for offset_params in (False, True):
+                x = _inputs(kind, M, N, dtype).requires_grad_()
+                w = _param(N, dtype, offset_params).detach().requires_grad_()
+                b = _param(N, dtype, not offset_params).detach().requires_grad_()
+                for dy_kind in ("offset", "transposed"):
+                    dy = _inputs(dy_kind, M, N, dtype)
+                    torch.autograd.grad(rms_norm(x, w), (x, w), dy)
+                    torch.autograd.grad(layer_norm(x, w, b), (x, w, b), dy)
+                    torch.autograd.grad(layer_norm(x, None, b), (x, b), dy)
+                    torch.autograd.grad(rms_norm(x, None), (x,), dy)
+                with torch.no_grad():
+                    rms_norm(x, w)
+                    base = _inputs("fresh", M, N, dtype)
+                    rms_norm_add(base, _inputs(kind, M, N, dtype), w)
+    assert len(claims) > 300 and len(set(claims)) > 100  # the callers did pass dyn keys, of many kinds
+    assert {c[2] for c in claims} >= {"_norm_fwd_kernel", "_norm_bwd_kernel", "_sum_rows_kernel"}
+
+
+def test_elementwise_and_softmax_launch_keys(claims):
+    torch.manual_seed(0)  # the dropout seeds, whose keys vary with their value
+    for M, N in [(1, 16), (3, 17)]:
+        for kind in ("fresh", "offset", "wide", "transposed"):
+            for dtype in (torch.float16,):
+                x, other = _inputs(kind, M, N, dtype).requires_grad_(), _inputs("offset", M, N, dtype)
+                mask = _inputs(kind, M, N, torch.float32)
+                for dy_kind in ("offset", "transposed"):
+                    dy = _inputs(dy_kind, M, N, dtype)
+                    torch.autograd.grad(softmax(x), (x,), dy)
+                    torch.autograd.grad(log_softmax(x, mask, causal=True), (x,), dy)
+                    for offset in (False, True):
+                        bias = _param(N, dtype, offset).detach().requires_grad_()
+                        for p in (0.0, 0.3):
+                            torch.autograd.grad(dropout(x, p, bias, "gelu"), (x, bias), dy)
+                        torch.autograd.grad(dropout(x, 0.5, None, None), (x,), dy)
+                    b = other.detach().requires_grad_()
+                    torch.autograd.grad(silu_mul(x, b), (x, b), dy)
+                    torch.autograd.grad(silu_mul(b, x), (b, x), dy)
+        x = torch.randn(M, 3, 8, requires_grad=True)
+        w = [torch.randn(s, requires_grad=True) for s in ((N, 8), (N,), (N, 8), (N,), (8, N), (8,))]
+        torch.autograd.grad(swiglu(x, *w).sum(), (x, *w))
+    kernels = {c[2] for c in claims}
+    assert kernels >= {"_softmax_fwd_kernel", "_softmax_bwd_kernel", "_dropout_fwd_kernel", "_dropout_bwd_kernel",
+                       "_silu_mul_fwd_kernel", "_silu_mul_bwd_kernel", "_sum_rows_kernel"}, kernels
+
+
+def test_int_code_is_the_key_entry():
+    for a in (0, 1, 2, 15, 16, -16, 2**31 - 1, 2**31, 2**40, 2**63 - 1, 2**63):
+        assert T._key((a,)) == (T.int_code(a),)
+
+
+class _FakeRun:
+    global_scratch_size = profile_scratch_size = 0
+    launch_cooperative_grid = launch_pdl = False
+
+    def __init__(self):
+        self.calls = 0
+
+    def launch(self, *args):
+        self.calls += 1
+
+
+class _FakeKernel:
+    class _Param:
+        def __init__(self, name):
+            self.name, self.default = name, None
+
+    __name__ = "fake"
+    arg_names = ["x", "n", "BLOCK"]
+    params = [_Param("x"), _Param("n"), _Param("BLOCK")]
+
+    def __init__(self):
+        self.jit_calls = 0
+        self.run = _FakeRun()
+
+    def __getitem__(self, grid):
+        def call(*args, **meta):
+            self.jit_calls += 1
+            return type("Compiled", (), {"run": self.run, "function": 7, "packed_metadata": "meta"})()
+
+        return call
+
+
+@pytest.fixture
+def direct(monkeypatch):
+    """``launch`` on its direct path with a fake device and stream."""
+    pytest.importorskip("triton")
+    from triton import knobs
+
+    monkeypatch.setattr(T, "_FAST_LAUNCH", True)
+    monkeypatch.setattr(T, "_knobs", knobs)
+    monkeypatch.setattr(T, "_compiled", {})
+    monkeypatch.setattr(T, "_by_dyn_key", {})
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda device: 99, raising=False)
+
+
+def test_dyn_key_skips_the_argument_key(direct, monkeypatch):
+    kernel = _FakeKernel()
+    x = torch.zeros(8)
+    keys = []
+    real_key = T._key
+    monkeypatch.setattr(T, "_key", lambda args: keys.append(args) or real_key(args))
+    for _ in range(4):
+        T.launch(kernel, (1,), (x, 5), {"BLOCK": 16}, None, ("n", 5))
+    # first call: JIT; second: full key found, dyn key stored; then the dyn key alone
+    assert kernel.jit_calls == 1 and kernel.run.calls == 3 and len(keys) == 2
+
+
+def test_dyn_key_check_catches_a_missing_value(direct, monkeypatch):
+    kernel = _FakeKernel()
+    x = torch.zeros(16)
+    monkeypatch.setattr(T, "_CHECK_KEYS", True)
+    for _ in range(2):
+        T.launch(kernel, (1,), (x, 5), {"BLOCK": 16}, None, ("n",))
+    T.launch(kernel, (1,), (x, 5), {"BLOCK": 16}, None, ("n",))  # same arguments: passes the check
+    with pytest.raises(AssertionError, match="dyn_key"):
+        T.launch(kernel, (1,), (x[1:], 5), {"BLOCK": 16}, None, ("n",))  # alignment changed, key did not
+
+
+def test_dyn_keys_are_bounded(direct, monkeypatch):
+    kernel = _FakeKernel()
+    x = torch.zeros(8)
+    monkeypatch.setattr(T, "_MAX_DYN_KEYS", 4)
+    for n in range(10):
+        T.launch(kernel, (1,), (x, 5), {"BLOCK": 16}, None, (n,))
+        T.launch(kernel, (1,), (x, 5), {"BLOCK": 16}, None, (n,))
+    assert 0 < len(T._by_dyn_key) <= 4 and kernel.jit_calls == 1
