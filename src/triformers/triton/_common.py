@@ -118,9 +118,10 @@ class Tuner:
         self.enabled = autotune_enabled()
         self._chosen: dict = {}  # key -> (config, meta + config, launch key)
 
-    def __call__(self, grid, args: tuple, key: tuple, default: dict, dyn_key=None, **meta):
-        """Launch on ``grid(config)`` (a function of the chosen config); ``dyn_key`` as for :func:`launch`,
-        with ``key`` (dtypes, flags, the sizes the kernel is compiled for) as the static part."""
+    def __call__(self, grid, args: tuple, key: tuple, default: dict, meta: dict, dyn_key=None):
+        """Launch on ``grid(config)`` (a function of the chosen config) with the constexprs ``meta`` (read, never
+        written: callers may pass a cached dict); ``dyn_key`` as for :func:`launch`, with ``key`` (dtypes, flags,
+        the sizes the kernel is compiled for) as the static part."""
         entry = self._chosen.get(key)
         if entry is None:
             config = self._tune(grid, args, key, meta) if self.enabled else default

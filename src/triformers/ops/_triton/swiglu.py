@@ -137,7 +137,7 @@ def silu_mul_fwd(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = No
     # fmt: on
     key = (N, a.dtype, b.dtype, g.dtype, block_n)
     grid = lambda c: (cdiv(M, c["BLOCK_M"]), cdiv(N, block_n))  # noqa: E731
-    _fwd(grid, args, key, default_tile(block_n), dyn, BLOCK_N=block_n)
+    _fwd(grid, args, key, default_tile(block_n), {"BLOCK_N": block_n}, dyn)
     return g
 
 
@@ -166,5 +166,5 @@ def silu_mul_bwd(
     # fmt: on
     meta = dict(STORE_G=g is not None, COMPUTE_DBIAS=compute_dbias, BLOCK_N=block_n)
     key = (N, a.dtype, b.dtype, dg.dtype, da.dtype, *meta.values())
-    _bwd(lambda c: (chunks, col_blocks), args, key, default_tile(block_n), dyn, **meta)
+    _bwd(lambda c: (chunks, col_blocks), args, key, default_tile(block_n), meta, dyn)
     return dbias.sum(0) if dbias is not None else None

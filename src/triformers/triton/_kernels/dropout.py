@@ -312,7 +312,7 @@ def dropout_fwd(
     sx0, sx1 = x.stride()
     args = (x, b, y, M, N, L, sx0, sx1, N, seed, threshold, scale)  # y: fresh [M, N]
     dyn = (M, sx0, sx1, x.data_ptr() & 15, b.data_ptr() & 15, int_code(seed), int_code(threshold))
-    _fwd(grid, args, key, default, dyn, **meta)
+    _fwd(grid, args, key, default, meta, dyn)
     return y
 
 
@@ -364,5 +364,5 @@ def dropout_bwd(
                 BLOCK_S=block_s)
     # fmt: on
     key = (N, dy.dtype, x.dtype, b.dtype, dx.dtype, *meta.values())
-    _bwd(grid, args, key, default_tile(LANES * block_s), dyn, **meta)
+    _bwd(grid, args, key, default_tile(LANES * block_s), meta, dyn)
     return dx, sum_rows(db, db_dtype) if db is not None else None

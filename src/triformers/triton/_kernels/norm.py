@@ -251,13 +251,12 @@ def norm_fwd(
     flags = (rms, residual is not None, weight is not None, bias is not None, store_stats)
     # with the key: what the launch specialises on (y, mean, rstd are fresh, so aligned, and y is [M, N])
     dyn = (M, sx0, sx1, sr0, sr1, x.data_ptr() & 15, r.data_ptr() & 15, w.data_ptr() & 15, b.data_ptr() & 15)
-    meta = dict(IS_RMS=rms, HAS_RESIDUAL=flags[1], HAS_WEIGHT=flags[2], HAS_BIAS=flags[3], STORE_STATS=store_stats,
-                BLOCK_N=block_n, SINGLE_PASS=single)
+    meta = _fwd_meta(*flags, block_n, single)
     # fmt: on
     if single:
         key = (N, x.dtype, r.dtype, w.dtype, b.dtype, y.dtype, block_n, *flags)
         tuner = _fwd_residual if residual is not None else _fwd
-        tuner(lambda c: (cdiv(M, c["BLOCK_M"]),), args, key, default, dyn, **meta)
+        tuner(lambda c: (cdiv(M, c["BLOCK_M"]),), args, key, default, meta, dyn)
     else:  # wide rows: one row per program, no autotuning (a rare shape)
         _norm_fwd_kernel[(M,)](*args, BLOCK_M=1, num_warps=8, **meta)
     return y, mean, rstd
@@ -314,8 +313,8 @@ def norm_bwd(
     # with the key: what the launch specialises on (dx and the partials are fresh; db_p sits N floats in)
     dyn = (M, sx0, sx1, sdy0, sdy1, x.data_ptr() & 15, w.data_ptr() & 15, dy.data_ptr() & 15,
            stats.data_ptr() & 15, rstd.data_ptr() & 15)
-    _bwd(lambda c: (programs,), args, key, default, dyn, IS_RMS=rms, HAS_WEIGHT=weight is not None,
-         COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db, BLOCK_N=block_n)  # fmt: skip
+    meta = _bwd_meta(rms, weight is not None, compute_dw, compute_db, block_n)
+    _bwd(lambda c: (programs,), args, key, default, meta, dyn)
     if not width:
         return dx, None, None
     sums = sum_rows(partial, param_dtype)
@@ -329,6 +328,19 @@ def _bwd_plan(M: int, N: int, sms: int) -> tuple[int, int, dict]:
     """(BLOCK_N, persistent programs, default config) of the single-pass backward."""
     block_n = next_pow2(N)
     return block_n, max(1, min(M, _bwd_programs_per_sm(block_n) * sms)), default_tile(block_n)
+
+
+@functools.lru_cache(maxsize=256)
+def _fwd_meta(rms, residual, weight, bias, store_stats, block_n, single) -> dict:
+    """The forward's constexprs (cached: shared, never written)."""
+    return dict(IS_RMS=rms, HAS_RESIDUAL=residual, HAS_WEIGHT=weight, HAS_BIAS=bias, STORE_STATS=store_stats,
+                BLOCK_N=block_n, SINGLE_PASS=single)
+
+
+@functools.lru_cache(maxsize=256)
+def _bwd_meta(rms, weight, compute_dw, compute_db, block_n) -> dict:
+    """The backward's constexprs (cached: shared, never written)."""
+    return dict(IS_RMS=rms, HAS_WEIGHT=weight, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db, BLOCK_N=block_n)
 
 
 @functools.lru_cache(maxsize=256)

@@ -246,7 +246,7 @@ def softmax_fwd(
     if single:
         key = (N, x.dtype, m.dtype, y.dtype, *meta.values())
         dyn = (R, seq_m, sx0, sx1, sm0, sm1, x.data_ptr() & 15, m.data_ptr() & 15)
-        _fwd(lambda c: (cdiv(R, c["BLOCK_M"]),), args, key, default_tile(block_n), dyn, **meta)
+        _fwd(lambda c: (cdiv(R, c["BLOCK_M"]),), args, key, default_tile(block_n), meta, dyn)
     else:
         _softmax_fwd_kernel[(R,)](*args, BLOCK_M=1, num_warps=8, **meta)
     return y
@@ -270,7 +270,7 @@ def softmax_bwd(
         meta = dict(LOG=log, BLOCK_N=block_n, SINGLE_PASS=True)
         key = (N, y.dtype, dy.dtype, dx.dtype, *meta.values())
         dyn = (R, sy0, sdy0, sdy1, y.data_ptr() & 15, dy.data_ptr() & 15)
-        _bwd(lambda c: (cdiv(R, c["BLOCK_M"]),), args, key, default_tile(block_n), dyn, **meta)
+        _bwd(lambda c: (cdiv(R, c["BLOCK_M"]),), args, key, default_tile(block_n), meta, dyn)
     else:
         _softmax_bwd_kernel[(R,)](*args, LOG=log, BLOCK_M=1, BLOCK_N=block_n, SINGLE_PASS=False, num_warps=8)
     return dx
