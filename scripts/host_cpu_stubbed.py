@@ -62,7 +62,7 @@ if "--jit-path" not in sys.argv:
     import triformers._triton as _T  # noqa: E402
 
     _T._FAST_LAUNCH, _T._knobs = True, knobs
-    torch.cuda.current_device = lambda: 0
+    _T._current_device = lambda: 0
     torch._C._cuda_getCurrentRawStream = lambda device: 0
 
 

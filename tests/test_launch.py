@@ -119,7 +119,7 @@ def test_launch_takes_the_direct_path_after_the_first_call(monkeypatch):
     monkeypatch.setattr(T, "_FAST_LAUNCH", True)
     monkeypatch.setattr(T, "_knobs", knobs)
     monkeypatch.setattr(T, "_compiled", {})
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(T, "_current_device", lambda: 0)
     monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda device: 99, raising=False)
     assert not T._hooked(knobs.runtime.launch_enter_hook)  # no hook installed (in Triton >= 3.4: an empty chain)
     T.launch(kernel, (3, 2), (torch.zeros(4), 5), {"BLOCK": 16})

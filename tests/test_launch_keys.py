@@ -149,7 +149,7 @@ def direct(monkeypatch):
     monkeypatch.setattr(T, "_knobs", knobs)
     monkeypatch.setattr(T, "_compiled", {})
     monkeypatch.setattr(T, "_by_dyn_key", {})
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(T, "_current_device", lambda: 0)
     monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda device: 99, raising=False)
 
 

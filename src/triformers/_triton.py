@@ -157,7 +157,7 @@ def launch(kernel, grid: tuple, args: tuple, meta: dict, static_key=None, dyn_ke
         _init_fast_launch()
     if not _FAST_LAUNCH or _hooked(_knobs.runtime.launch_enter_hook):
         return kernel[grid](*args, **meta)
-    device = torch.cuda.current_device()
+    device = _current_device()
     static = static_key if static_key is not None else (id(kernel), tuple(meta.items()))
     entry = None
     if dyn_key is not None:
@@ -201,6 +201,9 @@ _CHECK_KEYS = os.environ.get("TRIFORMERS_CHECK_LAUNCH_KEYS", "0") == "1"
 
 _FAST_LAUNCH: bool | None = None  # decided at the first launch (importing triton is not free)
 _knobs = None
+# torch.cuda.current_device() without its Python lazy-init check: a direct launch follows a JIT launch on CUDA
+# tensors, so CUDA is initialised by then.
+_current_device = None
 
 
 def _hooked(hook) -> bool:
@@ -211,12 +214,13 @@ def _hooked(hook) -> bool:
 
 
 def _init_fast_launch() -> None:
-    global _FAST_LAUNCH, _knobs
+    global _FAST_LAUNCH, _knobs, _current_device
     _FAST_LAUNCH = _fast_launch_enabled() and is_triton_available()
     if _FAST_LAUNCH:
         from triton import knobs
 
         _knobs = knobs
+        _current_device = getattr(torch._C, "_cuda_getDevice", torch.cuda.current_device)
 
 
 def cdiv(a: int, b: int) -> int:

@@ -21,7 +21,7 @@ import math
 import torch
 from torch import nn
 
-from triformers.triton._common import autocast_dtype, rows_2d, shaped, use_triton
+from triformers.triton._common import autocast_dtype, device_type, rows_2d, shaped, use_triton
 from triformers.triton._kernels.norm import norm_bwd, norm_fwd
 
 __all__ = ["rms_norm", "rms_norm_add", "RMSNorm", "rms_norm_reference"]
@@ -108,7 +108,7 @@ class _RMSNormAddFn(torch.autograd.Function):
 
 
 def _out_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float32 if autocast_dtype(x.device.type) is not None else x.dtype
+    return torch.float32 if autocast_dtype(device_type(x)) is not None else x.dtype
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6) -> torch.Tensor:

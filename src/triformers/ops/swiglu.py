@@ -27,7 +27,7 @@ from torch import nn
 from triformers._triton import interpret_mode, is_triton_available
 from triformers.ops._triton.swiglu import silu_mul_bwd, silu_mul_fwd
 from triformers.ops.unbind import get_stack_strides, unbind
-from triformers.triton._common import autocast_dtype, rows_2d, shaped, use_triton
+from triformers.triton._common import autocast_dtype, device_type, rows_2d, shaped, use_triton
 
 __all__ = [
     "swiglu",
@@ -193,7 +193,7 @@ def _cast_pair(t1: torch.Tensor, t2: torch.Tensor, dtype: torch.dtype) -> tuple[
 
 
 def _fused(x, w1, b1, w2, b2, w3, b3):
-    amp = autocast_dtype(x.device.type)
+    amp = autocast_dtype(device_type(x))
     if amp is not None:  # as F.linear under autocast: every operand in the autocast dtype
         x, w3 = x.to(amp), w3.to(amp)
         b3 = b3.to(amp) if b3 is not None else None
@@ -261,7 +261,7 @@ class SwiGLUOpDispatch:
         return SwiGLUOpDispatch(
             device=x.device,
             dtype=x.dtype,
-            dtype_autocast_gpu=autocast_dtype(x.device.type) or w1.dtype,
+            dtype_autocast_gpu=autocast_dtype(device_type(x)) or w1.dtype,
             packed_weights=_packed(w1, w2) is not None,
             bias_enabled=b1 is not None and b2 is not None and b3 is not None,
         )

@@ -33,9 +33,15 @@ def warn_once(message: str) -> None:
 
 def use_triton(op: str, *tensors: torch.Tensor | None) -> bool:
     """Whether ``op`` runs its Triton kernels on ``tensors``; warns once if not, for a surprising reason."""
-    # Fast path, checked on every call: CUDA tensors of a kernel dtype.
-    if all(t is None or (t.is_cuda and t.dtype in KERNEL_DTYPES) for t in tensors) and is_triton_available():
-        if any(t is not None for t in tensors):
+    # Fast path, checked on every call: CUDA tensors of a kernel dtype (a plain loop: generators cost more).
+    seen = False
+    for t in tensors:
+        if t is not None:
+            if not (t.is_cuda and t.dtype in KERNEL_DTYPES):
+                break
+            seen = True
+    else:
+        if seen and is_triton_available():
             return True
     present = [t for t in tensors if t is not None]
     reason = triton_unavailable_reason(*present)
@@ -48,6 +54,11 @@ def use_triton(op: str, *tensors: torch.Tensor | None) -> bool:
         return False  # plain CPU use: the torch path is the expected one
     warn_once(f"triformers.{op}: running the pure-torch path because {reason}")
     return False
+
+
+def device_type(x: torch.Tensor) -> str:
+    """``x.device.type`` without building a ``torch.device`` for the common CUDA case."""
+    return "cuda" if x.is_cuda else x.device.type
 
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -85,7 +96,7 @@ def num_sms(device_index: int | None) -> int:
 
 
 def sm_count(t: torch.Tensor) -> int:
-    return num_sms(t.device.index if t.is_cuda else None)
+    return num_sms(t.get_device() if t.is_cuda else None)
 
 
 def next_pow2(n: int) -> int:

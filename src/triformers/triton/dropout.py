@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from triformers.components.activations import Activation, activation_fn, to_activation
-from triformers.triton._common import autocast_dtype, rows_2d, shaped, use_triton
+from triformers.triton._common import autocast_dtype, device_type, rows_2d, shaped, use_triton
 from triformers.triton._kernels.activations import get_triton_activation_index
 from triformers.triton._kernels.dropout import dropout_bwd, dropout_fwd
 
@@ -115,7 +115,7 @@ def dropout(
     p = float(p)
     _check(x, p, bias)
     act = to_activation(activation)
-    amp = autocast_dtype(x.device.type)
+    amp = autocast_dtype(device_type(x))
     out_dtype = amp if amp is not None else (torch.result_type(x, bias) if bias is not None else x.dtype)
     if x.numel() == 0 or not use_triton("dropout", x, bias):
         return dropout_reference(x, p, bias, act).to(out_dtype)

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from triformers.components.activations import Activation, activation_fn, to_activation
-from triformers.triton._common import autocast_dtype, rows_2d, use_triton
+from triformers.triton._common import autocast_dtype, device_type, rows_2d, use_triton
 from triformers.triton._kernels.activations import get_triton_activation_index
 from triformers.triton._kernels.dropout import dropout_bwd, dropout_fwd
 
@@ -105,7 +105,7 @@ def fused_linear(
         raise ValueError(
             f"bias.shape={tuple(bias.shape)} must be ({weight.shape[0]},) for weight.shape={tuple(weight.shape)}"
         )
-    amp = autocast_dtype(x.device.type)
+    amp = autocast_dtype(device_type(x))
     if amp is not None:
         x, weight = x.to(amp), weight.to(amp)
         bias = bias.to(amp) if bias is not None else None

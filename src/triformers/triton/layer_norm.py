@@ -16,7 +16,7 @@ import math
 import torch
 from torch import nn
 
-from triformers.triton._common import autocast_dtype, rows_2d, shaped, use_triton
+from triformers.triton._common import autocast_dtype, device_type, rows_2d, shaped, use_triton
 from triformers.triton._kernels.norm import norm_bwd, norm_fwd
 
 __all__ = ["layer_norm", "FusedLayerNorm", "layer_norm_reference"]
@@ -95,7 +95,7 @@ def layer_norm(
         ValueError: if weight/bias do not have shape ``[N]`` or eps is negative.
     """
     _check(x, weight, bias, eps)
-    out_dtype = torch.float32 if autocast_dtype(x.device.type) is not None else x.dtype
+    out_dtype = torch.float32 if autocast_dtype(device_type(x)) is not None else x.dtype
     if x.numel() == 0 or not use_triton("layer_norm", x, weight, bias):
         return layer_norm_reference(x, weight, bias, eps).to(out_dtype)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):

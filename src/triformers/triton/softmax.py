@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from triformers.triton._common import autocast_dtype, rows_2d, shaped, use_triton
+from triformers.triton._common import autocast_dtype, device_type, rows_2d, shaped, use_triton
 from triformers.triton._kernels.softmax import softmax_bwd, softmax_fwd
 
 __all__ = ["softmax", "log_softmax", "softmax_reference", "log_softmax_reference"]
@@ -98,7 +98,7 @@ def _softmax(x, mask, causal, log, name):
     if x.dim() == 0:
         raise ValueError(f"{name} needs at least one dim, got a 0-d x")
     mask2 = _mask_2d(x, mask)
-    out_dtype = torch.float32 if autocast_dtype(x.device.type) is not None else x.dtype
+    out_dtype = torch.float32 if autocast_dtype(device_type(x)) is not None else x.dtype
     if x.numel() == 0 or not use_triton(name, x, mask):
         reference = log_softmax_reference if log else softmax_reference
         return reference(x, mask, causal).to(out_dtype)
