@@ -13,7 +13,9 @@ has() { [[ " $steps " == *" $1 "* || " $steps " == *" all "* ]]; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)' | tee -a "$out/gpu.txt"
 if has tests; then
-  python3 -m pytest -m gpu -q -n 8 -p no:cacheprovider tests/ops/fmha/test_triton_gpu.py ${GPU_TEST_EXTRA:-} \
+  # TRIFORMERS_CHECK_LAUNCH_KEYS=1: every launch that skips the argument key verifies the launcher's dyn_key
+  TRIFORMERS_CHECK_LAUNCH_KEYS=1 python3 -m pytest -m gpu -q -n 8 -p no:cacheprovider \
+    tests/ops/fmha/test_triton_gpu.py tests/test_launch.py ${GPU_TEST_EXTRA:-} \
     2>&1 | tee "$out/gpu_tests.log" | tail -n 30
   summary+=("gpu tests: $(tail -n 1 "$out/gpu_tests.log")")
 fi

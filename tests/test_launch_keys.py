@@ -184,3 +184,60 @@ def test_dyn_keys_are_bounded(direct, monkeypatch):
         T.launch(kernel, (1,), (x, 5), {"BLOCK": 16}, None, (n,))
         T.launch(kernel, (1,), (x, 5), {"BLOCK": 16}, None, (n,))
     assert 0 < len(T._by_dyn_key) <= 4 and kernel.jit_calls == 1
+
+
+def test_attention_launch_keys(claims, monkeypatch):
+    """The attention launchers' dyn keys, over masks, packed sequences, GQA, tensor biases, dropout seeds,
+    odd head dims, misaligned and strided inputs, both TMA and pointer paths, and int or float scales."""
+    from triformers.ops import fmha
+    from triformers.ops.fmha import attn_bias as ab
+    from triformers.ops.fmha._triton import launch as fmha_launch
+    from triformers.ops.fmha.attn_bias_utils import create_inputs
+
+    seen: dict = {}
+    real = fmha_launch._launch
+
+    def checking(kernel, grid, args, meta, static_key=None, dyn_key=None):
+        assert dyn_key is not None, f"{kernel.__name__} launched without a dyn_key"
+        static = (id(kernel), tuple(meta.items()))
+        first = seen.setdefault((static, dyn_key), (T._key(args), kernel.__name__))
+        assert first[0] == T._key(args), f"{first[1]}: dyn_key {dyn_key} stood for {first[0]}, now {T._key(args)}"
+        claims.append((static, dyn_key, kernel.__name__))
+        return real(kernel, grid, args, meta, static_key, dyn_key)
+
+    monkeypatch.setattr(fmha_launch, "_launch", checking)
+    op = fmha.TritonFlashAttentionOp
+    torch.manual_seed(0)
+
+    def shifted(t):
+        """t's values one element off 16-byte alignment (a leaf that requires grad)."""
+        flat = torch.empty(t.numel() + 1, dtype=t.dtype)[1:]
+        return flat.view(t.shape).copy_(t).detach().requires_grad_()
+
+    def heads_major(t):
+        """t's values stored heads before positions (other strides, same shape)."""
+        return t.detach().transpose(1, -2).contiguous().transpose(1, -2).requires_grad_()
+
+    cases = [(bias, fmt, dtype) for bias in (type(None), ab.LowerTriangularMask, ab.BlockDiagonalCausalMask,
+                                             ab.LocalAttentionFromBottomRightMask, torch.Tensor)
+             for fmt, dtype in (("BMHK", torch.float32), ("BMGHK", torch.float16))]
+    for tma in (True, False):
+        monkeypatch.setattr(fmha_launch, "USE_TMA", tma)
+        for bias_type, fmt, dtype in cases if tma else cases[-2:]:
+            kv_len = 17 if bias_type is ab.BlockDiagonalCausalMask else 23
+            inp = create_inputs(bias_type, batch_size=1, q_len=17, kv_len=kv_len, num_heads=2, k=24, kv=16, fmt=fmt,
+                                num_groups=2, gqa=fmt == "BMGHK", dtype=dtype, requires_grad=True,
+                                bias_requires_grad=True, seed=3)
+            q, k, v, bias = inp.query, inp.key, inp.value, inp.attn_bias
+            variants = [(q, k, v, 1), (shifted(q), k, shifted(v), 0.3), (heads_major(q), heads_major(k), v, 0.5)]
+            for qq, kk, vv, scale in variants:
+                for p in (0.0, 0.3):
+                    out = fmha.memory_efficient_attention(qq, kk, vv, bias, p=p, scale=scale, op=op)
+                    leaves = [x if x.is_leaf else x._base for x in (qq, kk, vv)]
+                    torch.autograd.grad(out, leaves, torch.randn_like(out).transpose(1, 2).contiguous()
+                                        .transpose(1, 2))
+    with torch.no_grad():  # one setup, many dropout seeds: 1 in 16 is a multiple of 16, specialised apart
+        for _ in range(48):
+            fmha.memory_efficient_attention(q, k, v, bias, p=0.3, op=op)
+    kernels = {c[2] for c in claims}
+    assert kernels >= {"attn_fwd", "attn_bwd_preprocess", "attn_bwd_dkdv", "attn_bwd_dq"}, kernels

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from triformers._triton import cdiv
+from triformers._triton import cdiv, int_code
 from triformers._triton import launch as _launch
 from triformers.ops.fmha import _layout
 from triformers.ops.fmha._mask import mask_spec
@@ -169,7 +169,7 @@ class _Call:
         self.kv_shared = self.L.k.shape[3] == 1 and self.HG > 1
         self.device = q.device
         self.dtype = q.dtype
-        self.scale = scale
+        self.scale = float(scale)  # a Python float always: launch keys count on the argument's type
         self.varlen = m.seq_q is not None
         self.Z = m.seq_q.shape[0] - 1 if self.varlen else self.B
         dummy = m.seq_q if self.varlen else _dummy_int32(q.device)  # never read by dense kernels
@@ -220,13 +220,17 @@ class _Call:
         b = self.L.bias
         return tuple(b.stride()) if b is not None else (0, 0, 0, 0, 0)
 
-    def common_args(self, go5):
-        """Arguments shared by the forward, dK/dV and dQ kernels after the pointers."""
+    def common_strides(self, go5) -> tuple[int, ...]:
+        """Strides shared by the forward, dK/dV and dQ kernels, after the sequence arrays."""
         L = self.L
-        return (
-            self.seq_q, self.k_start, self.k_len,
-            *_strides4(L.q), *self.kv_strides(L.k), *self.kv_strides(L.v), *_strides4(go5),
-        )
+        return (*_strides4(L.q), *self.kv_strides(L.k), *self.kv_strides(L.v), *_strides4(go5))
+
+
+def _bits(tensors: tuple) -> tuple:
+    """Each tensor's dtype and 16-byte alignment: with a launch's meta-parameters (which fix the TMA
+    descriptors' block shapes) and its ints as they are, what Triton specialises the launch on (a
+    ``dyn_key`` for :func:`triformers._triton.launch`; its floats are always Python floats)."""
+    return tuple([(t.dtype, t.data_ptr() & 15) for t in tensors])
 
 
 def kv_grad_shape(q: torch.Tensor, k: torch.Tensor, share_kv: bool, dim: int) -> tuple[int, ...]:
@@ -254,18 +258,19 @@ def attention_forward(q, k, v, bias, m: MaskArgs, p: float, seed: int, scale: fl
         grid = (c.Z * c.num_heads * tiles,)
         desc = c.descriptors(cfg.block_m, cfg.block_n)
         desc_b = c.bias_descriptor(cfg) if desc is not None else None
+        ptrs = (c.L.q, c.L.k, c.L.v, out5, lse5, c.L.bias if c.L.bias is not None else out5)
+        seqs = (c.seq_q, c.k_start, c.k_len)
+        strides = (*c.common_strides(out5), *lse5.stride()[:3], *c.bias_strides())
         _launch(_fwd.attn_fwd, grid, (
-            c.L.q, c.L.k, c.L.v, out5, lse5, c.L.bias if c.L.bias is not None else out5,
-            *((desc[n] for n in ("desc_q", "desc_k", "desc_v")) if desc else (None, None, None)), desc_b,
-            c.seq_q, c.k_start, c.k_len,
-            *_strides4(c.L.q), *c.kv_strides(c.L.k), *c.kv_strides(c.L.v), *_strides4(out5),
-            *lse5.stride()[:3], *c.bias_strides(),
+            *ptrs, *((desc[n] for n in ("desc_q", "desc_k", "desc_v")) if desc else (None, None, None)), desc_b,
+            *seqs, *strides,
             c.num_heads, c.HG, c.Mq, c.Mkv, c.scale * LOG2E, c.wl, c.wr, c.p, seed, c.K, c.Kv, tiles,
         ), dict(
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=c.block_d, BLOCK_DV=c.block_dv,
             USE_TMA=desc is not None, BIAS_TMA=desc_b is not None,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **c.flags,
-        ))
+        ), None, (_bits(ptrs + seqs), strides, c.num_heads, c.HG, c.Mq, c.Mkv, c.wl, c.wr, int_code(seed), c.K, c.Kv,
+                  tiles))
 
     configs.launch_with_fallback(launch, configs.forward_config(c, launch), "fwd")
     return out, lse
@@ -302,10 +307,9 @@ def attention_backward(grad, q, k, v, out, lse, bias, db_reduce_mask: int, m: Ma
 
     delta = torch.empty((c.B, c.G, c.HG, c.Mq), dtype=torch.float32, device=dev)
     pre_m = 64 if c.block_dv <= 128 else 16  # 64 x 256 float32 rows spilled (ptxas: 100 bytes/thread)
-    _launch(_bwd.attn_bwd_preprocess, (c.B * c.num_heads, cdiv(c.Mq, pre_m)), (
-        o5, go5, delta, *_strides4(o5), *_strides4(go5), delta.stride(0), delta.stride(1), delta.stride(2),
-        c.num_heads, c.HG, c.Mq, c.Kv), dict(BLOCK_M=pre_m, BLOCK_DV=c.block_dv),
-    )
+    pre_ints = (*_strides4(o5), *_strides4(go5), *delta.stride()[:3], c.num_heads, c.HG, c.Mq, c.Kv)
+    _launch(_bwd.attn_bwd_preprocess, (c.B * c.num_heads, cdiv(c.Mq, pre_m)), (o5, go5, delta, *pre_ints),
+            dict(BLOCK_M=pre_m, BLOCK_DV=c.block_dv), None, (_bits((o5, go5, delta)), pre_ints))
     db_mode, db_target = 0, o5
     if want_db:
         reduce_dims = [d for d in range(5) if (db_reduce_mask >> d) & 1]
@@ -332,21 +336,24 @@ def attention_backward(grad, q, k, v, out, lse, bias, db_reduce_mask: int, m: Ma
         desc_b = c.bias_descriptor(cfg) if desc is not None else None
         names = ("desc_q", "desc_k", "desc_v", "desc_do")
         tiles = cdiv(m.max_k, cfg.block_n)
+        ptrs = (L.q, L.k, L.v, go5, lse5, delta, bias_arg, db_target, dq_acc, dk5, dv5)
+        seqs = (c.seq_q, c.k_start, c.k_len)
+        strides = (
+            *c.common_strides(go5), *lse5.stride()[:3], *c.bias_strides(), *db_strides,
+            *(_strides4(dq_acc) if atomic_dq else (0, 0, 0, 0)), *_strides4(dk5), *_strides4(dv5),
+        )
         _launch(_bwd.attn_bwd_dkdv, (c.Z * num_kv_heads * tiles,), (
-            L.q, L.k, L.v, go5, lse5, delta, bias_arg, db_target, dq_acc, dk5, dv5,
-            *((desc[n] for n in names) if desc else (None,) * 4), desc_b,
+            *ptrs, *((desc[n] for n in names) if desc else (None,) * 4), desc_b,
             desc["desc_dq"] if desc and dq_tma else None,
-            *c.common_args(go5),
-            *lse5.stride()[:3],
-            *c.bias_strides(), *db_strides, *(_strides4(dq_acc) if atomic_dq else (0, 0, 0, 0)),
-            *_strides4(dk5), *_strides4(dv5),
+            *seqs, *strides,
             c.num_heads, c.HG, c.Mq, c.Mkv, c.scale * LOG2E, c.scale, c.wl, c.wr, c.p, seed, c.K, c.Kv, tiles,
         ), dict(
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=c.block_d, BLOCK_DV=c.block_dv,
             DB_MODE=db_mode, ATOMIC_DQ=atomic_dq, USE_TMA=desc is not None, BIAS_TMA=desc_b is not None,
             DQ_TMA=desc is not None and dq_tma,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **c.flags,
-        ))
+        ), None, (_bits(ptrs + seqs), strides, c.num_heads, c.HG, c.Mq, c.Mkv, c.wl, c.wr, int_code(seed), c.K, c.Kv,
+                  tiles))
 
     tune_dkdv = launch_dkdv if not (want_db and db_mode != 1) else None  # atomics accumulate: no re-runs
     configs.launch_with_fallback(launch_dkdv, configs.backward_config(c, tune_dkdv), "bwd")
@@ -360,18 +367,19 @@ def attention_backward(grad, q, k, v, out, lse, bias, db_reduce_mask: int, m: Ma
             desc_b = c.bias_descriptor(cfg) if desc is not None else None
             names = ("desc_q", "desc_k", "desc_v", "desc_do")
             tiles = cdiv(m.max_q, cfg.block_m)
+            ptrs = (L.q, L.k, L.v, go5, lse5, delta, bias_arg, dq5)
+            seqs = (c.seq_q, c.k_start, c.k_len)
+            strides = (*c.common_strides(go5), *lse5.stride()[:3], *c.bias_strides(), *_strides4(dq5))
             _launch(_bwd.attn_bwd_dq, (c.Z * c.num_heads * tiles,), (
-                L.q, L.k, L.v, go5, lse5, delta, bias_arg, dq5,
-                *((desc[n] for n in names) if desc else (None,) * 4), desc_b,
-                *c.common_args(go5),
-                *lse5.stride()[:3], *c.bias_strides(), *_strides4(dq5),
+                *ptrs, *((desc[n] for n in names) if desc else (None,) * 4), desc_b, *seqs, *strides,
                 c.num_heads, c.HG, c.Mq, c.Mkv, c.scale * LOG2E, c.scale, c.wl, c.wr, c.p, seed, c.K, c.Kv,
                 tiles,
             ), dict(
                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=c.block_d, BLOCK_DV=c.block_dv,
                 USE_TMA=desc is not None, BIAS_TMA=desc_b is not None,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages, **c.flags,
-            ))
+            ), None, (_bits(ptrs + seqs), strides, c.num_heads, c.HG, c.Mq, c.Mkv, c.wl, c.wr, int_code(seed), c.K,
+                      c.Kv, tiles))
 
         configs.launch_with_fallback(launch_dq, configs.dq_config(c, launch_dq), "dq")
         dq = L.from5(dq5)
