@@ -18,11 +18,22 @@ import time
 
 import torch
 import torch.nn.functional as F
+import triton
 from triton.testing import do_bench
 
 import triformers._triton as T
 from triformers.ops.rmsnorm import _RMSNormFn, rms_norm
 from triformers.triton._kernels import norm, reduce
+
+
+@triton.jit
+def _noop1(a, n):
+    pass
+
+
+@triton.jit
+def _noop8(a, b, c, d, e, f, g, h, n):
+    pass
 
 
 def per_call_us(fn, n: int = 1000) -> float:
@@ -145,6 +156,12 @@ def main() -> None:
 
     t = torch.empty(4, device="cuda")
     run, fn, fixed, tail = red
+    T.launch(_noop1, (1,), (t, 4), {})
+    T.launch(_noop1, (1,), (t, 4), {})
+    T.launch(_noop8, (1,), (t,) * 8 + (4,), {})
+    T.launch(_noop8, (1,), (t,) * 8 + (4,), {})
+    run1, fn1, fixed1, tail1 = entry(_noop1)
+    run8, fn8, fixed8, tail8 = entry(_noop8)
     prims = {
         "torch.empty(cuda)": lambda: torch.empty(M, device=x.device, dtype=torch.float32),
         "torch.empty_like": lambda: torch.empty_like(x),
@@ -160,6 +177,10 @@ def main() -> None:
             reduce._sum_rows_kernel, (1,), (t, t, 0, 0, 0), {"BLOCK_P": 32, "BLOCK_N": 64, "num_warps": 4}),
         "sum_rows (alloc + launch)": lambda: reduce.sum_rows(t.view(1, 4), torch.float32),
         "launch key, 15 args": lambda: T._key((x, x, w, x, x, x, x, M, N, eps, N, 1, N, 1, N)),
+        # the launcher checks every pointer with the driver: the difference is 7 pointers' worth
+        "C launcher, no-op, 1 pointer": lambda: run1(1, 1, 1, stream(0), fn1, *fixed1, t, 4, *tail1),
+        "C launcher, no-op, 8 pointers": lambda: run8(1, 1, 1, stream(0), fn8, *fixed8, *(t,) * 8, 4, *tail8),
+        "T.launch no-op 8 pointers, dyn_key": lambda: T.launch(_noop8, (1,), (t,) * 8 + (4,), {}, None, (4,)),
     }  # fmt: skip
     print()
     for name, f in prims.items():
