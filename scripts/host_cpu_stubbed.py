@@ -88,7 +88,7 @@ class _MinimalRMSNorm(torch.autograd.Function):
         M, N = x.shape
         y, rstd = torch.empty_like(x), torch.empty(M, device=x.device, dtype=torch.float32)
         F = _MinimalRMSNorm
-        F.LAUNCH(4, 1, 1, 0, 0, *F.FIXED, x, x, w, y, y, rstd, M, N, 1e-6, N, 1, N, 1, N, 0, 0, 0, 0, 0, 0, 0)
+        F.LAUNCH(4, 1, 1, 0, 0, *F.FIXED, x, x, w, y, y, y, rstd, M, N, 1e-6, N, 1, N, 1, N, 0, 0, 0, 0, 0, 0, 0)
         ctx.save_for_backward(x, w, rstd)
         return y
 

@@ -74,7 +74,7 @@ def main() -> None:
             y = torch.empty_like(x)
             rstd = torch.empty(M, device=x.device, dtype=torch.float32)
             run, fn, fixed, tail = fwd
-            run(grid_fwd, 1, 1, stream(0), fn, *fixed, x, x, w, y, y, rstd, M, N, eps, N, 1, N, 1, N, *tail)
+            run(grid_fwd, 1, 1, stream(0), fn, *fixed, x, x, w, y, y, y, rstd, M, N, eps, N, 1, N, 1, N, *tail)
             ctx.save_for_backward(x, w, rstd)
             return y
 
