@@ -162,6 +162,7 @@ def main() -> None:
     T.launch(_noop8, (1,), (t,) * 8 + (4,), {})
     run1, fn1, fixed1, tail1 = entry(_noop1)
     run8, fn8, fixed8, tail8 = entry(_noop8)
+    p = t.data_ptr()  # the launcher takes an int as the address itself: no data_ptr() call, no driver check
     prims = {
         "torch.empty(cuda)": lambda: torch.empty(M, device=x.device, dtype=torch.float32),
         "torch.empty_like": lambda: torch.empty_like(x),
@@ -180,6 +181,7 @@ def main() -> None:
         # the launcher checks every pointer with the driver: the difference is 7 pointers' worth
         "C launcher, no-op, 1 pointer": lambda: run1(1, 1, 1, stream(0), fn1, *fixed1, t, 4, *tail1),
         "C launcher, no-op, 8 pointers": lambda: run8(1, 1, 1, stream(0), fn8, *fixed8, *(t,) * 8, 4, *tail8),
+        "C launcher, no-op, 8 pointers as ints": lambda: run8(1, 1, 1, stream(0), fn8, *fixed8, *(p,) * 8, 4, *tail8),
         "T.launch no-op 8 pointers, dyn_key": lambda: T.launch(_noop8, (1,), (t,) * 8 + (4,), {}, None, (4,)),
     }  # fmt: skip
     print()
