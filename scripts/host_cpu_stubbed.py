@@ -63,6 +63,7 @@ if "--jit-path" not in sys.argv:
 
     _T._FAST_LAUNCH, _T._knobs = True, knobs
     _T._current_device = lambda: 0
+    torch.cuda.current_device = lambda: 0  # what older commits of the launcher call
     torch._C._cuda_getCurrentRawStream = lambda device: 0
 
 
@@ -145,6 +146,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--profile", metavar="NAME", help="cProfile forward + backward of this case")
     ap.add_argument("--jit-path", action="store_true", help="launches through kernel[grid], not the direct path")
+    ap.add_argument("--out", help="also write the table as JSON here, with the commit and the machine")
     args = ap.parse_args()
     all_cases = cases()
     times: dict[str, list[float]] = {}
@@ -157,6 +159,18 @@ def main() -> None:
     print(f"{'case':24s} {'fw µs':>8s} {'fw+bw µs':>9s}")
     for name, (fw_us, fwbw_us) in times.items():
         print(f"{name:24s} {fw_us:8.1f} {fwbw_us:9.1f}")
+    if args.out:
+        import json
+        import platform
+        import subprocess
+
+        commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True).stdout
+        env = {"commit": os.environ.get("TRIFORMERS_COMMIT") or commit.strip(), "python": platform.python_version(),
+               "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
+               "launch_path": "jit stub" if args.jit_path else "direct"}
+        with open(args.out, "w") as f:
+            json.dump({"env": env, "us_per_call": {k: {"fw": v[0], "fwbw": v[1]} for k, v in times.items()}}, f,
+                      indent=1)
     if args.profile:
         fw, leaves = all_cases[args.profile]
         g = torch.randn_like(fw())

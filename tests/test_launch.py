@@ -45,6 +45,11 @@ def test_launch_key_is_the_per_argument_spec():
             assert (keys[i] == keys[j]) == (specs[i] == specs[j]), (tuples[i], tuples[j])
 
 
+def test_int_code_is_the_key_entry():
+    for a in (0, 1, 2, 15, 16, -16, 2**31 - 1, 2**31, 2**40, 2**63 - 1, 2**63):
+        assert T._key((a,)) == (T.int_code(a),)
+
+
 def test_descriptor_keys_follow_block_shape():
     pytest.importorskip("triton")
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -109,18 +114,26 @@ class _FakeKernel:
         return call
 
 
-def test_launch_takes_the_direct_path_after_the_first_call(monkeypatch):
-    """Once a specialisation is compiled, launches go straight to its C launcher with Triton's argument
-    layout, unless a launch hook is installed (Triton >= 3.4 always has an empty ``HookChain`` there)."""
+@pytest.fixture
+def direct(monkeypatch):
+    """``launch`` on its direct path, with empty caches, a fake device and a fake stream."""
     pytest.importorskip("triton")
     from triton import knobs
 
-    kernel = _FakeKernel()
     monkeypatch.setattr(T, "_FAST_LAUNCH", True)
     monkeypatch.setattr(T, "_knobs", knobs)
     monkeypatch.setattr(T, "_compiled", {})
+    monkeypatch.setattr(T, "_by_dyn_key", {})
     monkeypatch.setattr(T, "_current_device", lambda: 0)
     monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda device: 99, raising=False)
+    return knobs
+
+
+def test_launch_takes_the_direct_path_after_the_first_call(direct):
+    """Once a specialisation is compiled, launches go straight to its C launcher with Triton's argument
+    layout, unless a launch hook is installed (Triton >= 3.4 always has an empty ``HookChain`` there)."""
+    knobs = direct
+    kernel = _FakeKernel()
     assert not T._hooked(knobs.runtime.launch_enter_hook)  # no hook installed (in Triton >= 3.4: an empty chain)
     T.launch(kernel, (3, 2), (torch.zeros(4), 5), {"BLOCK": 16})
     T.launch(kernel, (3, 2), (torch.zeros(4), 6), {"BLOCK": 16})
@@ -137,6 +150,38 @@ def test_launch_takes_the_direct_path_after_the_first_call(monkeypatch):
     finally:
         knobs.runtime.launch_enter_hook.remove(hook)
     assert kernel.jit_calls == 2  # a hook (a profiler) sees every launch through the JIT path
+
+
+def test_dyn_key_skips_the_argument_key(direct, monkeypatch):
+    kernel = _FakeKernel()
+    x = torch.zeros(8)
+    keys = []
+    real_key = T._key
+    monkeypatch.setattr(T, "_key", lambda args: keys.append(args) or real_key(args))
+    for _ in range(4):
+        T.launch(kernel, (1,), (x, 5), {"BLOCK": 16}, None, ("n", 5))
+    # first call: JIT; second: full key found, dyn key stored; then the dyn key alone
+    assert kernel.jit_calls == 1 and len(kernel.run.calls) == 3 and len(keys) == 2
+
+
+def test_dyn_key_check_catches_a_missing_value(direct, monkeypatch):
+    kernel = _FakeKernel()
+    x = torch.zeros(16)
+    monkeypatch.setattr(T, "_CHECK_KEYS", True)
+    for _ in range(3):  # JIT, full key, then the dyn key with the same arguments: the check passes
+        T.launch(kernel, (1,), (x, 5), {"BLOCK": 16}, None, ("n",))
+    with pytest.raises(AssertionError, match="dyn_key"):
+        T.launch(kernel, (1,), (x[1:], 5), {"BLOCK": 16}, None, ("n",))  # alignment changed, key did not
+
+
+def test_dyn_keys_are_bounded(direct, monkeypatch):
+    kernel = _FakeKernel()
+    x = torch.zeros(8)
+    monkeypatch.setattr(T, "_MAX_DYN_KEYS", 4)
+    for n in range(10):
+        T.launch(kernel, (1,), (x, 5), {"BLOCK": 16}, None, (n,))
+        T.launch(kernel, (1,), (x, 5), {"BLOCK": 16}, None, (n,))
+    assert 0 < len(T._by_dyn_key) <= 4 and kernel.jit_calls == 1
 
 
 def test_hooked():

@@ -1,7 +1,7 @@
 """Launches that pass ``dyn_key`` skip the per-argument specialisation key: their caller claims that
 ``(static_key, dyn_key)`` fixes what Triton specialises every argument on. These tests run the callers over
 inputs that vary in every such property (sizes, strides, alignment, dtypes, optional arguments) and check
-the claim against ``_key`` on every launch, and check ``launch``'s own use of ``dyn_key``."""
+the claim against ``_key`` on every launch (``launch``'s own use of ``dyn_key`` is tested in test_launch.py)."""
 
 import pytest
 import torch
@@ -14,22 +14,29 @@ from triformers.triton import _common, dropout, layer_norm, log_softmax, softmax
 from triformers.triton._kernels import reduce
 
 
-@pytest.fixture
-def claims(monkeypatch):
-    """Wraps the launches of the fused layers; returns the list of (static, dyn_key) launches checked."""
+def _checking(real, checked: list, require_dyn_key: bool = False):
+    """``real`` (a launch function) wrapped to check, on every launch with a ``dyn_key``, that the full key
+    is the one first seen with that ``(static, dyn_key)``; appends ``(static, dyn_key, kernel name)``."""
     seen: dict = {}
-    checked = []
-    real = _common.launch
 
     def checking(kernel, grid, args, meta, static_key=None, dyn_key=None):
+        assert dyn_key is not None or not require_dyn_key, f"{kernel.__name__} launched without a dyn_key"
         if dyn_key is not None:
             static = static_key if static_key is not None else (id(kernel), tuple(meta.items()))
             full = T._key(args)
-            first = seen.setdefault((static, dyn_key), (full, getattr(kernel, "__name__", "")))
+            first = seen.setdefault((static, dyn_key), (full, kernel.__name__))
             assert first[0] == full, f"{first[1]}: dyn_key {dyn_key} stood for {first[0]}, now {full}"
-            checked.append((static, dyn_key, getattr(kernel, "__name__", "")))
+            checked.append((static, dyn_key, kernel.__name__))
         return real(kernel, grid, args, meta, static_key, dyn_key)
 
+    return checking
+
+
+@pytest.fixture
+def claims(monkeypatch):
+    """Checks the launches of the fused layers; returns the list of launches checked."""
+    checked: list = []
+    checking = _checking(_common.launch, checked)
     monkeypatch.setattr(_common, "launch", checking)
     monkeypatch.setattr(reduce, "launch", checking)
     return checked
@@ -102,90 +109,6 @@ def test_elementwise_and_softmax_launch_keys(claims):
                        "_silu_mul_fwd_kernel", "_silu_mul_bwd_kernel", "_sum_rows_kernel"}, kernels
 
 
-def test_int_code_is_the_key_entry():
-    for a in (0, 1, 2, 15, 16, -16, 2**31 - 1, 2**31, 2**40, 2**63 - 1, 2**63):
-        assert T._key((a,)) == (T.int_code(a),)
-
-
-class _FakeRun:
-    global_scratch_size = profile_scratch_size = 0
-    launch_cooperative_grid = launch_pdl = False
-
-    def __init__(self):
-        self.calls = 0
-
-    def launch(self, *args):
-        self.calls += 1
-
-
-class _FakeKernel:
-    class _Param:
-        def __init__(self, name):
-            self.name, self.default = name, None
-
-    __name__ = "fake"
-    arg_names = ["x", "n", "BLOCK"]
-    params = [_Param("x"), _Param("n"), _Param("BLOCK")]
-
-    def __init__(self):
-        self.jit_calls = 0
-        self.run = _FakeRun()
-
-    def __getitem__(self, grid):
-        def call(*args, **meta):
-            self.jit_calls += 1
-            return type("Compiled", (), {"run": self.run, "function": 7, "packed_metadata": "meta"})()
-
-        return call
-
-
-@pytest.fixture
-def direct(monkeypatch):
-    """``launch`` on its direct path with a fake device and stream."""
-    pytest.importorskip("triton")
-    from triton import knobs
-
-    monkeypatch.setattr(T, "_FAST_LAUNCH", True)
-    monkeypatch.setattr(T, "_knobs", knobs)
-    monkeypatch.setattr(T, "_compiled", {})
-    monkeypatch.setattr(T, "_by_dyn_key", {})
-    monkeypatch.setattr(T, "_current_device", lambda: 0)
-    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda device: 99, raising=False)
-
-
-def test_dyn_key_skips_the_argument_key(direct, monkeypatch):
-    kernel = _FakeKernel()
-    x = torch.zeros(8)
-    keys = []
-    real_key = T._key
-    monkeypatch.setattr(T, "_key", lambda args: keys.append(args) or real_key(args))
-    for _ in range(4):
-        T.launch(kernel, (1,), (x, 5), {"BLOCK": 16}, None, ("n", 5))
-    # first call: JIT; second: full key found, dyn key stored; then the dyn key alone
-    assert kernel.jit_calls == 1 and kernel.run.calls == 3 and len(keys) == 2
-
-
-def test_dyn_key_check_catches_a_missing_value(direct, monkeypatch):
-    kernel = _FakeKernel()
-    x = torch.zeros(16)
-    monkeypatch.setattr(T, "_CHECK_KEYS", True)
-    for _ in range(2):
-        T.launch(kernel, (1,), (x, 5), {"BLOCK": 16}, None, ("n",))
-    T.launch(kernel, (1,), (x, 5), {"BLOCK": 16}, None, ("n",))  # same arguments: passes the check
-    with pytest.raises(AssertionError, match="dyn_key"):
-        T.launch(kernel, (1,), (x[1:], 5), {"BLOCK": 16}, None, ("n",))  # alignment changed, key did not
-
-
-def test_dyn_keys_are_bounded(direct, monkeypatch):
-    kernel = _FakeKernel()
-    x = torch.zeros(8)
-    monkeypatch.setattr(T, "_MAX_DYN_KEYS", 4)
-    for n in range(10):
-        T.launch(kernel, (1,), (x, 5), {"BLOCK": 16}, None, (n,))
-        T.launch(kernel, (1,), (x, 5), {"BLOCK": 16}, None, (n,))
-    assert 0 < len(T._by_dyn_key) <= 4 and kernel.jit_calls == 1
-
-
 def test_attention_launch_keys(claims, monkeypatch):
     """The attention launchers' dyn keys, over masks, packed sequences, GQA, tensor biases, dropout seeds,
     odd head dims, misaligned and strided inputs, both TMA and pointer paths, and int or float scales."""
@@ -194,18 +117,7 @@ def test_attention_launch_keys(claims, monkeypatch):
     from triformers.ops.fmha._triton import launch as fmha_launch
     from triformers.ops.fmha.attn_bias_utils import create_inputs
 
-    seen: dict = {}
-    real = fmha_launch._launch
-
-    def checking(kernel, grid, args, meta, static_key=None, dyn_key=None):
-        assert dyn_key is not None, f"{kernel.__name__} launched without a dyn_key"
-        static = (id(kernel), tuple(meta.items()))
-        first = seen.setdefault((static, dyn_key), (T._key(args), kernel.__name__))
-        assert first[0] == T._key(args), f"{first[1]}: dyn_key {dyn_key} stood for {first[0]}, now {T._key(args)}"
-        claims.append((static, dyn_key, kernel.__name__))
-        return real(kernel, grid, args, meta, static_key, dyn_key)
-
-    monkeypatch.setattr(fmha_launch, "_launch", checking)
+    monkeypatch.setattr(fmha_launch, "_launch", _checking(fmha_launch._launch, claims, require_dyn_key=True))
     op = fmha.TritonFlashAttentionOp
     torch.manual_seed(0)
 
