@@ -164,9 +164,11 @@ def main() -> None:
         import platform
         import subprocess
 
+        from host_overhead import cpu_name  # scripts/ is on sys.path
+
         commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True).stdout
         env = {"commit": os.environ.get("TRIFORMERS_COMMIT") or commit.strip(), "python": platform.python_version(),
-               "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
+               "torch": torch.__version__, "cpu": cpu_name(),
                "launch_path": "jit stub" if args.jit_path else "direct"}
         with open(args.out, "w") as f:
             json.dump({"env": env, "us_per_call": {k: {"fw": v[0], "fwbw": v[1]} for k, v in times.items()}}, f,

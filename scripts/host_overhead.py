@@ -20,6 +20,15 @@ import triton
 import triton.language as tl
 
 
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), or what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def per_call_us(fn, n: int = 2000) -> float:
     for _ in range(50):
         fn()
@@ -100,13 +109,7 @@ def main() -> None:
         res["eager rms_norm fwbw, 1 thread"] = per_call_us(fwbw(lambda: F.rms_norm(x, (N,), w, 1e-6), x, w))
         res["ours rms_norm fwbw, 1 thread"] = per_call_us(fwbw(lambda: rms_norm(x, w, 1e-6), x, w))
     info = {"python": platform.python_version(), "torch": torch.__version__, "triton": triton.__version__,
-            "cpu": platform.processor(), "gpu": torch.cuda.get_device_name()}
-    try:
-        info["cpu"] = next(
-            line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")
-        )
-    except (OSError, StopIteration):
-        pass
+            "cpu": cpu_name(), "gpu": torch.cuda.get_device_name()}
     print(info)
     for k, v in res.items():
         print(f"{k:40s} {v:8.1f} us")
