@@ -32,6 +32,31 @@ SIGNATURE = {"x_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16", "M": "i32", "
              "threshold": "i32", "scale": "fp32", "ACTIVATION": "constexpr", "HAS_BIAS": "constexpr",
              "HAS_DROPOUT": "constexpr", "EVEN": "constexpr", "BLOCK_M": "constexpr", "BLOCK_S": "constexpr"}
 DIVISIBLE = ("x_ptr", "b_ptr", "y_ptr", "M", "N", "L", "stride_x_m", "stride_y_m")
+BWD_SIGNATURE = {"dy_ptr": "*bf16", "x_ptr": "*bf16", "b_ptr": "*bf16", "dx_ptr": "*bf16", "db_ptr": "*fp32",
+                 "M": "i32", "N": "i32", "L": "i32", "stride_dy_m": "i32", "stride_dy_n": "constexpr",
+                 "stride_x_m": "i32", "stride_x_n": "constexpr", "stride_dx_m": "i32", "seed": "i32",
+                 "threshold": "i32", "scale": "fp32", "ACTIVATION": "constexpr", "HAS_BIAS": "constexpr",
+                 "HAS_DROPOUT": "constexpr", "COMPUTE_DB": "constexpr", "BLOCK_M": "constexpr",
+                 "BLOCK_S": "constexpr"}
+BWD_DIVISIBLE = ("dy_ptr", "x_ptr", "b_ptr", "dx_ptr", "db_ptr", "M", "N", "L", "stride_dy_m", "stride_x_m",
+                 "stride_dx_m")
+
+
+def ptxas_usage(ptx: str) -> str:
+    """ptxas' own report of registers and spills for the kernel (``ptxas -v``)."""
+    import subprocess
+    import tempfile
+
+    from triton import knobs
+
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        out = subprocess.run([knobs.nvidia.ptxas.path, "-arch=sm_90a", "-v", path, "-o", os.path.join(d, "k.o")],
+                             capture_output=True, text=True)
+    lines = [ln.split("info    : ")[-1] for ln in out.stderr.splitlines() if "registers" in ln or "spill" in ln]
+    return "; ".join(lines)
 
 
 def main() -> None:
@@ -42,19 +67,27 @@ def main() -> None:
     ap.add_argument("--no-bias", action="store_true")
     ap.add_argument("--no-dropout", action="store_true")
     ap.add_argument("--ttgir", action="store_true")
+    ap.add_argument("--bwd", action="store_true", help="the backward kernel (with db unless --no-db)")
+    ap.add_argument("--no-db", action="store_true")
     args = ap.parse_args()
     block_s = D.BLOCK_S_MAX
     consts = {"stride_x_n": 1, "ACTIVATION": 3, "HAS_BIAS": not args.no_bias, "HAS_DROPOUT": not args.no_dropout,
               "EVEN": bool(args.even), "BLOCK_M": args.block_m, "BLOCK_S": block_s}
-    names = list(SIGNATURE)
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in DIVISIBLE}
-    src = ASTSource(fn=D._dropout_fwd_kernel, signature=SIGNATURE, constexprs=consts, attrs=attrs)
+    signature, divisible, kernel = SIGNATURE, DIVISIBLE, D._dropout_fwd_kernel
+    if args.bwd:
+        signature, divisible, kernel = BWD_SIGNATURE, BWD_DIVISIBLE, D._dropout_bwd_kernel
+        del consts["stride_x_n"]
+        consts.update(stride_dy_n=1, stride_x_n=1, COMPUTE_DB=not args.no_db, EVEN=bool(args.even))
+    names = list(signature)
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in divisible}
+    src = ASTSource(fn=kernel, signature=signature, constexprs=consts, attrs=attrs)
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": args.warps, "num_stages": 3})
     ops = sass_op_counts(k.asm["cubin"])
     per_thread = sum(ops.values())
     elements = args.block_m * D.LANES * block_s
     print(f"{per_thread} instructions per thread, {per_thread * 32 * args.warps / elements:.2f} per element "
-          f"(BLOCK_M={args.block_m}, {args.warps} warps, EVEN={bool(args.even)})")
+          f"(BLOCK_M={args.block_m}, {args.warps} warps, {consts})")
+    print(f"local-memory (spill) instructions: {ops.get('LDL', 0) + ops.get('STL', 0)}; {ptxas_usage(k.asm['ptx'])}")
     print(", ".join(f"{op} {n}" for op, n in sorted(ops.items(), key=lambda kv: -kv[1])[:20]))
     if args.ttgir:
         for line in k.asm["ttgir"].splitlines():

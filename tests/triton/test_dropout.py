@@ -193,13 +193,16 @@ def test_torch_path_without_interpreter(monkeypatch):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_whole_tiles_match_the_masked_path(device):
-    """M % 64 == 0 and N a multiple of 8 lanes x lane block: the forward runs without bounds masks
-    (EVEN). Its bits and values equal those of the masked path (one row fewer) on the shared rows, and
-    the kept values are gelu(x + b) / (1 - p)."""
+@pytest.mark.parametrize("bias_grad", [True, False])
+def test_whole_tiles_match_the_masked_path(device, bias_grad):
+    """M % 64 == 0 and N a multiple of 8 lanes x lane block: the forward and the backward run without bounds
+    masks (EVEN). Their bits and values equal those of the masked path (one row fewer) on the shared rows;
+    the kept values are gelu(x + b) / (1 - p) and the gradients those of a float64 reference on the same
+    mask (the backward's db partial sums, when the bias needs a gradient, also run whole)."""
     p = 0.25
-    x = torch.randn(64, LANES * BLOCK_S_MAX, device=device, dtype=torch.float16)
-    b = torch.randn(x.shape[1], device=device, dtype=torch.float16)
+    x = torch.randn(64, LANES * BLOCK_S_MAX, device=device, dtype=torch.float16, requires_grad=True)
+    b = torch.randn(x.shape[1], device=device, dtype=torch.float16, requires_grad=bias_grad)
+    dy = torch.randn_like(x)
     torch.manual_seed(11)
     y_even = dropout(x, p, b, "gelu")
     torch.manual_seed(11)
@@ -209,3 +212,14 @@ def test_whole_tiles_match_the_masked_path(device):
     assert 0.7 < kept.float().mean().item() < 0.8
     ref = torch.nn.functional.gelu(x.double() + b.double()) / (1 - effective_p(p))
     torch.testing.assert_close(y_even.double()[kept], ref[kept], atol=4e-3, rtol=4e-3)
+
+    leaves = (x, b) if bias_grad else (x,)
+    grads = torch.autograd.grad(y_even, leaves, dy)
+    (gx_masked,) = torch.autograd.grad(y_masked, (x,), dy[:63])
+    torch.testing.assert_close(grads[0][:63], gx_masked[:63], atol=0, rtol=0)
+    xr, br = x.detach().double().requires_grad_(), b.detach().double().requires_grad_()
+    y_ref = dropout_with_keep_mask(xr, _keep_mask(x.detach(), p, seed=11), p, br, "gelu")
+    grads_ref = torch.autograd.grad(y_ref, (xr, br) if bias_grad else (xr,), dy.double())
+    torch.testing.assert_close(grads[0].double(), grads_ref[0], atol=4e-3, rtol=4e-3)
+    if bias_grad:
+        torch.testing.assert_close(grads[1].double(), grads_ref[1], atol=2e-2, rtol=4e-3)

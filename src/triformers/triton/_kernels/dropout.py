@@ -150,17 +150,28 @@ def _dropout_fwd_kernel(
 
 @triton.jit
 def _bwd_load(dy_ptr, x_ptr, b_ptr, rows64, row_ok, offs, L, N, stride_dy_m, stride_dy_n, stride_x_m, stride_x_n,
-              J: tl.constexpr, ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr):  # fmt: skip
+              J: tl.constexpr, ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr):  # fmt: skip
     """Lane J's tiles of dy and of the activation's input (dy again when there is no activation)."""
     cols = J * L + offs
     col_ok = (offs < L) & (cols < N)
     ok = row_ok[:, None] & col_ok[None, :]
-    g = tl.load(dy_ptr + rows64[:, None] * stride_dy_m + cols[None, :] * stride_dy_n, mask=ok, other=0.0)
+    dy_ptrs = dy_ptr + rows64[:, None] * stride_dy_m + cols[None, :] * stride_dy_n
+    if EVEN:
+        g = tl.load(dy_ptrs)
+    else:
+        g = tl.load(dy_ptrs, mask=ok, other=0.0)
     if ACTIVATION != 0:
-        z = tl.load(x_ptr + rows64[:, None] * stride_x_m + cols[None, :] * stride_x_n, mask=ok, other=0.0)
-        z = z.to(tl.float32)
-        if HAS_BIAS:
-            z += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        x_ptrs = x_ptr + rows64[:, None] * stride_x_m + cols[None, :] * stride_x_n
+        if EVEN:
+            z = tl.load(x_ptrs).to(tl.float32)
+        else:
+            z = tl.load(x_ptrs, mask=ok, other=0.0).to(tl.float32)
+        if HAS_BIAS:  # a [BLOCK_M, BLOCK_S] tile of stride-0 rows, as in the forward: no shuffle through smem
+            b_ptrs = b_ptr + (rows64 * 0)[:, None] + cols[None, :]
+            if EVEN:
+                z += tl.load(b_ptrs).to(tl.float32)
+            else:
+                z += tl.load(b_ptrs, mask=col_ok[None, :], other=0.0).to(tl.float32)
     else:
         z = g
     return g, z
@@ -169,7 +180,7 @@ def _bwd_load(dy_ptr, x_ptr, b_ptr, rows64, row_ok, offs, L, N, stride_dy_m, str
 @triton.jit
 def _bwd_store(g, z, r0, r1, r2, r3, dx_ptr, rows64, row_ok, offs, L, N, stride_dx_m, threshold, scale,
                J: tl.constexpr, ACTIVATION: tl.constexpr, HAS_DROPOUT: tl.constexpr, COMPUTE_DB: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr):  # fmt: skip
+               EVEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr):  # fmt: skip
     """dx for lane J from its loaded tiles; returns the tile of dx in float32 (0 outside the bounds) for
     the db accumulator, or zeros."""
     cols = J * L + offs
@@ -179,9 +190,16 @@ def _bwd_store(g, z, r0, r1, r2, r3, dx_ptr, rows64, row_ok, offs, L, N, stride_
         g = tl.where(_lane_keep(r0, r1, r2, r3, J, threshold), g * scale, 0.0)
     if ACTIVATION != 0:
         g = g * activation_grad(z, ACTIVATION)
-    tl.store(dx_ptr + rows64[:, None] * stride_dx_m + cols[None, :], g.to(dx_ptr.dtype.element_ty), mask=ok)
+    dx_ptrs = dx_ptr + rows64[:, None] * stride_dx_m + cols[None, :]
+    if EVEN:
+        tl.store(dx_ptrs, g.to(dx_ptr.dtype.element_ty))
+    else:
+        tl.store(dx_ptrs, g.to(dx_ptr.dtype.element_ty), mask=ok)
     if COMPUTE_DB:
-        return tl.where(ok, g, 0.0)
+        if EVEN:
+            return g
+        else:
+            return tl.where(ok, g, 0.0)
     else:
         return tl.zeros([BLOCK_M, BLOCK_S], dtype=tl.float32)
 
@@ -191,7 +209,7 @@ def _dropout_bwd_kernel(
     dy_ptr, x_ptr, b_ptr, dx_ptr, db_ptr,  # db_ptr: [row chunks, N] float32 partial sums
     M, N, L, stride_dy_m, stride_dy_n, stride_x_m, stride_x_n, stride_dx_m, seed, threshold, scale,
     ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, COMPUTE_DB: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
+    EVEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
 ):  # fmt: skip
     """Program (i, k) owns row chunk i of lane-offset block k (one tile per program without db; DB_ROWS
     rows, looped over in tiles, with db, so that each program writes one partial row of db).
@@ -220,21 +238,21 @@ def _dropout_bwd_kernel(
         rows64 = rows.to(tl.int64)
         # fmt: off
         g0, z0 = _bwd_load(dy_ptr, x_ptr, b_ptr, rows64, row_ok, offs, L, N, stride_dy_m, stride_dy_n, stride_x_m,
-                           stride_x_n, 0, ACTIVATION, HAS_BIAS)
+                           stride_x_n, 0, ACTIVATION, HAS_BIAS, EVEN)
         g1, z1 = _bwd_load(dy_ptr, x_ptr, b_ptr, rows64, row_ok, offs, L, N, stride_dy_m, stride_dy_n, stride_x_m,
-                           stride_x_n, 1, ACTIVATION, HAS_BIAS)
+                           stride_x_n, 1, ACTIVATION, HAS_BIAS, EVEN)
         g2, z2 = _bwd_load(dy_ptr, x_ptr, b_ptr, rows64, row_ok, offs, L, N, stride_dy_m, stride_dy_n, stride_x_m,
-                           stride_x_n, 2, ACTIVATION, HAS_BIAS)
+                           stride_x_n, 2, ACTIVATION, HAS_BIAS, EVEN)
         g3, z3 = _bwd_load(dy_ptr, x_ptr, b_ptr, rows64, row_ok, offs, L, N, stride_dy_m, stride_dy_n, stride_x_m,
-                           stride_x_n, 3, ACTIVATION, HAS_BIAS)
+                           stride_x_n, 3, ACTIVATION, HAS_BIAS, EVEN)
         g4, z4 = _bwd_load(dy_ptr, x_ptr, b_ptr, rows64, row_ok, offs, L, N, stride_dy_m, stride_dy_n, stride_x_m,
-                           stride_x_n, 4, ACTIVATION, HAS_BIAS)
+                           stride_x_n, 4, ACTIVATION, HAS_BIAS, EVEN)
         g5, z5 = _bwd_load(dy_ptr, x_ptr, b_ptr, rows64, row_ok, offs, L, N, stride_dy_m, stride_dy_n, stride_x_m,
-                           stride_x_n, 5, ACTIVATION, HAS_BIAS)
+                           stride_x_n, 5, ACTIVATION, HAS_BIAS, EVEN)
         g6, z6 = _bwd_load(dy_ptr, x_ptr, b_ptr, rows64, row_ok, offs, L, N, stride_dy_m, stride_dy_n, stride_x_m,
-                           stride_x_n, 6, ACTIVATION, HAS_BIAS)
+                           stride_x_n, 6, ACTIVATION, HAS_BIAS, EVEN)
         g7, z7 = _bwd_load(dy_ptr, x_ptr, b_ptr, rows64, row_ok, offs, L, N, stride_dy_m, stride_dy_n, stride_x_m,
-                           stride_x_n, 7, ACTIVATION, HAS_BIAS)
+                           stride_x_n, 7, ACTIVATION, HAS_BIAS, EVEN)
         r0 = rows  # r0-r3 are unused without dropout
         r1 = rows
         r2 = rows
@@ -242,21 +260,21 @@ def _dropout_bwd_kernel(
         if HAS_DROPOUT:
             r0, r1, r2, r3 = tl.randint4x(seed, rows64[:, None] * L + offs[None, :])
         acc0 += _bwd_store(g0, z0, r0, r1, r2, r3, dx_ptr, rows64, row_ok, offs, L, N, stride_dx_m, threshold, scale,
-                           0, ACTIVATION, HAS_DROPOUT, COMPUTE_DB, BLOCK_M, BLOCK_S)
+                           0, ACTIVATION, HAS_DROPOUT, COMPUTE_DB, EVEN, BLOCK_M, BLOCK_S)
         acc1 += _bwd_store(g1, z1, r0, r1, r2, r3, dx_ptr, rows64, row_ok, offs, L, N, stride_dx_m, threshold, scale,
-                           1, ACTIVATION, HAS_DROPOUT, COMPUTE_DB, BLOCK_M, BLOCK_S)
+                           1, ACTIVATION, HAS_DROPOUT, COMPUTE_DB, EVEN, BLOCK_M, BLOCK_S)
         acc2 += _bwd_store(g2, z2, r0, r1, r2, r3, dx_ptr, rows64, row_ok, offs, L, N, stride_dx_m, threshold, scale,
-                           2, ACTIVATION, HAS_DROPOUT, COMPUTE_DB, BLOCK_M, BLOCK_S)
+                           2, ACTIVATION, HAS_DROPOUT, COMPUTE_DB, EVEN, BLOCK_M, BLOCK_S)
         acc3 += _bwd_store(g3, z3, r0, r1, r2, r3, dx_ptr, rows64, row_ok, offs, L, N, stride_dx_m, threshold, scale,
-                           3, ACTIVATION, HAS_DROPOUT, COMPUTE_DB, BLOCK_M, BLOCK_S)
+                           3, ACTIVATION, HAS_DROPOUT, COMPUTE_DB, EVEN, BLOCK_M, BLOCK_S)
         acc4 += _bwd_store(g4, z4, r0, r1, r2, r3, dx_ptr, rows64, row_ok, offs, L, N, stride_dx_m, threshold, scale,
-                           4, ACTIVATION, HAS_DROPOUT, COMPUTE_DB, BLOCK_M, BLOCK_S)
+                           4, ACTIVATION, HAS_DROPOUT, COMPUTE_DB, EVEN, BLOCK_M, BLOCK_S)
         acc5 += _bwd_store(g5, z5, r0, r1, r2, r3, dx_ptr, rows64, row_ok, offs, L, N, stride_dx_m, threshold, scale,
-                           5, ACTIVATION, HAS_DROPOUT, COMPUTE_DB, BLOCK_M, BLOCK_S)
+                           5, ACTIVATION, HAS_DROPOUT, COMPUTE_DB, EVEN, BLOCK_M, BLOCK_S)
         acc6 += _bwd_store(g6, z6, r0, r1, r2, r3, dx_ptr, rows64, row_ok, offs, L, N, stride_dx_m, threshold, scale,
-                           6, ACTIVATION, HAS_DROPOUT, COMPUTE_DB, BLOCK_M, BLOCK_S)
+                           6, ACTIVATION, HAS_DROPOUT, COMPUTE_DB, EVEN, BLOCK_M, BLOCK_S)
         acc7 += _bwd_store(g7, z7, r0, r1, r2, r3, dx_ptr, rows64, row_ok, offs, L, N, stride_dx_m, threshold, scale,
-                           7, ACTIVATION, HAS_DROPOUT, COMPUTE_DB, BLOCK_M, BLOCK_S)
+                           7, ACTIVATION, HAS_DROPOUT, COMPUTE_DB, EVEN, BLOCK_M, BLOCK_S)
         # fmt: on
     if COMPUTE_DB:
         for j in tl.static_range(_LANES):
@@ -281,7 +299,14 @@ def _dropout_bwd_kernel(
 
 
 _fwd = Tuner(_dropout_fwd_kernel, tile_configs(), _PRUNE)
-_bwd = Tuner(_dropout_bwd_kernel, tile_configs(), _PRUNE)
+
+
+def _prune_bwd(configs, meta):
+    """The forward's candidates; with db, none taller than a program's DB_ROWS rows."""
+    return [c for c in _PRUNE(configs, meta) if not meta["COMPUTE_DB"] or c["BLOCK_M"] <= DB_ROWS]
+
+
+_bwd = Tuner(_dropout_bwd_kernel, tile_configs(), _prune_bwd)
 
 
 def _lanes(N: int) -> tuple[int, int]:
@@ -360,8 +385,10 @@ def dropout_bwd(
     args = (dy, x, b, dx, db if db is not None else dx, M, N, L, sdy0, sdy1, sx0, sx1, N, seed, threshold, scale)
     dyn = (M, sdy0, sdy1, sx0, sx1, dy.data_ptr() & 15, x.data_ptr() & 15, b.data_ptr() & 15, int_code(seed),
            int_code(threshold))  # dx, db: fresh
+    # every tile whole (as in the forward; with db, every BLOCK_M divides the DB_ROWS rows of a program)
+    even = M % 64 == 0 and N == LANES * L and L % block_s == 0
     meta = dict(ACTIVATION=activation, HAS_BIAS=bias is not None, HAS_DROPOUT=p > 0.0, COMPUTE_DB=compute_db,
-                BLOCK_S=block_s)
+                EVEN=even, BLOCK_S=block_s)
     # fmt: on
     key = (N, dy.dtype, x.dtype, b.dtype, dx.dtype, *meta.values())
     _bwd(grid, args, key, default_tile(LANES * block_s), meta, dyn)
