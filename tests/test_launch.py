@@ -125,7 +125,7 @@ def direct(monkeypatch):
     monkeypatch.setattr(T, "_compiled", {})
     monkeypatch.setattr(T, "_by_dyn_key", {})
     monkeypatch.setattr(T, "_current_device", lambda: 0)
-    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda device: 99, raising=False)
+    monkeypatch.setattr(T, "_cuda_stream", lambda device: 99)
     return knobs
 
 
@@ -182,6 +182,61 @@ def test_dyn_keys_are_bounded(direct, monkeypatch):
         T.launch(kernel, (1,), (x, 5), {"BLOCK": 16}, None, (n,))
         T.launch(kernel, (1,), (x, 5), {"BLOCK": 16}, None, (n,))
     assert 0 < len(T._by_dyn_key) <= 4 and kernel.jit_calls == 1
+
+
+def _tuner(kernel):
+    from triformers.triton._common import Tuner
+
+    tuner = Tuner(kernel, [{"BLOCK": 16}])
+    tuner.enabled = False
+    return tuner
+
+
+def test_tuner_repeats_a_launch_with_its_grid(direct, monkeypatch):
+    """A Tuner launch with a dyn_key seen before goes straight to the C launcher, with the grid and arguments
+    of its first direct launch: no grid call, no argument key."""
+    kernel = _FakeKernel()
+    tuner = _tuner(kernel)
+    x = torch.zeros(8)
+    grids = []
+    grid = lambda c: grids.append(c) or (3, 2)  # noqa: E731
+    for n in (5, 6, 7, 8):
+        tuner(grid, (x, n), ("k",), {"BLOCK": 16}, {}, ("n",))
+    # JIT, then a direct launch that records the entry, then two repeats without grid or key
+    assert kernel.jit_calls == 1 and len(grids) == 2 and len(kernel.run.calls) == 3
+    assert [c[:4] for c in kernel.run.calls] == [(3, 2, 1, 99)] * 3
+    assert [c[14] for c in kernel.run.calls] == [6, 7, 8]  # the arguments of each call
+    tuner(grid, (x, 9), ("k",), {"BLOCK": 16}, {}, ("other",))  # another dyn_key: the full path
+    assert len(grids) == 3
+
+
+def test_tuner_repeat_check_catches_a_missing_value(direct, monkeypatch):
+    kernel = _FakeKernel()
+    tuner = _tuner(kernel)
+    x = torch.zeros(16)
+    monkeypatch.setattr(T, "_CHECK_KEYS", True)
+    for _ in range(3):
+        tuner(lambda c: (1,), (x, 5), ("k",), {"BLOCK": 16}, {}, ("n",))
+    with pytest.raises(AssertionError, match="dyn_key"):
+        tuner(lambda c: (1,), (x[1:], 5), ("k",), {"BLOCK": 16}, {}, ("n",))  # alignment changed, key did not
+    with pytest.raises(AssertionError, match="grid"):
+        tuner(lambda c: (2,), (x, 5), ("k",), {"BLOCK": 16}, {}, ("n",))  # the grid changed, the keys did not
+
+
+def test_tuner_repeat_yields_to_a_hook(direct):
+    knobs = direct
+    kernel = _FakeKernel()
+    tuner = _tuner(kernel)
+    x = torch.zeros(8)
+    for _ in range(3):
+        tuner(lambda c: (1,), (x, 5), ("k",), {"BLOCK": 16}, {}, ("n",))
+    hook = lambda *a, **k: None  # noqa: E731
+    knobs.runtime.launch_enter_hook.add(hook)
+    try:
+        tuner(lambda c: (1,), (x, 5), ("k",), {"BLOCK": 16}, {}, ("n",))
+    finally:
+        knobs.runtime.launch_enter_hook.remove(hook)
+    assert kernel.jit_calls == 2
 
 
 def test_hooked():

@@ -16,7 +16,8 @@ from triformers.triton._kernels import reduce
 
 def _checking(real, checked: list, require_dyn_key: bool = False):
     """``real`` (a launch function) wrapped to check, on every launch with a ``dyn_key``, that the full key
-    is the one first seen with that ``(static, dyn_key)``; appends ``(static, dyn_key, kernel name)``."""
+    and the grid are the ones first seen with that ``(static, dyn_key)``; appends ``(static, dyn_key, kernel
+    name)``."""
     seen: dict = {}
 
     def checking(kernel, grid, args, meta, static_key=None, dyn_key=None):
@@ -24,8 +25,10 @@ def _checking(real, checked: list, require_dyn_key: bool = False):
         if dyn_key is not None:
             static = static_key if static_key is not None else (id(kernel), tuple(meta.items()))
             full = T._key(args)
-            first = seen.setdefault((static, dyn_key), (full, kernel.__name__))
+            first = seen.setdefault((static, dyn_key), (full, kernel.__name__, tuple(grid)))
             assert first[0] == full, f"{first[1]}: dyn_key {dyn_key} stood for {first[0]}, now {full}"
+            # Tuner launches reuse the grid of a (key, dyn_key) they have seen: it must be the same
+            assert first[2] == tuple(grid), f"{first[1]}: dyn_key {dyn_key} had grid {first[2]}, now {tuple(grid)}"
             checked.append((static, dyn_key, kernel.__name__))
         return real(kernel, grid, args, meta, static_key, dyn_key)
 

@@ -188,7 +188,7 @@ def launch(kernel, grid: tuple, args: tuple, meta: dict, static_key=None, dyn_ke
     run, function, fixed, tail = entry
     n = len(grid)
     run(
-        grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, torch._C._cuda_getCurrentRawStream(device),
+        grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, _cuda_stream(device),
         function, *fixed, *args, *tail,
     )  # fmt: skip
     return None
@@ -204,6 +204,7 @@ _knobs = None
 # torch.cuda.current_device() without its Python lazy-init check: a direct launch follows a JIT launch on CUDA
 # tensors, so CUDA is initialised by then.
 _current_device = None
+_cuda_stream = None  # torch._C._cuda_getCurrentRawStream, set with _current_device
 
 
 def _hooked(hook) -> bool:
@@ -214,13 +215,14 @@ def _hooked(hook) -> bool:
 
 
 def _init_fast_launch() -> None:
-    global _FAST_LAUNCH, _knobs, _current_device
+    global _FAST_LAUNCH, _knobs, _current_device, _cuda_stream
     _FAST_LAUNCH = _fast_launch_enabled() and is_triton_available()
     if _FAST_LAUNCH:
         from triton import knobs
 
         _knobs = knobs
         _current_device = getattr(torch._C, "_cuda_getDevice", torch.cuda.current_device)
+        _cuda_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 
 
 def cdiv(a: int, b: int) -> int:

@@ -14,6 +14,7 @@ import warnings
 
 import torch
 
+from triformers import _triton as _T
 from triformers._triton import cdiv, interpret_mode, is_triton_available, launch, triton_unavailable_reason
 
 __all__ = ["cdiv", "launch"]  # re-exported for the kernels' launchers
@@ -128,17 +129,56 @@ class Tuner:
         self.kernel, self.configs, self.prune, self.restore = kernel, configs, prune, restore
         self.enabled = autotune_enabled()
         self._chosen: dict = {}  # key -> (config, meta + config, launch key)
+        # (key, dyn_key, device) -> the direct launch: (C launcher, function, fixed args, tail, grid, _key(args))
+        self._direct: dict = {}
 
     def __call__(self, grid, args: tuple, key: tuple, default: dict, meta: dict, dyn_key=None):
         """Launch on ``grid(config)`` (a function of the chosen config) with the constexprs ``meta`` (read, never
         written: callers may pass a cached dict); ``dyn_key`` as for :func:`launch`, with ``key`` (dtypes, flags,
-        the sizes the kernel is compiled for) as the static part."""
+        the sizes the kernel is compiled for) as the static part.
+
+        With a ``dyn_key``, ``key`` and ``dyn_key`` also fix the grid (callers' grids are functions of the
+        sizes in them), so a repeated launch goes straight to the C launcher with the grid it had: no config
+        lookup, no ``grid`` call, no per-argument key. ``TRIFORMERS_CHECK_LAUNCH_KEYS=1`` verifies both claims
+        on every such launch."""
+        if dyn_key is not None and _T._FAST_LAUNCH and not _T._hooked(_T._knobs.runtime.launch_enter_hook):
+            device = _T._current_device()
+            hit = self._direct.get((key, dyn_key, device))
+            if hit is not None:
+                run, function, fixed, tail, g, full = hit
+                if _T._CHECK_KEYS:
+                    self._check(hit, grid, args, key, dyn_key)
+                run(g[0], g[1], g[2], _T._cuda_stream(device), function, *fixed, *args, *tail)
+                return None
         entry = self._chosen.get(key)
         if entry is None:
             config = self._tune(grid, args, key, meta) if self.enabled else default
             entry = self._chosen[key] = (config, {**meta, **config}, (id(self.kernel), key, tuple(config.items())))
         config, full, static = entry
-        return launch(self.kernel, grid(config), args, full, static, dyn_key)
+        g = grid(config)
+        result = launch(self.kernel, g, args, full, static, dyn_key)
+        if dyn_key is not None and result is None and _T._FAST_LAUNCH:  # launched directly: the entry is known now
+            device = _T._current_device()
+            hit = _T._by_dyn_key.get((static, device, dyn_key))
+            if hit is not None:
+                if len(self._direct) >= _T._MAX_DYN_KEYS:
+                    self._direct.clear()
+                g3 = (g[0], g[1] if len(g) > 1 else 1, g[2] if len(g) > 2 else 1)
+                self._direct[(key, dyn_key, device)] = (*hit[0], g3, hit[1])
+        return result
+
+    def _check(self, hit, grid, args, key, dyn_key) -> None:
+        """``TRIFORMERS_CHECK_LAUNCH_KEYS=1``: the direct launch's argument key and grid are what the full path
+        would derive for these arguments."""
+        config = self._chosen[key][0]
+        g = grid(config)
+        g3 = (g[0], g[1] if len(g) > 1 else 1, g[2] if len(g) > 2 else 1)
+        if hit[5] != _T._key(args) or hit[4] != g3:
+            raise AssertionError(
+                f"launch of {getattr(self.kernel, '__name__', self.kernel)}: key {key} dyn_key {dyn_key} was first seen with argument "
+                f"specialisation {hit[5]} and grid {hit[4]}, now {_T._key(args)} and {g3}; the caller's dyn_key "
+                f"misses a value"
+            )
 
     def _tune(self, grid, args, key, meta) -> dict:
         from triton.testing import do_bench

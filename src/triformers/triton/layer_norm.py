@@ -60,20 +60,26 @@ class _LayerNormFn(torch.autograd.Function):
         y, mean, rstd = norm_fwd(x2, weight, bias, eps, rms=False, out_dtype=out_dtype)
         ctx.save_for_backward(x2, weight, mean, rstd)
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
-        ctx.bias_dtype = bias.dtype if bias is not None else None
+        # the dtypes of the parameter gradients: summed straight into the parameters' dtype when they share one
+        w_dtype = weight.dtype if weight is not None else None
+        b_dtype = bias.dtype if bias is not None else None
+        same = w_dtype is None or b_dtype is None or w_dtype == b_dtype
+        ctx.dtypes = (w_dtype, b_dtype, (w_dtype or b_dtype) if same and (w_dtype or b_dtype) else torch.float32)
         return shaped(y, x.shape)
 
     @staticmethod
     def backward(ctx, dy):
         x2, weight, mean, rstd = ctx.saved_tensors
-        dtypes = {t for t in (weight.dtype if weight is not None else None, ctx.bias_dtype) if t is not None}
+        w_dtype, b_dtype, param_dtype = ctx.dtypes
+        needs = ctx.needs_input_grad
         dx, dw, db = norm_bwd(
             rows_2d(dy), x2, weight, mean, rstd, rms=False, dx_dtype=ctx.x_dtype,
-            compute_dw=ctx.needs_input_grad[1], compute_db=ctx.needs_input_grad[2] and ctx.bias_dtype is not None,
-            param_dtype=dtypes.pop() if len(dtypes) == 1 else torch.float32,
+            compute_dw=needs[1], compute_db=needs[2] and b_dtype is not None, param_dtype=param_dtype,
         )  # fmt: skip
-        dw = dw.to(weight.dtype) if dw is not None else None
-        db = db.to(ctx.bias_dtype) if db is not None else None
+        if dw is not None and dw.dtype != w_dtype:
+            dw = dw.to(w_dtype)
+        if db is not None and db.dtype != b_dtype:
+            db = db.to(b_dtype)
         return shaped(dx, ctx.x_shape), dw, db, None, None
 
 
@@ -98,7 +104,9 @@ def layer_norm(
     out_dtype = torch.float32 if autocast_dtype(device_type(x)) is not None else x.dtype
     if x.numel() == 0 or not use_triton("layer_norm", x, weight, bias):
         return layer_norm_reference(x, weight, bias, eps).to(out_dtype)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+    if torch.is_grad_enabled() and (
+        x.requires_grad or (weight is not None and weight.requires_grad) or (bias is not None and bias.requires_grad)
+    ):
         return _LayerNormFn.apply(x, weight, bias, float(eps), out_dtype)
     y, _, _ = norm_fwd(rows_2d(x), weight, bias, float(eps), rms=False, out_dtype=out_dtype, store_stats=False)
     return shaped(y, x.shape)

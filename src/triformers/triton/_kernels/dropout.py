@@ -355,6 +355,26 @@ def _fwd_plan(M, N, p, activation, has_bias, x_dtype, b_dtype, y_dtype):
     return L, threshold, scale, grid, key, default_tile(LANES * block_s), meta
 
 
+@functools.lru_cache(maxsize=512)
+def _bwd_plan(M, N, p, activation, has_bias, compute_db, dy_dtype, x_dtype, b_dtype, dx_dtype):
+    """Everything of a backward launch but the tensors and the seed, per shape (as ``_fwd_plan``)."""
+    L, block_s = _lanes(N)
+    threshold, scale = _threshold_and_scale(p)
+    lane_blocks = cdiv(L, block_s)
+    if compute_db:  # DB_ROWS rows per program, each program writing one partial row of db
+        chunks = cdiv(M, DB_ROWS)
+        grid = lambda c: (chunks, lane_blocks)  # noqa: E731
+    else:  # one tile per program, as in the forward
+        chunks = 0
+        grid = lambda c: (cdiv(M, c["BLOCK_M"]), lane_blocks)  # noqa: E731
+    # every tile whole (as in the forward; with db, every BLOCK_M divides the DB_ROWS rows of a program)
+    even = M % 64 == 0 and N == LANES * L and L % block_s == 0
+    meta = dict(ACTIVATION=activation, HAS_BIAS=has_bias, HAS_DROPOUT=p > 0.0, COMPUTE_DB=compute_db, EVEN=even,
+                BLOCK_S=block_s)
+    key = (N, dy_dtype, x_dtype, b_dtype, dx_dtype, *meta.values())
+    return L, threshold, scale, grid, chunks, key, default_tile(LANES * block_s), meta
+
+
 def dropout_bwd(
     dy: torch.Tensor,  # [M, N], any strides
     x: torch.Tensor,  # [M, N], the forward's input (FusedLinear: the pre-activation)
@@ -370,26 +390,16 @@ def dropout_bwd(
     """Gradients of :func:`dropout_fwd`: ``(dx [M, N], db [N] in db_dtype | None)``."""
     M, N = x.shape
     dx = torch.empty((M, N), device=x.device, dtype=dx_dtype)
-    L, block_s = _lanes(N)
-    threshold, scale = _threshold_and_scale(p)
-    lane_blocks = cdiv(L, block_s)
-    if compute_db:  # DB_ROWS rows per program, each program writing one partial row of db
-        chunks = cdiv(M, DB_ROWS)
-        grid = lambda c: (chunks, lane_blocks)  # noqa: E731
-    else:  # one tile per program, as in the forward
-        grid = lambda c: (cdiv(M, c["BLOCK_M"]), lane_blocks)  # noqa: E731
-    db = torch.empty((chunks, N), device=x.device, dtype=torch.float32) if compute_db else None
     b = bias if bias is not None else x
+    L, threshold, scale, grid, chunks, key, default, meta = _bwd_plan(
+        M, N, p, activation, bias is not None, compute_db, dy.dtype, x.dtype, b.dtype, dx_dtype
+    )
+    db = torch.empty((chunks, N), device=x.device, dtype=torch.float32) if compute_db else None
     # fmt: off
     sdy0, sdy1, sx0, sx1 = *dy.stride(), *x.stride()
     args = (dy, x, b, dx, db if db is not None else dx, M, N, L, sdy0, sdy1, sx0, sx1, N, seed, threshold, scale)
     dyn = (M, sdy0, sdy1, sx0, sx1, dy.data_ptr() & 15, x.data_ptr() & 15, b.data_ptr() & 15, int_code(seed),
            int_code(threshold))  # dx, db: fresh
-    # every tile whole (as in the forward; with db, every BLOCK_M divides the DB_ROWS rows of a program)
-    even = M % 64 == 0 and N == LANES * L and L % block_s == 0
-    meta = dict(ACTIVATION=activation, HAS_BIAS=bias is not None, HAS_DROPOUT=p > 0.0, COMPUTE_DB=compute_db,
-                EVEN=even, BLOCK_S=block_s)
     # fmt: on
-    key = (N, dy.dtype, x.dtype, b.dtype, dx.dtype, *meta.values())
-    _bwd(grid, args, key, default_tile(LANES * block_s), meta, dyn)
+    _bwd(grid, args, key, default, meta, dyn)
     return dx, sum_rows(db, db_dtype) if db is not None else None
