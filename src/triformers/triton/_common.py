@@ -174,10 +174,10 @@ class Tuner:
         g = grid(config)
         g3 = (g[0], g[1] if len(g) > 1 else 1, g[2] if len(g) > 2 else 1)
         if hit[5] != _T._key(args) or hit[4] != g3:
+            name = getattr(self.kernel, "__name__", self.kernel)
             raise AssertionError(
-                f"launch of {getattr(self.kernel, '__name__', self.kernel)}: key {key} dyn_key {dyn_key} was first seen with argument "
-                f"specialisation {hit[5]} and grid {hit[4]}, now {_T._key(args)} and {g3}; the caller's dyn_key "
-                f"misses a value"
+                f"launch of {name}: key {key} dyn_key {dyn_key} was first seen with argument specialisation "
+                f"{hit[5]} and grid {hit[4]}, now {_T._key(args)} and {g3}; the caller's dyn_key misses a value"
             )
 
     def _tune(self, grid, args, key, meta) -> dict:
@@ -205,8 +205,6 @@ class Tuner:
                 f"(of {len(candidates)}: {', '.join(f'{t:.4f}' for t in times)})"
             )
         return candidates[best]
-
-
 
 
 def default_tile(block_n: int, elements: int = 4096) -> dict:
