@@ -21,7 +21,7 @@ os.environ.pop("TRITON_INTERPRET", None)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import triton  # noqa: E402
-from compile_check import sass_op_counts  # noqa: E402  (scripts/ is on sys.path)
+from compile_check import _ptxas_report, sass_op_counts  # noqa: E402  (scripts/ is on sys.path)
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
@@ -40,23 +40,6 @@ BWD_SIGNATURE = {"dy_ptr": "*bf16", "x_ptr": "*bf16", "b_ptr": "*bf16", "dx_ptr"
                  "BLOCK_S": "constexpr"}
 BWD_DIVISIBLE = ("dy_ptr", "x_ptr", "b_ptr", "dx_ptr", "db_ptr", "M", "N", "L", "stride_dy_m", "stride_x_m",
                  "stride_dx_m")
-
-
-def ptxas_usage(ptx: str) -> str:
-    """ptxas' own report of registers and spills for the kernel (``ptxas -v``)."""
-    import subprocess
-    import tempfile
-
-    from triton import knobs
-
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "k.ptx")
-        with open(path, "w") as f:
-            f.write(ptx)
-        out = subprocess.run([knobs.nvidia.ptxas.path, "-arch=sm_90a", "-v", path, "-o", os.path.join(d, "k.o")],
-                             capture_output=True, text=True)
-    lines = [ln.split("info    : ")[-1] for ln in out.stderr.splitlines() if "registers" in ln or "spill" in ln]
-    return "; ".join(lines)
 
 
 def main() -> None:
@@ -87,7 +70,8 @@ def main() -> None:
     elements = args.block_m * D.LANES * block_s
     print(f"{per_thread} instructions per thread, {per_thread * 32 * args.warps / elements:.2f} per element "
           f"(BLOCK_M={args.block_m}, {args.warps} warps, {consts})")
-    print(f"local-memory (spill) instructions: {ops.get('LDL', 0) + ops.get('STL', 0)}; {ptxas_usage(k.asm['ptx'])}")
+    spills = ops.get("LDL", 0) + ops.get("STL", 0)
+    print(f"local-memory (spill) instructions: {spills}; ptxas: {_ptxas_report(k.asm['ptx'], 90)}")
     print(", ".join(f"{op} {n}" for op, n in sorted(ops.items(), key=lambda kv: -kv[1])[:20]))
     if args.ttgir:
         for line in k.asm["ttgir"].splitlines():

@@ -21,8 +21,6 @@ from torch.profiler import ProfilerActivity, profile
 
 from triformers.benchmarks import layers as bench
 
-MARK = "triformers_trace_iteration"
-
 
 def _kernels(events) -> list[tuple[str, float, float]]:
     """(name, start µs, end µs) of every GPU kernel and memset among profiler events, in start order."""

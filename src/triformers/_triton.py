@@ -186,12 +186,15 @@ def launch(kernel, grid: tuple, args: tuple, meta: dict, static_key=None, dyn_ke
                 _by_dyn_key.clear()
             _by_dyn_key[short] = (entry, full)
     run, function, fixed, tail = entry
-    n = len(grid)
-    run(
-        grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, _cuda_stream(device),
-        function, *fixed, *args, *tail,
-    )  # fmt: skip
+    g0, g1, g2 = grid3(grid)
+    run(g0, g1, g2, _cuda_stream(device), function, *fixed, *args, *tail)
     return None
+
+
+def grid3(grid: tuple) -> tuple[int, int, int]:
+    """A launch grid of 1-3 dims as the C launcher takes it: three dims, the missing ones 1."""
+    n = len(grid)
+    return grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1
 
 
 _by_dyn_key: dict = {}  # (static, device, dyn_key) -> (entry, the _key it stands for)

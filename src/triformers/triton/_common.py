@@ -163,16 +163,13 @@ class Tuner:
             if hit is not None:
                 if len(self._direct) >= _T._MAX_DYN_KEYS:
                     self._direct.clear()
-                g3 = (g[0], g[1] if len(g) > 1 else 1, g[2] if len(g) > 2 else 1)
-                self._direct[(key, dyn_key, device)] = (*hit[0], g3, hit[1])
+                self._direct[(key, dyn_key, device)] = (*hit[0], _T.grid3(g), hit[1])
         return result
 
     def _check(self, hit, grid, args, key, dyn_key) -> None:
         """``TRIFORMERS_CHECK_LAUNCH_KEYS=1``: the direct launch's argument key and grid are what the full path
         would derive for these arguments."""
-        config = self._chosen[key][0]
-        g = grid(config)
-        g3 = (g[0], g[1] if len(g) > 1 else 1, g[2] if len(g) > 2 else 1)
+        g3 = _T.grid3(grid(self._chosen[key][0]))
         if hit[5] != _T._key(args) or hit[4] != g3:
             name = getattr(self.kernel, "__name__", self.kernel)
             raise AssertionError(

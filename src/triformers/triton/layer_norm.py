@@ -60,11 +60,11 @@ class _LayerNormFn(torch.autograd.Function):
         y, mean, rstd = norm_fwd(x2, weight, bias, eps, rms=False, out_dtype=out_dtype)
         ctx.save_for_backward(x2, weight, mean, rstd)
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
-        # the dtypes of the parameter gradients: summed straight into the parameters' dtype when they share one
-        w_dtype = weight.dtype if weight is not None else None
-        b_dtype = bias.dtype if bias is not None else None
-        same = w_dtype is None or b_dtype is None or w_dtype == b_dtype
-        ctx.dtypes = (w_dtype, b_dtype, (w_dtype or b_dtype) if same and (w_dtype or b_dtype) else torch.float32)
+        # the parameter gradients are summed straight into the parameters' dtype when they share one
+        params = {t.dtype for t in (weight, bias) if t is not None}
+        param_dtype = params.pop() if len(params) == 1 else torch.float32
+        w_dtype, b_dtype = (t.dtype if t is not None else None for t in (weight, bias))
+        ctx.dtypes = (w_dtype, b_dtype, param_dtype)
         return shaped(y, x.shape)
 
     @staticmethod
