@@ -155,12 +155,14 @@ def main(argv=None) -> int:
             q, k, v, bias = inp.query, inp.key, inp.value, inp.attn_bias
             finp = fmha.Inputs(q, k, v, bias, dropout)
             call = fmha.triton._call_args(finp, torch.tensor([1]) if dropout else None)
-            # call: q, k, v, bias, the nine MaskArgs fields, p, seed, scale, share_kv, bias_is_leaf
-            m = launch.MaskArgs(*call[4:13])
+            # call: q, k, v, bias, nine MaskArgs fields, p, seed, scale, share_kv, bias_is_leaf, out_dtype, and the
+            # paged MaskArgs fields (block_tables, page_size)
+            m = launch.MaskArgs(*call[4:13], *call[19:21])
             out, lse = launch.attention_forward(*call[:4], m, call[13], 1, call[15], call[16])
             tensor_bias = finp.tensor_bias
             mask = 0 if tensor_bias is not None else -1
-            for deterministic in (() if args.forward_only else (False, True)):
+            paged = m.block_tables is not None  # forward only: its backward runs on fmha.chunked
+            for deterministic in (() if args.forward_only or paged else (False, True)):
                 launch.attention_backward(torch.randn_like(out), *call[:3], out, lse, tensor_bias, mask,
                                           m, call[13], 1, call[15], call[16], deterministic)
     failed = [r for r in RESULTS if r["status"] != "ok"]

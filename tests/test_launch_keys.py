@@ -136,6 +136,9 @@ def test_attention_launch_keys(claims, monkeypatch):
     cases = [(bias, fmt, dtype) for bias in (type(None), ab.LowerTriangularMask, ab.BlockDiagonalCausalMask,
                                              ab.LocalAttentionFromBottomRightMask, torch.Tensor)
              for fmt, dtype in (("BMHK", torch.float32), ("BMGHK", torch.float16))]
+    # KV caches: padded keys (rows past a block zeroed), paged keys (block tables of either int dtype)
+    cases[-2:-2] = [(ab.BlockDiagonalCausalWithOffsetPaddedKeysMask, "BMHK", torch.float32),
+                    (ab.PagedBlockDiagonalCausalWithOffsetGappyKeysMask, "BMGHK", torch.float16)]
     for tma in (True, False):
         monkeypatch.setattr(fmha_launch, "USE_TMA", tma)
         for bias_type, fmt, dtype in cases if tma else cases[-2:]:

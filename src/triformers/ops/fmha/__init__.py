@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch.autograd.function import once_differentiable
 
-from triformers.ops.fmha import attn_bias, chunked, common, dispatch, sdpa, triton
+from triformers.ops.fmha import attn_bias, chunked, common, dispatch, merge, sdpa, triton, triton_splitk
 from triformers.ops.fmha.attn_bias import AttentionBias, BlockDiagonalMask, LowerTriangularMask
 from triformers.ops.fmha.common import (
     AttentionBwOpBase,
@@ -35,6 +35,12 @@ from triformers.ops.fmha.common import (
     Gradients,
     Inputs,
     bmk2bmhk,
+)
+from triformers.ops.fmha.merge import (
+    Partial,
+    memory_efficient_attention_partial_autograd,
+    merge_attentions,
+    merge_attentions_autograd,
 )
 
 AttentionMask = AttentionBias  # backward-compatible alias
@@ -50,7 +56,7 @@ MemoryEfficientAttentionCutlassOp = TritonFlashAttentionOp
 MemoryEfficientAttentionCutlassFwdFlashBwOp = TritonFlashAttentionOp
 MemoryEfficientAttentionTritonFwdFlashBwOp = TritonFlashAttentionOp
 MemoryEfficientAttentionOp = MemoryEfficientAttentionChunkedOp
-ALL_FW_OPS: list[type[AttentionFwOpBase]] = [triton.FwOp, sdpa.FwOp, chunked.FwOp]
+ALL_FW_OPS: list[type[AttentionFwOpBase]] = [triton.FwOp, sdpa.FwOp, chunked.FwOp, triton_splitk.FwOp]
 ALL_BW_OPS: list[type[AttentionBwOpBase]] = [triton.BwOp, chunked.BwOp, sdpa.BwOp]
 
 __all__ = [
@@ -58,6 +64,11 @@ __all__ = [
     "memory_efficient_attention_forward",
     "memory_efficient_attention_forward_requires_grad",
     "memory_efficient_attention_backward",
+    "memory_efficient_attention_partial",
+    "merge_attentions",
+    "Partial",
+    "memory_efficient_attention_partial_autograd",
+    "merge_attentions_autograd",
     "AttentionBias",
     "AttentionMask",
     "AttentionOp",
@@ -76,8 +87,10 @@ __all__ = [
     "chunked",
     "sdpa",
     "triton",
+    "triton_splitk",
     "common",
     "dispatch",
+    "merge",
     "TritonFlashAttentionOp",
     "MemoryEfficientAttentionChunkedOp",
     "MemoryEfficientAttentionSdpaOp",
@@ -122,6 +135,7 @@ def memory_efficient_attention(
     scale: float | None = None,
     *,
     op: AttentionOp | None = None,
+    output_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Exact attention without the ``[Mq, Mkv]`` score matrix in memory (FlashAttention-style).
 
@@ -144,44 +158,69 @@ def memory_efficient_attention(
         scale: multiplies ``Q @ K^T``; default ``1 / sqrt(K)``.
         op: ``(FwOp, BwOp)`` to force operators (either may be None); by default the dispatcher picks the
             fastest one that supports the inputs, per call.
+        output_dtype: dtype of the output (default: the query's); e.g. float32 from half-precision inputs
+            (operators with ``SUPPORTS_OUTPUT_DTYPE``: chunked, Triton). Gradients flow as usual.
 
     Returns:
-        ``[B, Mq, H, Kv]`` in the query's dtype. Query rows whose keys are all masked give 0.
+        ``[B, Mq, H, Kv]`` in ``output_dtype`` (default: the query's dtype). Query rows whose keys are all
+        masked give 0.
 
     Raises:
         ValueError: invalid inputs (the message names the tensor, its shape and the fix), or an ``op``
             that cannot run them.
         NotImplementedError: no operator supports the inputs (each operator's reasons are listed).
     """
-    inp = Inputs(query=query, key=key, value=value, attn_bias=attn_bias, p=p, scale=scale)
+    inp = Inputs(query=query, key=key, value=value, attn_bias=attn_bias, p=p, scale=scale, output_dtype=output_dtype)
     inp.validate_inputs()
     if not _needs_grad(inp):
         return _forward(inp, None if op is None else op[0], "memory_efficient_attention", False)[0]
+    return _autograd(inp, op, "memory_efficient_attention")[0]
+
+
+def _autograd(inp: Inputs, op: AttentionOp | None, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Runs validated inputs with autograd: ``(out in the caller's layout, lse)``. For partial inputs the lse
+    is differentiable too; otherwise it is None or carries no gradient."""
     output_shape = inp.normalize_bmhk()
     op_fw, op_bw = (None, None) if op is None else op
-    needs_lse = op_bw is not None and not (op_fw is not None and op_fw.AUTOGRAD_BW is op_bw)
+    custom_bw = op_bw is not None and not (op_fw is not None and op_fw.AUTOGRAD_BW is op_bw)
     if op_fw is None:
-        op_fw = dispatch.dispatch_fw(inp, needs_gradient=True, needs_lse=needs_lse)
-        needs_lse = op_bw is not None and op_fw.AUTOGRAD_BW is not op_bw
+        op_fw = dispatch.dispatch_fw(inp, needs_gradient=True, needs_lse=custom_bw or inp.is_partial)
+        custom_bw = op_bw is not None and op_fw.AUTOGRAD_BW is not op_bw
     else:
-        dispatch.ensure_op_supports("memory_efficient_attention", op_fw, inp, needs_lse=needs_lse)
-    if op_fw.NATIVE_AUTOGRAD and not needs_lse:
-        return op_fw.apply_autograd(inp).reshape(output_shape)
+        dispatch.ensure_op_supports(name, op_fw, inp, needs_lse=custom_bw or inp.is_partial)
+    if op_fw.NATIVE_AUTOGRAD and not custom_bw:
+        if inp.is_partial:
+            out, lse = op_fw.apply_autograd(inp)
+            return out.reshape(output_shape), lse
+        return op_fw.apply_autograd(inp).reshape(output_shape), None
     tensor = inp.tensor_bias
     bias_kind = torch.Tensor if isinstance(inp.attn_bias, torch.Tensor) else inp.attn_bias
-    out = _fMHA.apply(op_fw, op_bw, bias_kind, inp.p, inp.scale, inp.query, inp.key, inp.value, tensor)
-    return out.reshape(output_shape)
+    out, lse = _fMHA.apply(
+        op_fw,
+        op_bw,
+        bias_kind,
+        inp.p,
+        inp.scale,
+        inp.output_dtype,
+        inp.is_partial,
+        inp.query,
+        inp.key,
+        inp.value,
+        tensor,
+    )
+    return out.reshape(output_shape), lse
 
 
 class _fMHA(torch.autograd.Function):
-    """Autograd glue: the forward operator keeps (out, lse, seed); the backward operator recomputes."""
+    """Autograd glue: the forward operator keeps (out, lse, seed); the backward operator recomputes. Returns
+    ``(out, lse)``; the lse has a gradient (partial attention) only when ``is_partial``."""
 
     @staticmethod
-    def forward(ctx, op_fw, op_bw, bias, p, scale, query, key, value, bias_tensor):  # noqa: D401
-        inp = Inputs(query, key, value, _with_tensor(bias, bias_tensor), p, scale)
+    def forward(ctx, op_fw, op_bw, bias, p, scale, output_dtype, is_partial, query, key, value, bias_tensor):  # noqa: D401
+        inp = Inputs(query, key, value, _with_tensor(bias, bias_tensor), p, scale, output_dtype, is_partial)
         out, op_ctx = op_fw.apply(inp, needs_gradient=True)
         ctx.save_for_backward(query, key, value, op_ctx.out, op_ctx.lse, bias_tensor)
-        ctx.bias, ctx.p, ctx.scale = bias, p, scale
+        ctx.bias, ctx.p, ctx.scale, ctx.output_dtype, ctx.is_partial = bias, p, scale, output_dtype, is_partial
         ctx.rng_state = op_ctx.rng_state
         ctx.op_bw = op_ctx.op_bw if op_ctx.op_bw is not None else op_bw
         if op_ctx.op_bw is not None and op_bw is not None and op_bw is not op_ctx.op_bw:
@@ -189,21 +228,30 @@ class _fMHA(torch.autograd.Function):
                 f"Specified op_bw={op_bw.NAME}, but forward op can only run with op_bw={op_ctx.op_bw.NAME}. "
                 "Please set op_bw=None."
             )
-        return out
+        if not is_partial:
+            ctx.mark_non_differentiable(op_ctx.lse)
+        ctx.set_materialize_grads(False)
+        return out, op_ctx.lse
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad):
+    def backward(ctx, grad, grad_lse):
         query, key, value, out, lse, bias_tensor = ctx.saved_tensors
-        inp = Inputs(query, key, value, _with_tensor(ctx.bias, bias_tensor), ctx.p, ctx.scale)
+        inp = Inputs(
+            query, key, value, _with_tensor(ctx.bias, bias_tensor), ctx.p, ctx.scale, ctx.output_dtype, ctx.is_partial
+        )
         op_bw = ctx.op_bw
         if op_bw is None:
             op_bw = dispatch.dispatch_bw(inp)
         else:
             dispatch.ensure_op_supports("memory_efficient_attention_backward", op_bw, inp)
-        grads = op_bw.apply(Context(lse=lse, out=out, rng_state=ctx.rng_state), inp, grad)
-        db = grads.db if ctx.needs_input_grad[8] else None
-        return None, None, None, None, None, grads.dq, grads.dk, grads.dv, db
+        if grad is None:  # only the lse was used
+            grad = torch.zeros_like(out)
+        op_ctx = Context(lse=lse, out=out, rng_state=ctx.rng_state)
+        # operators without SUPPORTS_PARTIAL (never given partial inputs) keep xFormers' 3-argument apply
+        grads = op_bw.apply(op_ctx, inp, grad) if grad_lse is None else op_bw.apply(op_ctx, inp, grad, grad_lse)
+        db = grads.db if ctx.needs_input_grad[10] else None
+        return None, None, None, None, None, None, None, grads.dq, grads.dk, grads.dv, db
 
 
 def _forward(inp: Inputs, op: type[AttentionFwOpBase] | None, name: str, needs_gradient: bool
@@ -228,9 +276,10 @@ def memory_efficient_attention_forward(
     scale: float | None = None,
     *,
     op: type[AttentionFwOpBase] | None = None,
+    output_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """The forward of :func:`memory_efficient_attention`, without autograd."""
-    inp = Inputs(query=query, key=key, value=value, attn_bias=attn_bias, p=p, scale=scale)
+    inp = Inputs(query=query, key=key, value=value, attn_bias=attn_bias, p=p, scale=scale, output_dtype=output_dtype)
     inp.validate_inputs()
     return _forward(inp, op, "memory_efficient_attention_forward", False)[0]
 
@@ -244,15 +293,71 @@ def memory_efficient_attention_forward_requires_grad(
     scale: float | None = None,
     *,
     op: type[AttentionFwOpBase] | None = None,
+    output_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns ``(out, lse)``; ``lse`` is float32 ``[B, H, Mq]`` (``[B, G, H, Mq]`` for BMGHK, ``[1, H,
-    Mq]`` for block-diagonal biases), for :func:`memory_efficient_attention_backward`."""
+    """Returns ``(out, lse)``; ``out`` in ``output_dtype`` (default: the query's), ``lse`` float32 ``[B, H,
+    Mq]`` (``[B, G, H, Mq]`` for BMGHK, ``[1, H, Mq]`` for block-diagonal biases), for
+    :func:`memory_efficient_attention_backward`."""
     if p != 0.0:
         raise NotImplementedError(_DROPOUT_LOW_LEVEL)
-    inp = Inputs(query=query, key=key, value=value, attn_bias=attn_bias, p=p, scale=scale)
+    inp = Inputs(query=query, key=key, value=value, attn_bias=attn_bias, p=p, scale=scale, output_dtype=output_dtype)
     inp.validate_inputs()
     out, ctx = _forward(inp, op, "memory_efficient_attention_forward_requires_grad", True)
     return out, ctx.lse
+
+
+def memory_efficient_attention_partial(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_bias: torch.Tensor | AttentionBias | None = None,
+    p: float = 0.0,
+    scale: float | None = None,
+    *,
+    op: AttentionOp | type[AttentionFwOpBase] | None = None,
+    output_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of ``query`` over one part of the keys, and its log-sum-exp, for :func:`merge_attentions`.
+
+    Splitting the keys into disjoint parts, computing each part's ``(out, lse)`` and merging them gives the
+    attention over all keys exactly (flash-decoding, context parallelism). Unlike xFormers', this function
+    is differentiable with respect to query, key, value (and a tensor bias) through both outputs: the
+    gradient of the lse enters the backward as ``delta_i = rowsum(dO_i * O_i) - dlse_i``.
+
+    Args:
+        query, key, value, attn_bias, scale: as for :func:`memory_efficient_attention`.
+        p: must be 0 (the parts would draw different dropout masks than attention over all keys).
+        op: a forward operator, or an ``(FwOp, BwOp)`` pair; the operators need ``SUPPORTS_PARTIAL``
+            (chunked, Triton).
+        output_dtype: dtype of ``out``; default float32 (float64 for float64 queries), so that merging does
+            not round the parts.
+
+    Returns:
+        ``out`` ``[B, Mq, (G,) H, Kv]`` and ``lse`` float32 ``[B, (G,) H, Mq]`` (block-diagonal biases:
+        packed, ``[1, (G,) H, total_Mq]``). Rows that see no key give ``out`` 0 and ``lse`` -inf.
+
+    Raises:
+        NotImplementedError: ``p != 0``, or no operator supports the inputs.
+        ValueError: invalid inputs, or an ``op`` that cannot run them.
+    """
+    if p != 0.0:
+        raise NotImplementedError("dropout is not supported.")
+    pair = op if isinstance(op, tuple) else (op, None)
+    inp = Inputs(
+        query=query,
+        key=key,
+        value=value,
+        attn_bias=attn_bias,
+        p=p,
+        scale=scale,
+        output_dtype=output_dtype,
+        is_partial=True,
+    )
+    inp.validate_inputs()
+    if not _needs_grad(inp):
+        out, ctx = _forward(inp, pair[0], "memory_efficient_attention_partial", True)
+        return out, ctx.lse
+    return _autograd(inp, pair, "memory_efficient_attention_partial")
 
 
 def memory_efficient_attention_backward(
@@ -269,11 +374,14 @@ def memory_efficient_attention_backward(
     op: type[AttentionBwOpBase] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``(dq, dk, dv)`` from the output gradient, the output and the lse of
-    :func:`memory_efficient_attention_forward_requires_grad`."""
+    :func:`memory_efficient_attention_forward_requires_grad` (an ``output_dtype`` there is read from
+    ``output.dtype``)."""
     if p != 0.0:
         raise NotImplementedError(_DROPOUT_LOW_LEVEL)
     inp = Inputs(query=query, key=key, value=value, attn_bias=attn_bias, p=p, scale=scale)
     inp.validate_inputs()
+    if output.dtype != query.dtype:  # the backward operator must take this output and its gradient
+        inp.output_dtype = output.dtype
     if not (grad.ndim == output.ndim == query.ndim):
         raise ValueError(
             "All tensors should be either in BMK (ndim=3), BMHK (ndim=4) or BMGHK (ndim=5) format: "

@@ -9,6 +9,20 @@ with ``off_b = nk_b - nq_b`` for bottom-right alignment and 0 for top-left, and 
 "unbounded". Causal is ``window_right = 0``; a causal window of ``w`` keys is ``window_left = w - 1``. The
 operators (chunked, Triton) work only from this description, so a bias is supported by every operator
 the moment it has a row in :func:`mask_spec`.
+
+KV-cache biases (padded, gappy, paged) are block-diagonal with ``k_starts[b]``/``k_lens[b]`` the first key and
+number of keys of block ``b`` (only those keys exist for the block: padding and unused pages are never read).
+Their causal and local variants are bottom-right; a non-causal local window is ``(window_left, window_right)``
+as given. Paged biases carry ``block_tables`` ``[nb, max_pages]`` and ``page_size``, and ``k_starts[b]`` is then
+the offset of block ``b``'s first key inside row ``b``'s *logical* key space (0 for padded caches, the gappy
+start otherwise): block-local key ``j`` is physical key row
+
+    block_tables[b, (k_starts[b] + j) // page_size] * page_size + (k_starts[b] + j) % page_size.
+
+A kernel reading the bias directly takes its device tensors: ``q_seqinfo.seqstart`` (query block bounds),
+``k_seqinfo.seqstart`` (key starts; row-local offsets with a trailing -1 for paged gappy), ``k_seqinfo.seqlen``
+(key counts; *end* offsets for paged gappy) and ``block_tables``. :func:`mask_spec` reads the same tensors (one
+copy to the host), so every operator applies what they hold, also after an in-place update.
 """
 
 from __future__ import annotations
@@ -27,12 +41,15 @@ class MaskSpec:
     Attributes:
         q_starts: query block boundaries ``[nb + 1]`` in the packed sequence, or None for a dense batch
             (one block per batch element covering all ``Mq`` queries and ``Mkv`` keys).
-        k_starts: first key of each block ``[nb]`` (None when dense).
+        k_starts: first key of each block ``[nb]`` (None when dense); for paged biases, the offset inside
+            the block's logical row.
         k_lens: number of keys in use in each block ``[nb]`` (None when dense).
         bottom_right: diagonal offset ``nk_b - nq_b`` (True) or 0 (False).
         window_left: keys allowed left of the diagonal (None: unbounded).
         window_right: keys allowed right of the diagonal (None: unbounded; 0: causal).
         tensor_bias: additive ``[B, H, Mq, Mkv]`` tensor (broadcast views allowed) or None.
+        block_tables: int32/int64 ``[nb, max_pages]``: the physical page of each logical page (paged biases).
+        page_size: keys per page (paged biases; 0 otherwise).
     """
 
     q_starts: tuple[int, ...] | None = None
@@ -42,10 +59,16 @@ class MaskSpec:
     window_left: int | None = None
     window_right: int | None = None
     tensor_bias: torch.Tensor | None = None
+    block_tables: torch.Tensor | None = None
+    page_size: int = 0
 
     @property
     def is_block_diagonal(self) -> bool:
         return self.q_starts is not None
+
+    @property
+    def is_paged(self) -> bool:
+        return self.block_tables is not None
 
     @property
     def is_causal(self) -> bool:
@@ -65,6 +88,15 @@ class MaskSpec:
             k0, k_len = self.k_starts[b], self.k_lens[b]
             out.append((q0, q_len, k0, k_len, (k_len - q_len) if self.bottom_right else 0))
         return out
+
+    def key_rows(self, b: int, j: torch.Tensor, num_rows: int) -> torch.Tensor:
+        """Physical key rows (int64) of block ``b``'s block-local keys ``j`` (a paged bias), clamped to the
+        ``num_rows`` rows of the key tensor and to the table's width, so that a bad table never reads outside
+        them (a valid one never needs it: calls check the largest page id against the key tensor)."""
+        t = self.k_starts[b] + j
+        page_col = (t // self.page_size).clamp_(0, self.block_tables.shape[1] - 1)
+        rows = self.block_tables[b].index_select(0, page_col).to(torch.int64) * self.page_size + t % self.page_size
+        return rows.clamp_(0, num_rows - 1)
 
     def key_range(self, i_lo: int, i_hi: int, k_len: int, offset: int) -> tuple[int, int]:
         """Keys ``[lo, hi)`` that any of the block-local queries ``[i_lo, i_hi)`` may attend."""
@@ -105,12 +137,60 @@ _BLOCK_DIAGONAL = {
     ab.BlockDiagonalCausalLocalAttentionMask: (False, 0),
     ab.BlockDiagonalCausalLocalAttentionFromBottomRightMask: (True, 0),
 }
+# KV-cache biases: exact type -> window_right (None: not causal); all bottom-right. `window_left`/`window_right`
+# attributes (non-causal local) are taken as they are; `_window_size` gives window_left = w - 1.
+_KV_CACHE = {
+    ab.BlockDiagonalPaddedKeysMask: None,
+    ab.BlockDiagonalCausalWithOffsetPaddedKeysMask: 0,
+    ab.BlockDiagonalLocalAttentionPaddedKeysMask: None,
+    ab.BlockDiagonalCausalLocalAttentionPaddedKeysMask: 0,
+    ab.BlockDiagonalGappyKeysMask: None,
+    ab.BlockDiagonalCausalWithOffsetGappyKeysMask: 0,
+    ab.BlockDiagonalLocalAttentionFromBottomRightGappyKeysMask: None,
+    ab.PagedBlockDiagonalPaddedKeysMask: None,
+    ab.PagedBlockDiagonalCausalWithOffsetPaddedKeysMask: 0,
+    ab.PagedBlockDiagonalCausalLocalPaddedKeysMask: 0,
+    ab.PagedBlockDiagonalGappyKeysMask: None,
+    ab.PagedBlockDiagonalCausalWithOffsetGappyKeysMask: 0,
+}
+#: The KV-cache bias types (padded, gappy, paged keys), and the paged ones among them.
+KV_CACHE_BIAS_TYPES: frozenset[type] = frozenset(_KV_CACHE)
+PAGED_BIAS_TYPES: frozenset[type] = frozenset(
+    t for t in _KV_CACHE if issubclass(t, (ab.PagedBlockDiagonalPaddedKeysMask, ab.PagedBlockDiagonalGappyKeysMask))
+)
 
 SUPPORTED_BIAS_TYPES: frozenset[type] = frozenset(
-    {type(None), torch.Tensor, ab.LocalAttentionFromBottomRightMask, ab.BlockDiagonalCausalWithOffsetPaddedKeysMask}
+    {type(None), torch.Tensor, ab.LocalAttentionFromBottomRightMask}
     | set(_DENSE)
     | set(_BLOCK_DIAGONAL)
+    | set(_KV_CACHE)
 )
+
+
+def kv_cache_window(bias) -> tuple[int | None, int | None]:
+    """``(window_left, window_right)`` of a KV-cache bias (its mask is bottom-right)."""
+    if hasattr(bias, "window_left"):
+        return bias.window_left, bias.window_right
+    window = getattr(bias, "_window_size", None)
+    return (None if window is None else window - 1), _KV_CACHE[type(bias)]
+
+
+def kv_cache_arrays(bias) -> tuple[list[int], list[int], list[int]]:
+    """``(q_starts [nb + 1], k_starts [nb], k_lens [nb])`` of a KV-cache bias, read from its device tensors in
+    one copy (under ``torch.compile``, from the Python lists the in-place updates keep in step)."""
+    q, k = bias.q_seqinfo, bias.k_seqinfo
+    nb = len(k.seqlen_py)
+    paged_gappy = isinstance(bias, ab.PagedBlockDiagonalGappyKeysMask)
+    if torch.compiler.is_compiling():
+        q_starts, starts, ends = list(q.seqstart_py), list(k.seqstart_py[:nb]), list(k.seqlen_py)
+    else:
+        packed = torch.cat([q.seqstart, k.seqstart[:nb], k.seqlen[:nb]]).tolist()
+        q_starts, starts, ends = packed[: nb + 1], packed[nb + 1 : 2 * nb + 1], packed[2 * nb + 1 :]
+    if isinstance(bias, ab.PagedBlockDiagonalPaddedKeysMask):
+        return q_starts, [0] * nb, ends  # padded rows start at their logical key 0
+    if paged_gappy:
+        return q_starts, starts, [e - s for s, e in zip(starts, ends)]
+    return q_starts, starts, ends
 
 
 def mask_spec(bias: torch.Tensor | ab.AttentionBias | None) -> MaskSpec:
@@ -141,12 +221,18 @@ def mask_spec(bias: torch.Tensor | ab.AttentionBias | None) -> MaskSpec:
             window_left=window_left,
             window_right=window_right,
         )
-    if kind is ab.BlockDiagonalCausalWithOffsetPaddedKeysMask:
+    if kind in _KV_CACHE:
+        window_left, window_right = kv_cache_window(bias)
+        q_starts, k_starts, k_lens = kv_cache_arrays(bias)
+        paged = kind in PAGED_BIAS_TYPES
         return MaskSpec(
-            q_starts=tuple(bias.q_seqinfo.seqstart_py),
-            k_starts=tuple(bias.k_seqinfo.seqstart_py[:-1]),
-            k_lens=tuple(bias.k_seqinfo.seqlen_py),
+            q_starts=tuple(q_starts),
+            k_starts=tuple(k_starts),
+            k_lens=tuple(k_lens),
             bottom_right=True,
-            window_right=0,
+            window_left=window_left,
+            window_right=window_right,
+            block_tables=bias.block_tables if paged else None,
+            page_size=bias.page_size if paged else 0,
         )
     raise NotImplementedError(f"attention bias of type {kind.__name__} has no mask description")

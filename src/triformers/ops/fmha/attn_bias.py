@@ -1,34 +1,53 @@
 """Attention biases: structured masks that operators apply without materializing them.
 
 Notation: query row ``i`` in ``[0, Mq)``, key column ``j`` in ``[0, Mkv)``; an allowed pair adds 0 to the
-attention score, a masked one adds -inf. ``s = Mkv - Mq`` is the bottom-right shift. All bounds are inclusive.
+attention score, a masked one adds -inf. ``s = Mkv - Mq`` is the bottom-right shift (``s_b = nk_b - nq_b``
+per block). All bounds are inclusive.
 
-============================================  ===================================================
-class                                         allowed (i, j)
-============================================  ===================================================
-LowerTriangularMask                           j <= i                       (causal, top-left)
-LowerTriangularMaskWithTensorBias             j <= i, plus an additive tensor
-LowerTriangularFromBottomRightMask            j <= i + s
-LowerTriangularFromBottomRightLocalAttention  i + s - w + 1 <= j <= i + s  (w keys, diagonal included)
-LocalAttentionFromBottomRightMask             i + s - wl <= j <= i + s + wr (not causal)
-BlockDiagonalMask                             same block only
-BlockDiagonalCausalMask                       same block, j <= i within it
-BlockDiagonalCausalFromBottomRightMask        same block, j <= i + (nk_b - nq_b)
-BlockDiagonalCausalLocalAttentionMask         same block, i - w + 1 <= j <= i
-BlockDiagonalCausalLocalAttentionFromBR...    same block, i + s_b - w + 1 <= j <= i + s_b
-BlockDiagonalCausalWithOffsetPaddedKeysMask   same block, key in use, j <= i + kv_len_b - q_len_b
-============================================  ===================================================
+======================================================  ===================================================
+class                                                   allowed (i, j)
+======================================================  ===================================================
+LowerTriangularMask                                     j <= i                       (causal, top-left)
+LowerTriangularMaskWithTensorBias                       j <= i, plus an additive tensor
+LowerTriangularFromBottomRightMask                      j <= i + s
+LowerTriangularFromBottomRightLocalAttentionMask        i + s - w + 1 <= j <= i + s  (w keys, diagonal included)
+LocalAttentionFromBottomRightMask                       i + s - wl <= j <= i + s + wr (not causal)
+BlockDiagonalMask                                       same block only
+BlockDiagonalCausalMask                                 same block, j <= i within it
+BlockDiagonalCausalFromBottomRightMask                  same block, j <= i + s_b
+BlockDiagonalCausalLocalAttentionMask                   same block, i - w + 1 <= j <= i
+BlockDiagonalCausalLocalAttentionFromBottomRightMask    same block, i + s_b - w + 1 <= j <= i + s_b
+BlockDiagonalPaddedKeysMask                             same block, key in use (j < kv_seqlen[b])
+BlockDiagonalCausalWithOffsetPaddedKeysMask             padded, j <= i + s_b           (the KV-cache mask)
+BlockDiagonalLocalAttentionPaddedKeysMask               padded, i + s_b - wl <= j <= i + s_b + wr
+BlockDiagonalCausalLocalAttentionPaddedKeysMask         padded, i + s_b - w + 1 <= j <= i + s_b
+BlockDiagonalGappyKeysMask                              same block; block b's keys anywhere on the key axis
+BlockDiagonalCausalWithOffsetGappyKeysMask              gappy, j <= i + s_b
+BlockDiagonalLocalAttentionFromBottomRightGappyKeysMask  gappy, i + s_b - wl <= j <= i + s_b + wr
+PagedBlockDiagonal...KeysMask (5 classes)               its ``_UNPAGED_TYPE``'s rule, keys read through pages
+======================================================  ===================================================
 
 Block-diagonal biases describe packed sequences (batch size 1, sequences concatenated along M); indices
-inside a block are local to it. This module is pure PyTorch and holds no kernel code:
-``materialize`` exists for debugging and tests.
+inside a block are local to it. Key layouts of the KV-cache biases (``attn_bias_kv``): *padded*, block
+``b``'s keys are rows ``[b * padding, b * padding + kv_seqlen[b])``; *gappy*, rows ``[kv_seqstarts[b],
+kv_seqstarts[b] + kv_seqlen[b])`` anywhere (in any order, overlapping allowed); *paged*, logical key ``t`` of
+row ``b`` is physical row ``block_tables[b, t // page_size] * page_size + t % page_size``.
+
+Sequence lengths live twice: Python lists (``seqstart_py``, ``seqlen_py``: host-side checks and
+``materialize``) and int32 tensors (``seqstart``, ``seqlen``) on the bias's device, which is what the
+operators apply; ``from_seqlens_inplace``/``from_seqlens_padded_inplace`` overwrite both in place, so that a
+captured CUDA graph replays with the new lengths. ``from_seqlens(..., device=None)`` puts the tensors on the
+GPU when there is one (xFormers' default), ``to(device)`` returns a copy elsewhere. This module is pure
+PyTorch and holds no kernel code: ``materialize`` exists for debugging and tests.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -45,8 +64,72 @@ __all__ = [
     "BlockDiagonalCausalFromBottomRightMask",
     "BlockDiagonalCausalLocalAttentionMask",
     "BlockDiagonalCausalLocalAttentionFromBottomRightMask",
+    "BlockDiagonalPaddedKeysMask",
     "BlockDiagonalCausalWithOffsetPaddedKeysMask",
+    "BlockDiagonalLocalAttentionPaddedKeysMask",
+    "BlockDiagonalCausalLocalAttentionPaddedKeysMask",
+    "BlockDiagonalGappyKeysMask",
+    "BlockDiagonalCausalWithOffsetGappyKeysMask",
+    "BlockDiagonalLocalAttentionFromBottomRightGappyKeysMask",
+    "PagedBlockDiagonalPaddedKeysMask",
+    "PagedBlockDiagonalCausalWithOffsetPaddedKeysMask",
+    "PagedBlockDiagonalCausalLocalPaddedKeysMask",
+    "PagedBlockDiagonalGappyKeysMask",
+    "PagedBlockDiagonalCausalWithOffsetGappyKeysMask",
+    "VARLEN_BIASES",
 ]
+
+
+# --------------------------------------------------------------------------------------------------
+# Devices
+# --------------------------------------------------------------------------------------------------
+
+
+def _default_device(device: str | torch.device | None = None) -> torch.device:
+    """Where ``from_seqlens`` puts a bias's tensors: ``device``, else CUDA when available, else the CPU."""
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _int_tensor(values: Sequence[int], device: torch.device) -> torch.Tensor:
+    """``values`` as an int32 tensor on ``device`` (to a GPU through pinned memory, without waiting)."""
+    if device.type == "cpu":
+        return torch.tensor(values, dtype=torch.int32)
+    pinned = torch.tensor(values, dtype=torch.int32, pin_memory=device.type == "cuda")
+    return pinned.to(device, non_blocking=True)
+
+
+def _same_device(have: torch.device, want: torch.device) -> bool:
+    return have.type == want.type and (want.index is None or have.index == want.index)
+
+
+def _moved(obj: Any, device: torch.device, memo: dict) -> Any:
+    """``obj`` (a tensor, or a dataclass holding tensors and such dataclasses) with every tensor on ``device``:
+    a copy where something moved (validated already, not again; without the operators' per-object caches),
+    ``obj`` itself otherwise; objects shared inside ``obj`` stay shared (``memo``)."""
+    if id(obj) in memo:
+        return memo[id(obj)]
+    out = obj
+    if isinstance(obj, torch.Tensor):
+        if not _same_device(obj.device, device):
+            out = obj.to(device, non_blocking=device.type != "cpu")
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        changes = {}
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if isinstance(value, torch.Tensor) or dataclasses.is_dataclass(value):
+                new = _moved(value, device, memo)
+                if new is not value:
+                    changes[f.name] = new
+        if changes:
+            out = copy.copy(obj)
+            for name in [n for n in vars(out) if n.startswith("_triformers_")]:
+                delattr(out, name)
+            for name, value in changes.items():
+                object.__setattr__(out, name, value)
+    memo[id(obj)] = out
+    return out
 
 
 class AttentionBias:
@@ -62,6 +145,10 @@ class AttentionBias:
         """Returns the bias as a dense tensor of ``shape`` (``[..., Mq, Mkv]``): 0 where allowed, -inf
         where masked. For debugging and tests."""
         raise NotImplementedError()
+
+    def to(self, device: str | torch.device) -> AttentionBias:
+        """The bias with its tensors on ``device``: a new object, or ``self`` when nothing has to move."""
+        return _moved(self, torch.device(device), {})
 
 
 def _materialize_causal_mask(
@@ -82,10 +169,23 @@ def _materialize_causal_mask(
     return torch.log(mask).to(dtype)
 
 
+def _materialize_local_mask(
+    shape: Sequence[int], window_left: int, window_right: int, dtype: torch.dtype, device: str | torch.device
+) -> torch.Tensor:
+    """Bottom-right local window ``i + s - window_left <= j <= i + s + window_right`` as a -inf/0 tensor."""
+    create_as = dtype if dtype is not torch.bfloat16 else torch.float32
+    ones = torch.ones(tuple(shape), dtype=create_as, device=device)
+    num_queries, num_keys = shape[-2:]
+    shift = num_keys - num_queries
+    mask = torch.tril(ones, diagonal=shift + window_right)
+    mask = torch.triu(mask, diagonal=shift - window_left)
+    return torch.log(mask).to(dtype)
+
+
 class LowerTriangularMask(AttentionBias):
     """Causal mask, top-left aligned: query ``i`` attends keys ``j <= i``.
 
-    Constructor arguments are accepted and ignored, for compatibility with older code.
+    Constructor arguments (xFormers' ``device=None``) are accepted and ignored, for compatibility.
     """
 
     def __init__(self, *tensor_args: Any, **tensor_kwargs: Any) -> None:
@@ -112,6 +212,10 @@ class LowerTriangularMaskWithTensorBias(LowerTriangularMask):
 
     def materialize(self, shape, dtype=torch.float32, device="cpu") -> torch.Tensor:
         return super().materialize(shape, dtype=dtype, device=device) + self._bias.to(dtype=dtype, device=device)
+
+    def to(self, device: str | torch.device) -> LowerTriangularMaskWithTensorBias:
+        moved = _moved(self._bias, torch.device(device), {})
+        return self if moved is self._bias else LowerTriangularMaskWithTensorBias(moved)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(bias of shape {tuple(self._bias.shape)})"
@@ -174,13 +278,7 @@ class LocalAttentionFromBottomRightMask(AttentionBias):
         _check_window("window_right", self.window_right, 0)
 
     def materialize(self, shape, dtype=torch.float32, device="cpu") -> torch.Tensor:
-        create_as = dtype if dtype is not torch.bfloat16 else torch.float32
-        ones = torch.ones(tuple(shape), dtype=create_as, device=device)
-        num_queries, num_keys = shape[-2:]
-        shift = num_keys - num_queries
-        mask = torch.tril(ones, diagonal=shift + self.window_right)
-        mask = torch.triu(mask, diagonal=shift - self.window_left)
-        return torch.log(mask).to(dtype)
+        return _materialize_local_mask(shape, self.window_left, self.window_right, dtype, device)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -200,35 +298,61 @@ def _as_int_list(name: str, seqlens: Iterable[int] | torch.Tensor) -> list[int]:
     return values
 
 
+def _cumulative(lengths: Sequence[int]) -> list[int]:
+    starts = [0]
+    for length in lengths:
+        starts.append(starts[-1] + length)
+    return starts
+
+
 @dataclass
 class _SeqLenInfo:
-    """Start offsets of sequences concatenated along M: ``seqstart_py = [0, l0, l0 + l1, ...]``."""
+    """Start offsets of sequences concatenated along M: ``from_seqlens([2, 3, 2])`` has
+    ``seqstart_py == [0, 2, 5, 7]``, ``seqstart`` the same as an int32 tensor, ``max_seqlen == 3``,
+    ``min_seqlen == 2``."""
 
     seqstart: torch.Tensor
     max_seqlen: int
     min_seqlen: int
     seqstart_py: list[int]
 
-    def to(self, device: torch.device) -> None:
-        """Moves ``seqstart`` to ``device`` (in place)."""
-        self.seqstart = self.seqstart.to(device, non_blocking=True)
+    def to(self, device: str | torch.device) -> _SeqLenInfo:
+        """The same lengths with the tensors on ``device`` (a new object; ``self`` if already there)."""
+        return _moved(self, torch.device(device), {})
 
     def intervals(self) -> Iterable[tuple[int, int]]:
         yield from zip(self.seqstart_py, self.seqstart_py[1:])
 
     @classmethod
-    def from_seqlens(cls, seqlens: Iterable[int]) -> _SeqLenInfo:
-        """``[2, 3, 2]`` gives ``seqstart_py == [0, 2, 5, 7]``."""
+    def from_seqlens(cls, seqlens: Iterable[int], *, device: str | torch.device | None = None) -> _SeqLenInfo:
+        """``[2, 3, 2]`` gives ``seqstart_py == [0, 2, 5, 7]``; tensors on ``device`` (default: CUDA when
+        available, else the CPU)."""
         lengths = _as_int_list("seqlens", seqlens)
-        seqstart_py = [0]
-        for length in lengths:
-            seqstart_py.append(seqstart_py[-1] + length)
+        seqstart_py = _cumulative(lengths)
         return cls(
-            seqstart=torch.tensor(seqstart_py, dtype=torch.int32),
+            seqstart=_int_tensor(seqstart_py, _default_device(device)),
             max_seqlen=max(lengths, default=0),
             min_seqlen=min(lengths, default=0),
             seqstart_py=seqstart_py,
         )
+
+    def from_seqlens_inplace(self, seqlens: Iterable[int]) -> None:
+        """Overwrites the lengths in place (for CUDA graphs): same number of sequences, none longer than
+        ``max_seqlen``. ``seqstart`` keeps its storage; ``max_seqlen``/``min_seqlen`` keep their values (the
+        bounds kernels were sized for)."""
+        lengths = _as_int_list("seqlens", seqlens)
+        if len(lengths) + 1 != len(self.seqstart_py):
+            raise ValueError(
+                f"from_seqlens_inplace needs {len(self.seqstart_py) - 1} lengths (one per sequence), got "
+                f"{len(lengths)}: {lengths}; build a new bias to change the number of sequences"
+            )
+        if max(lengths, default=0) > self.max_seqlen:
+            raise ValueError(
+                f"from_seqlens_inplace: seqlens={lengths} exceed max_seqlen={self.max_seqlen}, the bound this "
+                "bias was built with; build a new bias (from_seqlens) for longer sequences"
+            )
+        self.seqstart_py[:] = _cumulative(lengths)
+        self.seqstart.copy_(torch.tensor(self.seqstart_py, dtype=self.seqstart.dtype), non_blocking=True)
 
     def split(self, x: torch.Tensor, batch_sizes: Sequence[int] | None = None) -> list[torch.Tensor]:
         """Splits ``x`` ``[1, total, *]`` into the sequences, grouped ``[batch_size_i, M_i, *]``."""
@@ -249,50 +373,21 @@ class _SeqLenInfo:
         ]
 
 
-@dataclass
-class _PaddedSeqLenInfo(_SeqLenInfo):
-    """Sequences stored in fixed slots of ``padding`` positions, of which the first ``seqlen[b]`` are used."""
-
-    seqlen: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int32))
-    seqlen_py: Sequence[int] = ()
-    padding: int = 0
-
-    def __post_init__(self) -> None:
-        assert len(self.seqstart_py) == len(self.seqlen_py) + 1
-
-    def to(self, device: torch.device) -> None:
-        self.seqlen = self.seqlen.to(device, non_blocking=True)
-        super().to(device)
-
-    def intervals(self) -> Iterable[tuple[int, int]]:
-        for start, length in zip(self.seqstart_py, self.seqlen_py):
-            yield start, start + length
-
-    @classmethod
-    def from_seqlens(cls, seqlens: Iterable[int]) -> _SeqLenInfo:
-        raise RuntimeError("Use either `_SeqLenInfo.from_seqlens` or `_PaddedSeqLenInfo.from_seqlens_padded`")
-
-    @classmethod
-    def from_seqlens_padded(cls, seqlens: Sequence[int], padding: int) -> _PaddedSeqLenInfo:
-        lengths = _as_int_list("kv_seqlen", seqlens)
-        if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
-            raise ValueError(f"kv_padding must be a non-negative int, got {padding!r}")
-        for length in lengths:
-            if length > padding:
-                raise ValueError(f"kv_seqlen holds {length}, more than kv_padding={padding}; raise kv_padding")
-        seqstart_py = list(range(0, len(lengths) * padding + 1, padding)) if padding else [0] * (len(lengths) + 1)
-        return cls(
-            seqstart=torch.tensor(seqstart_py, dtype=torch.int32),
-            max_seqlen=max(lengths, default=0),
-            min_seqlen=min(lengths, default=0),
-            seqstart_py=seqstart_py,
-            seqlen=torch.tensor(lengths, dtype=torch.int32),
-            seqlen_py=lengths,
-            padding=padding,
+def _materialize_blocks(bias, shape, dtype, device) -> torch.Tensor:
+    """-inf everywhere but block ``b``'s rectangle ``q_seqinfo.intervals()[b] x k_seqinfo.intervals()[b]``,
+    which holds ``bias._create_block_mask``; expanded to ``shape``."""
+    if shape[-1] != bias.k_seqinfo.seqstart_py[-1]:
+        raise ValueError(f"k shapes wrong: shape[-1]={shape[-1]}, the keys total {bias.k_seqinfo.seqstart_py[-1]}")
+    if shape[-2] != bias.q_seqinfo.seqstart_py[-1]:
+        raise ValueError(f"q shapes wrong: shape[-2]={shape[-2]}, the queries total {bias.q_seqinfo.seqstart_py[-1]}")
+    mask = torch.full(tuple(shape[-2:]), -math.inf, dtype=dtype, device=device)
+    for (q_start, q_end), (k_start, k_end) in zip(bias.q_seqinfo.intervals(), bias.k_seqinfo.intervals()):
+        mask[q_start:q_end, k_start:k_end] = bias._create_block_mask(
+            (q_end - q_start, k_end - k_start), dtype=dtype, device=device
         )
-
-    def split(self, x: torch.Tensor, batch_sizes: Sequence[int] | None = None) -> list[torch.Tensor]:
-        raise NotImplementedError("_PaddedSeqLenInfo.split")
+    for _ in range(len(shape) - 2):
+        mask = mask.unsqueeze(0)
+    return mask.expand(tuple(shape))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -322,45 +417,40 @@ class BlockDiagonalMask(AttentionBias):
         return torch.zeros(tuple(shape), dtype=dtype, device=device)
 
     def materialize(self, shape, dtype=torch.float32, device="cpu") -> torch.Tensor:
-        if shape[-1] != self.k_seqinfo.seqstart_py[-1]:
-            raise ValueError(f"shape[-1]={shape[-1]} but the keys total {self.k_seqinfo.seqstart_py[-1]}")
-        if shape[-2] != self.q_seqinfo.seqstart_py[-1]:
-            raise ValueError(f"shape[-2]={shape[-2]} but the queries total {self.q_seqinfo.seqstart_py[-1]}")
-        mask = torch.full(tuple(shape[-2:]), -math.inf, dtype=dtype, device=device)
-        for (q_start, q_end), (k_start, k_end) in zip(self.q_seqinfo.intervals(), self.k_seqinfo.intervals()):
-            mask[q_start:q_end, k_start:k_end] = self._create_block_mask(
-                (q_end - q_start, k_end - k_start), dtype=dtype, device=device
-            )
-        for _ in range(len(shape) - 2):
-            mask = mask.unsqueeze(0)
-        return mask.expand(tuple(shape))
+        return _materialize_blocks(self, shape, dtype, device)
 
     @classmethod
     def from_seqlens(
-        cls, q_seqlen: Sequence[int], kv_seqlen: Sequence[int] | None = None
+        cls,
+        q_seqlen: Sequence[int],
+        kv_seqlen: Sequence[int] | None = None,
+        *,
+        device: str | torch.device | None = None,
     ) -> BlockDiagonalMask:
-        """Builds the mask from the query lengths (and key lengths, by default the same)."""
+        """Builds the mask from the query lengths (and key lengths, by default the same); tensors on
+        ``device`` (default: CUDA when available, else the CPU)."""
         q_list = _as_int_list("q_seqlen", q_seqlen)
         kv_list = None if kv_seqlen is None else _as_int_list("kv_seqlen", kv_seqlen)
         if kv_list is not None and len(kv_list) != len(q_list):
             raise ValueError(
                 f"q_seqlen and kv_seqlen must have one entry per block, got {len(q_list)} and {len(kv_list)}"
             )
-        q_seqinfo = _SeqLenInfo.from_seqlens(q_list)
+        q_seqinfo = _SeqLenInfo.from_seqlens(q_list, device=device)
         if kv_list is None or kv_list == q_list:
             k_seqinfo = q_seqinfo
         else:
-            k_seqinfo = _SeqLenInfo.from_seqlens(kv_list)
+            k_seqinfo = _SeqLenInfo.from_seqlens(kv_list, device=device)
         return cls(q_seqinfo=q_seqinfo, k_seqinfo=k_seqinfo)
 
     @classmethod
     def from_tensor_list(cls, tensors: Sequence[torch.Tensor]) -> tuple[BlockDiagonalMask, torch.Tensor]:
-        """Packs tensors ``[B_i, M_i, *]`` into ``[1, sum_i B_i * M_i, *]`` and returns the matching mask."""
+        """Packs tensors ``[B_i, M_i, *]`` into ``[1, sum_i B_i * M_i, *]`` and returns the matching mask
+        (its tensors on the tensors' device)."""
         batch_sizes = [tensor.shape[0] for tensor in tensors]
         seqlens = []
         for x in tensors:
             seqlens.extend([x.shape[1]] * x.shape[0])
-        block_diag = cls.from_seqlens(seqlens)
+        block_diag = cls.from_seqlens(seqlens, device=tensors[0].device if tensors else None)
         block_diag._batch_sizes = batch_sizes
         concat = torch.cat([x.reshape([1, -1, *x.shape[2:]]) for x in tensors], dim=1)
         return block_diag, concat
@@ -384,7 +474,7 @@ class BlockDiagonalMask(AttentionBias):
                 raise ValueError(f"entry {i}: value shape {tuple(tensors_v[i].shape)} does not match key's")
             q_seqlens.extend([q.shape[1]] * q.shape[0])
             kv_seqlens.extend([k.shape[1]] * k.shape[0])
-        block_diag = cls.from_seqlens(q_seqlens, kv_seqlens)
+        block_diag = cls.from_seqlens(q_seqlens, kv_seqlens, device=tensors_q[0].device if tensors_q else None)
         block_diag._batch_sizes = batch_sizes
 
         def pack(xs):
@@ -492,46 +582,23 @@ class BlockDiagonalCausalLocalAttentionFromBottomRightMask(BlockDiagonalCausalFr
         )
 
 
-@dataclass
-class BlockDiagonalCausalWithOffsetPaddedKeysMask(AttentionBias):
-    """Decoding with a KV cache: keys of sequence ``b`` live at ``[b * kv_padding, b * kv_padding +
-    kv_seqlen[b])``; queries are packed without padding. Allowed: same sequence, key in use, and
-    ``j <= i + kv_seqlen[b] - q_seqlen[b]`` (the new tokens are the last ``q_seqlen[b]`` of the sequence).
-    """
-
-    q_seqinfo: _SeqLenInfo
-    k_seqinfo: _PaddedSeqLenInfo
-    causal_diagonal: Any = None  # unused, kept for compatibility
-
-    def materialize(self, shape, dtype=torch.float32, device="cpu") -> torch.Tensor:
-        if shape[-1] != self.k_seqinfo.seqstart_py[-1]:
-            raise ValueError("k shapes wrong")
-        if shape[-2] != self.q_seqinfo.seqstart_py[-1]:
-            raise ValueError("q shapes wrong")
-        mask = torch.full(tuple(shape[-2:]), -math.inf, dtype=dtype, device=device)
-        for (q_start, q_end), (k_start, k_end) in zip(self.q_seqinfo.intervals(), self.k_seqinfo.intervals()):
-            mask[q_start:q_end, k_start:k_end] = _materialize_causal_mask(
-                (q_end - q_start, k_end - k_start), dtype=dtype, device=device, from_bottomright=True
-            )
-        for _ in range(len(shape) - 2):
-            mask = mask.unsqueeze(0)
-        return mask.expand(tuple(shape))
-
-    @classmethod
-    def from_seqlens(
-        cls,
-        q_seqlen: Sequence[int],
-        kv_padding: int,
-        kv_seqlen: Sequence[int],
-        causal_diagonal: Any = None,
-    ) -> BlockDiagonalCausalWithOffsetPaddedKeysMask:
-        """Builds the mask from the query lengths, the slot size of the cache and the used key lengths."""
-        q_list = _as_int_list("q_seqlen", q_seqlen)
-        kv_list = _as_int_list("kv_seqlen", kv_seqlen)
-        if len(q_list) != len(kv_list):
-            raise ValueError(
-                f"q_seqlen and kv_seqlen must have one entry per sequence, got {len(q_list)} and {len(kv_list)}"
-            )
-        q_seqinfo = _SeqLenInfo.from_seqlens(q_list)
-        k_seqinfo = _PaddedSeqLenInfo.from_seqlens_padded(kv_list, kv_padding)
-        return cls(q_seqinfo=q_seqinfo, k_seqinfo=k_seqinfo, causal_diagonal=causal_diagonal)
+# The KV-cache biases (padded, gappy, paged) live in attn_bias_kv, which builds on the classes above; they are
+# part of this module's namespace (xFormers' `attn_bias.<name>`). The package imports this module first, so
+# attn_bias_kv always finds the names it imports from here.
+from triformers.ops.fmha.attn_bias_kv import (  # noqa: E402
+    VARLEN_BIASES,
+    BlockDiagonalCausalLocalAttentionPaddedKeysMask,
+    BlockDiagonalCausalWithOffsetGappyKeysMask,
+    BlockDiagonalCausalWithOffsetPaddedKeysMask,
+    BlockDiagonalGappyKeysMask,
+    BlockDiagonalLocalAttentionFromBottomRightGappyKeysMask,
+    BlockDiagonalLocalAttentionPaddedKeysMask,
+    BlockDiagonalPaddedKeysMask,
+    PagedBlockDiagonalCausalLocalPaddedKeysMask,
+    PagedBlockDiagonalCausalWithOffsetGappyKeysMask,
+    PagedBlockDiagonalCausalWithOffsetPaddedKeysMask,
+    PagedBlockDiagonalGappyKeysMask,
+    PagedBlockDiagonalPaddedKeysMask,
+    _GappySeqInfo,  # noqa: F401  (xFormers' attn_bias._GappySeqInfo)
+    _PaddedSeqLenInfo,  # noqa: F401
+)

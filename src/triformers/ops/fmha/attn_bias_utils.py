@@ -1,7 +1,10 @@
 """Random attention inputs for every bias type, for tests and benchmarks.
 
 ``create_inputs`` draws query/key/value and a bias of the requested type with random (but valid) structure:
-random block partitions for packed sequences, random windows, tensor biases with some ``-inf`` entries.
+random block partitions for packed sequences, random windows, tensor biases with some ``-inf`` entries,
+KV caches with random used lengths (empty ones included), gappy segments anywhere (overlapping too), and paged
+caches whose block tables are random permutations of the pages, with unused pages and page sizes that do not
+divide the lengths.
 """
 
 from __future__ import annotations
@@ -27,17 +30,34 @@ ALL_BIAS_TYPES: tuple[type | None, ...] = (
     ab.BlockDiagonalCausalFromBottomRightMask,
     ab.BlockDiagonalCausalLocalAttentionMask,
     ab.BlockDiagonalCausalLocalAttentionFromBottomRightMask,
+    ab.BlockDiagonalPaddedKeysMask,
     ab.BlockDiagonalCausalWithOffsetPaddedKeysMask,
+    ab.BlockDiagonalLocalAttentionPaddedKeysMask,
+    ab.BlockDiagonalCausalLocalAttentionPaddedKeysMask,
+    ab.BlockDiagonalGappyKeysMask,
+    ab.BlockDiagonalCausalWithOffsetGappyKeysMask,
+    ab.BlockDiagonalLocalAttentionFromBottomRightGappyKeysMask,
+    ab.PagedBlockDiagonalPaddedKeysMask,
+    ab.PagedBlockDiagonalCausalWithOffsetPaddedKeysMask,
+    ab.PagedBlockDiagonalCausalLocalPaddedKeysMask,
+    ab.PagedBlockDiagonalGappyKeysMask,
+    ab.PagedBlockDiagonalCausalWithOffsetGappyKeysMask,
 )
 
+#: KV-cache biases (padded, gappy, paged keys): queries packed, keys in a cache.
+KV_CACHE_TYPES = ALL_BIAS_TYPES[ALL_BIAS_TYPES.index(ab.BlockDiagonalPaddedKeysMask) :]
+PAGED_TYPES = tuple(t for t in KV_CACHE_TYPES if t.__name__.startswith("Paged"))
 BLOCK_DIAGONAL_TYPES = (
     ab.BlockDiagonalMask,
     ab.BlockDiagonalCausalMask,
     ab.BlockDiagonalCausalFromBottomRightMask,
     ab.BlockDiagonalCausalLocalAttentionMask,
     ab.BlockDiagonalCausalLocalAttentionFromBottomRightMask,
-    ab.BlockDiagonalCausalWithOffsetPaddedKeysMask,
+    *KV_CACHE_TYPES,
 )
+# Page sizes drawn for paged caches: odd ones (not dividing the lengths, pages straddling the kernels' tiles)
+# and a power of two.
+PAGE_SIZES = (3, 5, 16)
 
 
 def bias_name(bias_type: type | None) -> str:
@@ -112,8 +132,11 @@ def create_inputs(
     bias_type = type(None) if bias_type is None else bias_type
     B, Mq, Mkv = batch_size, q_len, kv_len
     bias = None
-    if bias_type in BLOCK_DIAGONAL_TYPES:
-        bias, Mq, Mkv = _block_diagonal(bias_type, B, q_len, kv_len, rng)
+    if bias_type in KV_CACHE_TYPES:
+        bias, Mq, Mkv = kv_cache_bias(bias_type, B, q_len, kv_len, rng, device=device)
+        B = 1
+    elif bias_type in BLOCK_DIAGONAL_TYPES:
+        bias, Mq, Mkv = _block_diagonal(bias_type, B, q_len, kv_len, rng, device)
         B = 1
     elif bias_type is ab.LowerTriangularMask:
         bias = ab.LowerTriangularMask()
@@ -144,12 +167,7 @@ def create_inputs(
     return AttentionInputs(make(Mq, k, False), make(Mkv, k, True), make(Mkv, kv, True), bias)
 
 
-def _block_diagonal(bias_type, B: int, q_len: int, kv_len: int, rng: random.Random):
-    if bias_type is ab.BlockDiagonalCausalWithOffsetPaddedKeysMask:
-        q_seqlen = _partition(B * q_len, B, rng)
-        kv_seqlen = [rng.randint(0, kv_len) for _ in range(B)]
-        bias = ab.BlockDiagonalCausalWithOffsetPaddedKeysMask.from_seqlens(q_seqlen, kv_len, kv_seqlen)
-        return bias, B * q_len, B * kv_len
+def _block_diagonal(bias_type, B: int, q_len: int, kv_len: int, rng: random.Random, device):
     nblocks = rng.randint(1, max(1, min(B * 2, B * q_len)))
     q_seqlen = _partition(B * q_len, nblocks, rng)
     if bias_type in (ab.BlockDiagonalCausalFromBottomRightMask,
@@ -158,7 +176,7 @@ def _block_diagonal(bias_type, B: int, q_len: int, kv_len: int, rng: random.Rand
         kv_seqlen = [a + b for a, b in zip(q_seqlen, extra)]
     else:
         kv_seqlen = _partition(B * kv_len, nblocks, rng)
-    base = ab.BlockDiagonalMask.from_seqlens(q_seqlen, kv_seqlen)
+    base = ab.BlockDiagonalMask.from_seqlens(q_seqlen, kv_seqlen, device=device)
     if bias_type is ab.BlockDiagonalMask:
         bias = base
     elif bias_type is ab.BlockDiagonalCausalMask:
@@ -172,3 +190,52 @@ def _block_diagonal(bias_type, B: int, q_len: int, kv_len: int, rng: random.Rand
     else:
         bias = base.make_local_attention_from_bottomright(rng.randint(1, max(1, max(kv_seqlen + [1]))))
     return bias, sum(q_seqlen), sum(kv_seqlen)
+
+
+def kv_cache_bias(
+    bias_type, B: int, q_len: int, kv_len: int, rng: random.Random, *, device="cpu", page_size: int | None = None
+):
+    """``(bias, Mq, Mkv)``: a random KV-cache bias of ``bias_type`` for ``B`` sequences of ``B * q_len`` packed
+    queries (random lengths, some empty) and up to ``kv_len`` keys each (random used lengths, 0 included).
+    Padded: slots of ``kv_len``; gappy: segments of a ``B * kv_len`` key axis, anywhere (overlapping too);
+    paged: rows of ``ceil(kv_len / page_size)`` pages, the block table a random permutation of more pages
+    than the rows use (``page_size`` drawn from :data:`PAGE_SIZES` unless given)."""
+    q_seqlen = _partition(B * q_len, B, rng)
+    kv_seqlen = [rng.randint(0, kv_len) for _ in range(B)]
+    window = (rng.randint(0, kv_len), rng.randint(0, kv_len))
+    name = bias_type.__name__
+    if "Paged" in name:
+        page_size = page_size or rng.choice(PAGE_SIZES)
+        pages = -(-kv_len // page_size)
+        spare = rng.randint(1, 3)  # pages no row uses
+        order = torch.randperm(B * pages + spare, generator=torch.Generator().manual_seed(rng.randint(0, 2**31)))
+        tables = order[: B * pages].view(B, pages).to(device=device, dtype=rng.choice((torch.int32, torch.int64)))
+        Mkv = (B * pages + spare) * page_size
+        if "Gappy" in name:
+            starts = [rng.randint(0, kv_len - n) for n in kv_seqlen]
+            bias = bias_type.from_seqlens(q_seqlen, starts, kv_seqlen, tables, page_size, device=device)
+        elif bias_type is ab.PagedBlockDiagonalCausalLocalPaddedKeysMask:
+            bias = bias_type.from_seqlens_local(
+                q_seqlen, kv_seqlen, tables, page_size, max(1, window[0]), device=device
+            )
+        else:
+            bias = bias_type.from_seqlens(q_seqlen, kv_seqlen, tables, page_size, device=device)
+        return bias, B * q_len, Mkv
+    if "Gappy" in name:
+        total = B * kv_len
+        starts = [rng.randint(0, total - n) for n in kv_seqlen]
+        base = ab.BlockDiagonalGappyKeysMask.from_seqlens(q_seqlen, [*starts, total], kv_seqlen, device=device)
+        if bias_type is ab.BlockDiagonalLocalAttentionFromBottomRightGappyKeysMask:
+            bias = bias_type(
+                q_seqinfo=base.q_seqinfo, k_seqinfo=base.k_seqinfo, window_left=window[0], window_right=window[1]
+            )
+        else:
+            bias = bias_type(q_seqinfo=base.q_seqinfo, k_seqinfo=base.k_seqinfo)
+        return bias, B * q_len, total
+    if bias_type is ab.BlockDiagonalLocalAttentionPaddedKeysMask:
+        bias = bias_type.from_seqlens_local(q_seqlen, kv_len, kv_seqlen, *window, device=device)
+    elif bias_type is ab.BlockDiagonalCausalLocalAttentionPaddedKeysMask:
+        bias = bias_type.from_seqlens_local(q_seqlen, kv_len, kv_seqlen, max(1, window[0]), device=device)
+    else:
+        bias = bias_type.from_seqlens(q_seqlen, kv_len, kv_seqlen, device=device)
+    return bias, B * q_len, B * kv_len

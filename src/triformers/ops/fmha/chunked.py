@@ -8,9 +8,15 @@ time, never the ``[Mq, Mkv]`` score matrix.
 
 - Masks come from :mod:`_mask` (every bias type): tiles a mask hides entirely are never visited, tiles it
   allows entirely are not masked, only boundary tiles build a mask.
+- KV caches (padded, gappy, paged keys): only each block's keys are read, so unused cache rows may hold
+  anything (NaN) and get zero dK/dV. A paged bias's key chunk is gathered through the block table (that
+  chunk's rows only, never the whole logical cache) and its dK/dV are scattered back with ``index_add_``.
 - GQA/MQA: a group's query heads are stacked into one matrix product with their shared K/V head (no
   expanded copy), and dK/dV come out summed over the group.
-- Half-precision inputs are computed in float32 tile by tile.
+- Half-precision inputs are computed in float32 tile by tile; the output may be written in another dtype
+  (``output_dtype``: float32 for partial attention).
+- Partial attention: the lse is an output with a gradient, which the backward takes in
+  ``delta_i = rowsum(dO_i * O_i) - dlse_i`` (``d lse_i / d s_ij = P_ij``).
 - Dropout regenerates its mask from the seed (:mod:`_rng`) in the backward; the mask is the one the Triton
   operator draws.
 """
@@ -23,7 +29,7 @@ from typing import ClassVar
 import torch
 
 from triformers.ops.common import register_operator
-from triformers.ops.fmha import _layout, _rng
+from triformers.ops.fmha import _layout, _rng, quantize
 from triformers.ops.fmha._mask import SUPPORTED_BIAS_TYPES, MaskSpec, mask_spec
 from triformers.ops.fmha.common import AttentionBwOpBase, AttentionFwOpBase, Context, Gradients, Inputs
 
@@ -59,19 +65,21 @@ class _Tiles:
     """The (query chunk, key chunk) tiles a mask lets through, and their masks."""
 
     def __init__(self, spec: MaskSpec, Mq: int, Mkv: int, chunk_q: int, chunk_k: int, device: torch.device):
-        self.spec, self.chunk_q, self.chunk_k, self.device = spec, chunk_q, chunk_k, device
+        self.spec, self.chunk_q, self.chunk_k, self.device, self.Mkv = spec, chunk_q, chunk_k, device, Mkv
         self.blocks = spec.blocks(Mq, Mkv)
 
     def query_chunks(self):
         """``(block, q0, q1)``: absolute query ranges, per block."""
-        for blk in self.blocks:
+        for index, blk in enumerate(self.blocks):
             q_start, q_len = blk[0], blk[1]
             for a in range(0, q_len, self.chunk_q):
-                yield blk, q_start + a, q_start + min(q_len, a + self.chunk_q)
+                yield (index, *blk), q_start + a, q_start + min(q_len, a + self.chunk_q)
 
     def key_chunks(self, blk, q0: int, q1: int):
-        """``(k0, k1, mask or None)`` for the key tiles query rows ``[q0, q1)`` of ``blk`` may see."""
-        q_start, _, k_start, k_len, offset = blk
+        """``(keys, mask or None)`` for the key tiles query rows ``[q0, q1)`` of ``blk`` may see: ``keys`` the
+        key rows, a slice (an int64 tensor of physical rows for a paged bias: only the chunk's rows are read
+        through the block table, never the whole logical cache)."""
+        index, q_start, _, k_start, k_len, offset = blk
         a, b = q0 - q_start, q1 - q_start
         lo, hi = self.spec.key_range(a, b, k_len, offset)
         for c in range(lo, hi, self.chunk_k):
@@ -81,15 +89,21 @@ class _Tiles:
                 i = torch.arange(a, b, device=self.device).view(-1, 1)
                 j = torch.arange(c, d, device=self.device).view(1, -1)
                 mask = self.spec.allowed(i, j, offset)
-            yield k_start + c, k_start + d, mask
+            if self.spec.is_paged:
+                keys = self.spec.key_rows(index, torch.arange(c, d, device=self.device), self.Mkv)
+            else:
+                keys = slice(k_start + c, k_start + d)
+            yield keys, mask
 
 
-def _dropout_scale(seed: int, p: float, L: _layout.Layout5, q0: int, q1: int, k0: int, k1: int) -> torch.Tensor:
-    """Keep mask divided by ``1 - p`` for tile rows ``[q0, q1)`` and columns ``[k0, k1)``, float32."""
+def _dropout_scale(seed: int, p: float, L: _layout.Layout5, q0: int, q1: int, keys) -> torch.Tensor:
+    """Keep mask divided by ``1 - p`` for tile rows ``[q0, q1)`` and key rows ``keys`` (the counter's column
+    is the key's row in the key tensor: a paged cache's physical row), float32."""
     B, _, G, Hg, _ = L.q.shape
     dev = L.q.device
     rows = torch.arange(q0, q1, device=dev).view(1, 1, 1, -1, 1)
-    cols = torch.arange(k0, k1, device=dev).view(1, 1, 1, 1, -1)
+    cols = keys if isinstance(keys, torch.Tensor) else torch.arange(keys.start, keys.stop, device=dev)
+    cols = cols.view(1, 1, 1, 1, -1)
     heads = torch.arange(B * G * Hg, device=dev).view(B, G, Hg, 1, 1)
     keep = _rng.keep_mask(seed, p, rows, cols, heads)
     return keep.to(torch.float32) * (1.0 / (1.0 - p) if p < 1.0 else 0.0)
@@ -100,19 +114,28 @@ def _acc_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _tile(x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-    """Rows ``[start, stop)`` of a canonical ``[B, M, G, H, X]`` tensor as ``[B, G, H, n, X]`` in the
-    accumulation dtype."""
-    return x[:, start:stop].permute(0, 2, 3, 1, 4).to(_acc_dtype(x))
+def _tile(x: torch.Tensor, rows: slice | torch.Tensor) -> torch.Tensor:
+    """Rows ``rows`` (a slice, or row indices: a gather) of a canonical ``[B, M, G, H, X]`` tensor as
+    ``[B, G, H, n, X]`` in the accumulation dtype."""
+    return x[:, rows].permute(0, 2, 3, 1, 4).to(_acc_dtype(x))
 
 
-def _scores(L, qf_scaled, k0, k1, q0, q1, mask):
+def _accumulate(buf: torch.Tensor, keys: slice | torch.Tensor, value: torch.Tensor) -> None:
+    """``buf[:, :, :, keys] += value`` for a ``[B, G, H, Mkv, X]`` buffer; row indices may repeat (a page
+    read twice), hence ``index_add_``."""
+    if isinstance(keys, torch.Tensor):
+        buf.index_add_(3, keys, value)
+    else:
+        buf[:, :, :, keys] += value
+
+
+def _scores(L, qf_scaled, keys, q0, q1, mask):
     """Scaled scores ``[B, G, Hg, n, nk]`` of one tile, bias added and mask applied."""
     hg = L.q.shape[3]
-    kc = _tile(L.k, k0, k1)  # [B, G, Hk, nk, K]
+    kc = _tile(L.k, keys)  # [B, G, Hk, nk, K]
     s = _unfold(qf_scaled @ kc.transpose(-1, -2), hg)
-    if L.bias is not None:
-        s = s + L.bias[:, :, :, q0:q1, k0:k1].to(s.dtype)
+    if L.bias is not None:  # tensor biases come without paging: keys is a slice
+        s = s + L.bias[:, :, :, q0:q1, keys].to(s.dtype)
     if mask is not None:
         s = s.masked_fill(~mask, -math.inf)
     return s
@@ -121,12 +144,13 @@ def _scores(L, qf_scaled, k0, k1, q0, q1, mask):
 def forward(inp: Inputs, seed: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns ``(out, lse)`` in the caller's layout (BMHK or BMGHK)."""
     q, k, v = inp.query, inp.key, inp.value
-    L = _layout.canonical(q, k, v, inp.tensor_bias)
+    # a quantized (int4/fp8) cache is dequantized a key chunk at a time, as the chunks are read
+    L = quantize.dequantized_layout(inp, _layout.canonical(q, k, v, inp.tensor_bias))
     spec = mask_spec(inp.attn_bias)
     B, Mq, G, Hg, _ = L.q.shape
     Mkv, hk, Kv = L.k.shape[1], L.k.shape[3], L.v.shape[-1]
     scale = inp.scale_float
-    out = torch.empty((*q.shape[:-1], Kv), dtype=q.dtype, device=q.device)
+    out = torch.empty((*q.shape[:-1], Kv), dtype=inp.get_output_dtype(), device=q.device)
     lse = torch.empty((q.shape[0], *q.shape[2:-1], Mq), dtype=torch.float32, device=q.device)
     out5, lse5 = L.to5(out), L.lse5(lse)
     acc_dtype = _acc_dtype(q)
@@ -134,20 +158,20 @@ def forward(inp: Inputs, seed: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     tiles = _Tiles(spec, Mq, Mkv, chunk_q, chunk_k, q.device)
     for blk, q0, q1 in tiles.query_chunks():
         n = q1 - q0
-        qf = _fold(_tile(L.q, q0, q1) * scale, hk)  # [B, G, Hk, rows, K]
+        qf = _fold(_tile(L.q, slice(q0, q1)) * scale, hk)  # [B, G, Hk, rows, K]
         m_i = torch.full((B, G, Hg, n), -math.inf, dtype=acc_dtype, device=q.device)
         l_i = torch.zeros((B, G, Hg, n), dtype=acc_dtype, device=q.device)
         acc = torch.zeros((B, G, Hg, n, Kv), dtype=acc_dtype, device=q.device)
-        for k0, k1, mask in tiles.key_chunks(blk, q0, q1):
-            s = _scores(L, qf, k0, k1, q0, q1, mask)
+        for keys, mask in tiles.key_chunks(blk, q0, q1):
+            s = _scores(L, qf, keys, q0, q1, mask)
             m_new = torch.maximum(m_i, s.amax(-1))
             m_safe = torch.where(m_new == -math.inf, 0.0, m_new)
             p = torch.exp(s - m_safe.unsqueeze(-1))
             alpha = torch.exp(m_i - m_safe)
             l_i = l_i * alpha + p.sum(-1)
             if seed is not None:
-                p = p * _dropout_scale(seed, inp.p, L, q0, q1, k0, k1).to(acc_dtype)
-            vc = _tile(L.v, k0, k1)  # [B, G, Hk, nk, Kv]
+                p = p * _dropout_scale(seed, inp.p, L, q0, q1, keys).to(acc_dtype)
+            vc = _tile(L.v, keys)  # [B, G, Hk, nk, Kv]
             acc = acc * alpha.unsqueeze(-1) + _unfold(_fold(p, hk) @ vc, Hg)
             m_i = m_new
         empty = l_i == 0
@@ -158,9 +182,10 @@ def forward(inp: Inputs, seed: int | None) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def backward(
-    ctx: Context, inp: Inputs, grad: torch.Tensor, seed: int | None
+    ctx: Context, inp: Inputs, grad: torch.Tensor, seed: int | None, grad_lse: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Returns ``(dq, dk, dv, dbias)`` for the caller's tensors (dbias None unless the bias needs grad)."""
+    """Returns ``(dq, dk, dv, dbias)`` for the caller's tensors (dbias None unless the bias needs grad);
+    ``grad_lse`` (shaped like ``ctx.lse``) is the gradient of the lse output of partial attention."""
     q, k, v = inp.query, inp.key, inp.value
     bias = inp.tensor_bias
     L = _layout.canonical(q, k, v, bias)
@@ -169,10 +194,14 @@ def backward(
     Mkv, hk, Kv = L.k.shape[1], L.k.shape[3], L.v.shape[-1]
     scale = inp.scale_float
     dev = q.device
-    go5, o5, lse5 = L.to5(grad), L.to5(ctx.out), L.lse5(ctx.lse)
-    # D_i = rowsum(dO_i * O_i) [B, G, Hg, Mq]
     acc_dtype = _acc_dtype(q)
+    if _acc_dtype(grad) != acc_dtype:  # an output_dtype whose tiles would not match the query's
+        grad = grad.to(acc_dtype)
+    go5, o5, lse5 = L.to5(grad), L.to5(ctx.out), L.lse5(ctx.lse)
+    # D_i = rowsum(dO_i * O_i) - dlse_i [B, G, Hg, Mq] (d lse_i / d s_ij = P_ij)
     delta = (go5.to(acc_dtype) * o5.to(acc_dtype)).sum(-1).permute(0, 2, 3, 1)
+    if grad_lse is not None:
+        delta = delta - L.lse5(grad_lse).to(acc_dtype)
     dq5 = torch.zeros((B, G, Hg, Mq, K), dtype=acc_dtype, device=dev)
     dk5 = torch.zeros((B, G, hk, Mkv, K), dtype=acc_dtype, device=dev)
     dv5 = torch.zeros((B, G, hk, Mkv, Kv), dtype=acc_dtype, device=dev)
@@ -184,32 +213,32 @@ def backward(
     chunk_q, chunk_k = _chunk_sizes(B * G * Hg, Mq, Mkv)
     tiles = _Tiles(spec, Mq, Mkv, chunk_q, chunk_k, dev)
     for blk, q0, q1 in tiles.query_chunks():
-        qf = _fold(_tile(L.q, q0, q1), hk)  # [B, G, Hk, rows, K]
+        qf = _fold(_tile(L.q, slice(q0, q1)), hk)  # [B, G, Hk, rows, K]
         qf_scaled = qf * scale
-        dof = _fold(_tile(go5, q0, q1), hk)  # [B, G, Hk, rows, Kv]
+        dof = _fold(_tile(go5, slice(q0, q1)), hk)  # [B, G, Hk, rows, Kv]
         lse_c = lse5[..., q0:q1]
         lse_c = torch.where(lse_c == -math.inf, math.inf, lse_c).unsqueeze(-1)
         delta_c = delta[..., q0:q1].unsqueeze(-1)
         dq_acc = torch.zeros_like(qf)
-        for k0, k1, mask in tiles.key_chunks(blk, q0, q1):
-            s = _scores(L, qf_scaled, k0, k1, q0, q1, mask)
+        for keys, mask in tiles.key_chunks(blk, q0, q1):
+            s = _scores(L, qf_scaled, keys, q0, q1, mask)
             prob = torch.exp(s - lse_c)  # [B, G, Hg, n, nk]
-            kc, vc = _tile(L.k, k0, k1), _tile(L.v, k0, k1)
+            kc, vc = _tile(L.k, keys), _tile(L.v, keys)
             dp = _unfold(dof @ vc.transpose(-1, -2), Hg)
             if seed is not None:
-                z = _dropout_scale(seed, inp.p, L, q0, q1, k0, k1).to(acc_dtype)
-                dv5[:, :, :, k0:k1] += _fold(prob * z, hk).transpose(-1, -2) @ dof
+                z = _dropout_scale(seed, inp.p, L, q0, q1, keys).to(acc_dtype)
+                _accumulate(dv5, keys, _fold(prob * z, hk).transpose(-1, -2) @ dof)
                 dp = dp * z
             else:
-                dv5[:, :, :, k0:k1] += _fold(prob, hk).transpose(-1, -2) @ dof
+                _accumulate(dv5, keys, _fold(prob, hk).transpose(-1, -2) @ dof)
             ds = prob * (dp - delta_c)
             dsf = _fold(ds, hk)
             dq_acc += dsf @ kc
-            dk5[:, :, :, k0:k1] += dsf.transpose(-1, -2) @ qf
+            _accumulate(dk5, keys, dsf.transpose(-1, -2) @ qf)
             if want_db:
                 part = ds.sum(dim=reduce_dims, keepdim=True) if reduce_dims else ds
                 qi = slice(None) if 3 in reduce_dims else slice(q0, q1)
-                ki = slice(None) if 4 in reduce_dims else slice(k0, k1)
+                ki = slice(None) if 4 in reduce_dims else keys
                 db5[:, :, :, qi, ki] += part
         dq5[:, :, :, q0:q1] = _unfold(dq_acc, Hg) * scale
     dq_out = L.from5(dq5.permute(0, 3, 1, 2, 4).to(q.dtype))
@@ -235,6 +264,13 @@ class FwOp(AttentionFwOpBase):
     SUPPORTS_CUSTOM_SCALE = True
     SUPPORTS_DIFFERENT_VALUE_EMBED = True
     SUPPORTS_BMGHK = True
+    SUPPORTS_OUTPUT_DTYPE = True
+    SUPPORTS_PARTIAL = True
+    SUPPORTS_QUANTIZED_KV = True  # int4/fp8 caches (forward only: int32 tensors have no gradient)
+
+    @classmethod
+    def not_supported_reasons(cls, d: Inputs) -> list[str]:
+        return super().not_supported_reasons(d) + quantize.cache_errors(d, None)
 
     @classmethod
     def apply(cls, inp: Inputs, needs_gradient: bool) -> tuple[torch.Tensor, Context | None]:
@@ -260,13 +296,15 @@ class BwOp(AttentionBwOpBase):
     SUPPORTS_DIFFERENT_VALUE_EMBED = True
     SUPPORTS_BMGHK = True
     SUPPORTS_ATTN_BIAS_GRAD = True
+    SUPPORTS_OUTPUT_DTYPE = True
+    SUPPORTS_PARTIAL = True
 
     @classmethod
-    def apply(cls, ctx: Context, inp: Inputs, grad: torch.Tensor) -> Gradients:
+    def apply(cls, ctx: Context, inp: Inputs, grad: torch.Tensor, grad_lse: torch.Tensor | None = None) -> Gradients:
         seed = None
         if inp.p > 0.0:
             if ctx.rng_state is None:
                 raise ValueError("dropout backward needs the forward's rng_state (the seed) in the Context")
             seed = int(ctx.rng_state[0])
-        dq, dk, dv, db = backward(ctx, inp, grad, seed)
+        dq, dk, dv, db = backward(ctx, inp, grad, seed, grad_lse)
         return Gradients(dq=dq, dk=dk, dv=dv, db=db)

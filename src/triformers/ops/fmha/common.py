@@ -37,10 +37,21 @@ class Inputs:
     attn_bias: torch.Tensor | ab.AttentionBias | None = None
     p: float = 0.0
     scale: float | None = None
+    output_dtype: torch.dtype | None = None  # None: see get_output_dtype
+    is_partial: bool = False  # attention over part of the keys, to be merged (the lse is an output too)
 
     @property
     def device(self) -> torch.device:
         return self.query.device
+
+    def get_output_dtype(self) -> torch.dtype:
+        """``output_dtype`` if set; else float32 for partial attention (unless the query is float64), so that
+        merging does not round the parts; else the query's dtype."""
+        if self.output_dtype is not None:
+            return self.output_dtype
+        if self.is_partial and self.query.dtype != torch.float64:
+            return torch.float32
+        return self.query.dtype
 
     @property
     def scale_float(self) -> float:
@@ -66,7 +77,9 @@ class Inputs:
         """Turns BMK inputs into BMHK (H = 1) in place; returns the output shape in the caller's layout."""
         if self.query.ndim not in (3, 4, 5):
             raise ValueError(f"Invalid shape for query: {tuple(self.query.shape)}; expected {_LAYOUTS}")
-        output_shape = (*self.query.shape[:-1], self.value.shape[-1])
+        # a quantized (int32) value holds packed words: the output has the query's head dim
+        out_dim = self.query.shape[-1] if self.value.dtype == torch.int32 else self.value.shape[-1]
+        output_shape = (*self.query.shape[:-1], out_dim)
         if self.query.ndim == 3:
             self.query, self.key, self.value = (x.unsqueeze(2) for x in (self.query, self.key, self.value))
             if isinstance(self.attn_bias, torch.Tensor):
@@ -90,10 +103,11 @@ class Inputs:
                 f"Query/Key/Value should all be on the same device: query on {q.device}, key on {k.device}, "
                 f"value on {v.device}; move them with .to(query.device)"
             )
-        if not (q.dtype == k.dtype == v.dtype):
+        if not (q.dtype == k.dtype == v.dtype) and not (k.dtype == v.dtype == torch.int32):
             raise ValueError(
                 f"Query/Key/Value should all have the same dtype: query {q.dtype}, key {k.dtype}, "
-                f"value {v.dtype}; cast them with .to(query.dtype)"
+                f"value {v.dtype}; cast them with .to(query.dtype) (or pass a quantized KV cache: int32 key "
+                "and value, see ops.fmha.quantize)"
             )
         if not q.is_floating_point():
             raise ValueError(f"query.dtype={q.dtype}; attention needs float16, bfloat16 or float32 inputs")
@@ -109,12 +123,18 @@ class Inputs:
             )
         self._validate_shapes()
         self._validate_tensor_bias()
-        if isinstance(bias, (ab.BlockDiagonalMask, ab.BlockDiagonalCausalWithOffsetPaddedKeysMask)):
+        if isinstance(bias, ab.VARLEN_BIASES):
             self._validate_block_diagonal(bias)
         if not isinstance(self.p, (int, float)) or not 0.0 <= float(self.p) <= 1.0:
             raise ValueError(f"Invalid dropout probability: p={self.p!r}; expected 0 <= p <= 1")
         if self.scale is not None and not (isinstance(self.scale, (int, float)) and math.isfinite(self.scale)):
             raise ValueError(f"scale must be a finite float or None, got {self.scale!r}")
+        out_dtype = self.output_dtype
+        if out_dtype is not None and not (isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point):
+            raise ValueError(
+                f"output_dtype={out_dtype!r} is not a floating-point torch.dtype; pass e.g. torch.float32, or None "
+                f"for the query's dtype ({q.dtype})"
+            )
         for name, x in (("query", q), ("key", k), ("value", v)):
             if x.numel() and x.stride(-1) != 1:
                 raise ValueError(
@@ -135,7 +155,7 @@ class Inputs:
                 f"Incompatible shapes for attention inputs: key has {k.shape[1]} positions but value has "
                 f"{v.shape[1]} ({_describe('key', k)}, {_describe('value', v)}); they must match"
             )
-        if k.shape[-1] != q.shape[-1]:
+        if k.shape[-1] != q.shape[-1] and k.dtype != torch.int32:  # int32: packed words of a quantized cache
             raise ValueError(
                 f"Incompatible shapes for attention inputs: key.shape[-1]={k.shape[-1]} but "
                 f"query.shape[-1]={q.shape[-1]} ({_describe('query', q)}, {_describe('key', k)}); query and "
@@ -198,16 +218,43 @@ class Inputs:
                 f"Expected batch_size=1 when using block-diagonal bias {kind}: {_describe('query', q)}; pack "
                 "the sequences along M with BlockDiagonalMask.from_tensor_list (or x.reshape(1, -1, ...))"
             )
-        q_total, k_total = bias.q_seqinfo.seqstart_py[-1], bias.k_seqinfo.seqstart_py[-1]
+        q_total = bias.q_seqinfo.seqstart_py[-1]
         if q.shape[1] != q_total:
             raise ValueError(
                 f"{kind} describes {q_total} queries in total but query.shape[1]={q.shape[1]} "
                 f"({_describe('query', q)}); build the bias from the same sequence lengths as the packed query"
             )
-        if k.shape[1] != k_total:
+        if isinstance(bias, (ab.PagedBlockDiagonalPaddedKeysMask, ab.PagedBlockDiagonalGappyKeysMask)):
+            self._validate_paged(bias)
+        else:
+            k_total = bias.k_seqinfo.seqstart_py[-1]
+            if k.shape[1] != k_total:
+                raise ValueError(
+                    f"{kind} describes {k_total} key positions in total but key.shape[1]={k.shape[1]} "
+                    f"({_describe('key', k)}); build the bias from the same lengths (and padding) as the keys"
+                )
+        if not isinstance(bias, ab.BlockDiagonalMask):  # KV-cache biases: operators read their tensors
+            tensors = [bias.q_seqinfo.seqstart, bias.k_seqinfo.seqstart, bias.k_seqinfo.seqlen]
+            tensors += [bias.block_tables] if hasattr(bias, "block_tables") else []
+            if any(t.device != q.device for t in tensors):
+                raise ValueError(
+                    f"{kind}'s tensors are on {sorted({str(t.device) for t in tensors})} but query is on "
+                    f"{q.device}; move the bias with attn_bias.to(query.device) (or build it with device=...)"
+                )
+
+    def _validate_paged(self, bias: Any) -> None:
+        """The cache holds whole pages, and every page id of the table (its largest, kept by the bias) is one."""
+        k, kind, page_size = self.key, type(bias).__name__, bias.page_size
+        if k.shape[1] % page_size:
             raise ValueError(
-                f"{kind} describes {k_total} key positions in total but key.shape[1]={k.shape[1]} "
-                f"({_describe('key', k)}); build the bias from the same lengths (and padding) as the keys"
+                f"{kind}: key.shape[1]={k.shape[1]} is not a multiple of page_size={page_size} "
+                f"({_describe('key', k)}); the paged cache must hold whole pages [1, num_pages * page_size, ...]"
+            )
+        if bias._max_page >= k.shape[1] // page_size:
+            raise ValueError(
+                f"{kind}: block_tables refers to page {bias._max_page} but the cache holds "
+                f"{k.shape[1] // page_size} pages of {page_size} keys (key.shape[1]={k.shape[1]}); fix block_tables "
+                f"or pass a cache of at least {(bias._max_page + 1) * page_size} keys"
             )
 
 
@@ -261,6 +308,9 @@ class AttentionOpBase(BaseOperator):
     SUPPORTS_CUSTOM_SCALE: ClassVar[bool] = False
     SUPPORTS_DIFFERENT_VALUE_EMBED: ClassVar[bool] = False
     SUPPORTS_BMGHK: ClassVar[bool] = False
+    SUPPORTS_OUTPUT_DTYPE: ClassVar[bool] = False  # writes an output dtype other than the query's
+    SUPPORTS_PARTIAL: ClassVar[bool] = False  # partial attention: returns (forward) or takes (backward) lse grads
+    SUPPORTS_QUANTIZED_KV: ClassVar[bool] = False  # int32 key/value: a quantized cache (ops.fmha.quantize)
     IS_DETERMINISTIC: ClassVar[bool] = True
     ERROR_ATOL: ClassVar[dict[torch.dtype, float]] = {}
     ERROR_RTOL: ClassVar[dict[torch.dtype, float]] = {}
@@ -302,6 +352,12 @@ class AttentionOpBase(BaseOperator):
             reasons.append("operator is non-deterministic, but `torch.use_deterministic_algorithms` is set")
         if q.ndim == 5 and not cls.SUPPORTS_BMGHK:
             reasons.append("operator does not support BMGHK format")
+        if d.output_dtype is not None and d.output_dtype != q.dtype and not cls.SUPPORTS_OUTPUT_DTYPE:
+            reasons.append("Custom output dtype not supported")
+        if d.is_partial and not cls.SUPPORTS_PARTIAL:
+            reasons.append("Partial attention not supported")
+        if d.key.dtype == torch.int32 and not cls.SUPPORTS_QUANTIZED_KV:
+            reasons.append("quantized (int32) key/value: fmha.triton_splitk dequantizes them")
         return reasons
 
     @classmethod
@@ -330,12 +386,18 @@ class AttentionFwOpBase(AttentionOpBase):
         raise NotImplementedError()
 
     @classmethod
-    def apply_autograd(cls, inp: Inputs) -> torch.Tensor:
+    def apply_autograd(cls, inp: Inputs) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The output with its autograd graph; ``(out, lse)``, both differentiable, when ``inp.is_partial``."""
         raise NotImplementedError()
 
 
 class AttentionBwOpBase(AttentionOpBase):
-    """Backward operator: ``apply(ctx, inp, grad) -> Gradients``."""
+    """Backward operator: ``apply(ctx, inp, grad, grad_lse=None) -> Gradients``.
+
+    ``grad_lse`` (float32, shaped like ``ctx.lse``) is the gradient of the lse output of partial attention;
+    only operators with ``SUPPORTS_PARTIAL`` receive it. Since ``d lse_i / d s_ij = P_ij``, it enters the
+    usual backward as ``delta_i = rowsum(dO_i * O_i) - grad_lse_i``.
+    """
 
     SUPPORTS_ATTN_BIAS_GRAD: ClassVar[bool] = False
     ERROR_ATOL: ClassVar[dict[torch.dtype, float]] = {torch.float: 9e-4, torch.half: 0.1, torch.bfloat16: 0.9}
@@ -350,7 +412,7 @@ class AttentionBwOpBase(AttentionOpBase):
         return reasons
 
     @classmethod
-    def apply(cls, ctx: Context, inp: Inputs, grad: torch.Tensor) -> Gradients:
+    def apply(cls, ctx: Context, inp: Inputs, grad: torch.Tensor, grad_lse: torch.Tensor | None = None) -> Gradients:
         raise NotImplementedError()
 
 

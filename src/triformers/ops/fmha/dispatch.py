@@ -19,8 +19,9 @@ records are in ``benchmarks/results/cpu/fmha_cpu.json`` and the README):
 2. With gradients, block-diagonal masks whose blocks average fewer than ``CPU_SDPA_MIN_BLOCK_GRAD``
    queries go to ``chunked`` first: per-block autograd graphs made SDPA 1.2x (128-query blocks) to 3.7x
    (32-query blocks) slower there.
-3. ``chunked`` for everything else: bottom-right and local masks, padded keys, dropout, bias gradients,
-   and the low-level API (which needs the lse).
+3. ``chunked`` for everything else: bottom-right and local masks, dropout, bias gradients, the low-level API
+   (which needs the lse), and the KV-cache biases (padded, gappy, paged keys), which SDPA cannot express
+   (``chunked`` alone is tried for those).
 
 CUDA (measured with ``python -m triformers.benchmarks.fmha`` on an H100, bf16; records in
 ``benchmarks/results/h100/fmha.json``):
@@ -34,23 +35,45 @@ CUDA (measured with ``python -m triformers.benchmarks.fmha`` on an H100, bf16; r
    equivalent but a materialized mask. Tensor biases stay on Triton: cuDNN's forward was 1.2x faster at
    N = 2048 but it has no backward for a bias that requires grad (the memory-efficient backend's was on a
    par with ours, 99 vs 94 TFLOP/s).
+3. KV-cache biases (padded, gappy, paged keys): ``triton``, then ``chunked`` (SDPA cannot express them).
+   The backward of a paged bias (and of overlapping gappy segments) runs on ``chunked``, with a warning
+   the first time.
+4. Decoding without gradients (:func:`is_decoding`: at most ``SPLITK_MAX_Q`` queries per sequence, at least
+   ``SPLITK_MIN_KEYS`` keys per sequence): ``triton_splitk`` first (flash-decoding: the keys of a sequence
+   split among programs, GQA heads sharing one K/V read), then the list above; not under ``torch.compile``
+   (split-K is not a custom op: the list above traces without graph breaks).
+
+Quantized KV caches (int32 key/value, ``ops.fmha.quantize``) run on ``triton_splitk`` (CUDA, and the CPU under
+Triton's interpreter), whatever the shapes, else on ``chunked`` (which dequantizes each key chunk as it reads
+it; on CUDA with a warning the first time, as a slow path).
 """
 
 from __future__ import annotations
 
 import os
 import textwrap
+import warnings
 from collections.abc import Sequence
 
 import torch
 
 from triformers.ops.fmha import attn_bias as ab
 from triformers.ops.fmha import chunked, sdpa
+from triformers.ops.fmha._mask import KV_CACHE_BIAS_TYPES, PAGED_BIAS_TYPES
 from triformers.ops.fmha.common import AttentionBwOpBase, AttentionFwOpBase, AttentionOpBase, Inputs
 
 # Smallest average block (queries per block) for which per-block SDPA with autograd beat the chunked
 # operator on the CPU (fp32, H = 8, K = 64, 4096 tokens): at 128 it was 1.2x slower, at 256 1.6x faster.
 CPU_SDPA_MIN_BLOCK_GRAD = 256
+
+# Decoding shapes for the split-K operator (rule 4), from `python scripts/tune_splitk.py --crossover` on an H200
+# (bf16, Hq = 32, Hkv = 8, D = 128, causal from the bottom right): split-K was faster than fmha.triton at every
+# Mq <= 8 queries per sequence, e.g. (B, L) = (1, 32768): 90 vs 337 us at Mq = 1, 129 vs 338 at Mq = 8;
+# (8, 8192): 110 vs 138 at Mq = 8, a tie at 16 (137.9 vs 137.8), slower from 32; (64, 2048): 195 vs 306 at
+# Mq = 8, 242 vs 308 at 16, slower from 32. SPLITK_MIN_KEYS: below it a sequence's keys fit a few tiles of
+# the FlashAttention kernel (not measured: the split-K kernel needs a split of at least 256 keys to split).
+SPLITK_MAX_Q = 8
+SPLITK_MIN_KEYS = 256
 
 _OP_FAMILIES = {"chunked": (chunked.FwOp, chunked.BwOp), "sdpa": (sdpa.FwOp, sdpa.BwOp)}
 
@@ -91,6 +114,8 @@ def _avg_block(bias) -> float:
 
 def _cpu_priority(inp: Inputs, needs_gradient: bool) -> list[type[AttentionFwOpBase]]:
     bias = inp.attn_bias
+    if type(bias) in KV_CACHE_BIAS_TYPES:
+        return [chunked.FwOp]
     if needs_gradient and isinstance(bias, ab.BlockDiagonalMask) and _avg_block(bias) < CPU_SDPA_MIN_BLOCK_GRAD:
         return [chunked.FwOp, sdpa.FwOp]
     return [sdpa.FwOp, chunked.FwOp]
@@ -102,15 +127,47 @@ _CUDA_SDPA_FIRST = (type(None), ab.LowerTriangularMask, ab.LowerTriangularFromBo
 def _cuda_priority(inp: Inputs) -> list[type[AttentionFwOpBase]]:
     pair = _triton_pair()
     triton_ops = [pair[0]] if pair is not None else []
+    if type(inp.attn_bias) in KV_CACHE_BIAS_TYPES:
+        return [*triton_ops, chunked.FwOp]
     if type(inp.attn_bias) in _CUDA_SDPA_FIRST and inp.p == 0.0:
         return [sdpa.FwOp, *triton_ops, chunked.FwOp]
     return [*triton_ops, sdpa.FwOp, chunked.FwOp]
 
 
+def _splitk_op(inp: Inputs) -> type[AttentionFwOpBase] | None:
+    """The split-K operator for ``inp`` (for an int4 cache, the one with its number of groups)."""
+    try:
+        from triformers.ops.fmha import triton_splitk
+    except ImportError:
+        return None
+    return triton_splitk.operator_for(inp)
+
+
+def is_decoding(inp: Inputs) -> bool:
+    """Few queries per sequence (``<= SPLITK_MAX_Q``) against many keys (``>= SPLITK_MIN_KEYS``), from shapes
+    and the bias's fixed parameters only (longest query block, padding or block-table width)."""
+    bias, q, k = inp.attn_bias, inp.query, inp.key
+    if hasattr(bias, "q_seqinfo") and hasattr(bias, "k_seqinfo"):
+        q_per_seq = bias.q_seqinfo.max_seqlen
+        table = getattr(bias, "block_tables", None)
+        keys = getattr(bias.k_seqinfo, "padding", None) or bias.k_seqinfo.max_seqlen
+        if table is not None:
+            keys = table.shape[1] * bias.page_size
+    else:
+        q_per_seq, keys = q.shape[1], k.shape[1]
+    return q_per_seq <= SPLITK_MAX_Q and keys >= SPLITK_MIN_KEYS
+
+
 def fw_priority_list(inp: Inputs, needs_gradient: bool) -> list[type[AttentionFwOpBase]]:
     """Forward operators to try, best first."""
+    if inp.key.dtype == torch.int32:  # a quantized cache
+        splitk = _splitk_op(inp)
+        return ([splitk] if splitk is not None else []) + [chunked.FwOp]
     if inp.query.device.type == "cuda":
-        return _cuda_priority(inp)
+        # not while torch.compile traces: split-K is not a custom op, the operators below trace without breaks
+        decode = not needs_gradient and is_decoding(inp) and not torch.compiler.is_compiling()
+        splitk = _splitk_op(inp) if decode else None
+        return ([splitk] if splitk is not None else []) + _cuda_priority(inp)
     if inp.query.device.type == "cpu":
         return _cpu_priority(inp, needs_gradient)
     return [chunked.FwOp]
@@ -183,8 +240,8 @@ def ensure_op_supports(name: str, op: type[AttentionOpBase], inp: Inputs, *, nee
 
 # Decisions of dispatch_fw (and checks of an explicitly chosen operator) for inputs that differ only in their
 # values: the choice is a pure function of shapes, strides, dtypes, devices, gradient flags, the bias's type
-# and parameters (a block-diagonal bias's sequence boundaries included), p, scale, torch's determinism and
-# SDPA backend switches, all in the key. It saves the ~20 us of reasons per call that
+# and parameters (a block-diagonal bias's sequence boundaries included), p, scale, output dtype, partial or not,
+# torch's determinism and SDPA backend switches, all in the key. It saves the ~20 us of reasons per call that
 # showed on small kernels (D=128, N=1024 causal forward: 0.25 ms per call instead of the kernel's 0.16).
 _FW_CACHE: dict[tuple, type[AttentionFwOpBase]] = {}
 _SUPPORTED: set[tuple] = set()  # (operator, key) pairs an explicitly chosen operator was found to support
@@ -208,6 +265,32 @@ def _block_diagonal_key(bias) -> tuple:
     return key
 
 
+def _kv_cache_key(bias) -> tuple:
+    """The parameters of a KV-cache bias that operators' support may depend on, computed once per bias object.
+    Key lengths are left out where they change in place between calls (padded, paged: decoding steps), and
+    kept for gappy keys (the Triton backward refuses overlapping segments); a paged bias adds its page size
+    and its table's shape, address and largest page id."""
+    key = bias.__dict__.get("_triformers_key")
+    if key is None:
+        q, k = bias.q_seqinfo, bias.k_seqinfo
+        key = (
+            type(bias),
+            getattr(bias, "_window_size", None),
+            getattr(bias, "window_left", None),
+            getattr(bias, "window_right", None),
+            len(q.seqstart_py),
+            q.seqstart_py[-1],
+            q.max_seqlen,
+            getattr(k, "padding", None),
+        )
+        if type(bias) in PAGED_BIAS_TYPES:
+            key += (bias.page_size, tuple(bias.block_tables.shape), bias.block_tables.data_ptr(), bias._max_page)
+        elif isinstance(bias, ab.BlockDiagonalGappyKeysMask):
+            key += (tuple(k.seqstart_py), tuple(k.seqlen_py))
+        object.__setattr__(bias, "_triformers_key", key)
+    return key
+
+
 def _fw_cache_key(inp: Inputs, needs_gradient: bool | None, needs_lse: bool) -> tuple | None:
     bias = inp.attn_bias
     if torch.compiler.is_compiling():
@@ -215,8 +298,12 @@ def _fw_cache_key(inp: Inputs, needs_gradient: bool | None, needs_lse: bool) -> 
     if isinstance(bias, torch.Tensor):
         bias_key = _tensor_key(bias)
     elif type(bias) in _CACHEABLE_BIAS:
-        bias_key = (type(bias), getattr(bias, "_window_size", None), getattr(bias, "window_left", None),
-                    getattr(bias, "window_right", None))
+        bias_key = (
+            type(bias), getattr(bias, "_window_size", None), getattr(bias, "window_left", None),
+            getattr(bias, "window_right", None),
+        )
+    elif type(bias) in KV_CACHE_BIAS_TYPES:
+        bias_key = _kv_cache_key(bias)
     elif hasattr(bias, "q_seqinfo") and hasattr(bias, "k_seqinfo"):
         bias_key = _block_diagonal_key(bias)
     else:
@@ -224,10 +311,14 @@ def _fw_cache_key(inp: Inputs, needs_gradient: bool | None, needs_lse: bool) -> 
     backends = ()
     if inp.query.device.type == "cuda":
         b = torch.backends.cuda
-        backends = (b.flash_sdp_enabled(), b.mem_efficient_sdp_enabled(), b.cudnn_sdp_enabled(),
-                    b.math_sdp_enabled(), b.matmul.allow_tf32)
-    return (needs_gradient, needs_lse, _tensor_key(inp.query), _tensor_key(inp.key), _tensor_key(inp.value),
-            bias_key, inp.p, inp.scale, torch.are_deterministic_algorithms_enabled(), backends)
+        backends = (
+            b.flash_sdp_enabled(), b.mem_efficient_sdp_enabled(), b.cudnn_sdp_enabled(), b.math_sdp_enabled(),
+            b.matmul.allow_tf32,
+        )
+    return (
+        needs_gradient, needs_lse, _tensor_key(inp.query), _tensor_key(inp.key), _tensor_key(inp.value), bias_key,
+        inp.p, inp.scale, inp.output_dtype, inp.is_partial, torch.are_deterministic_algorithms_enabled(), backends,
+    )
 
 
 def dispatch_fw(inp: Inputs, needs_gradient: bool, *, needs_lse: bool = False) -> type[AttentionFwOpBase]:
@@ -242,6 +333,13 @@ def dispatch_fw(inp: Inputs, needs_gradient: bool, *, needs_lse: bool = False) -
     op = run_priority_list(
         "memory_efficient_attention_forward", fw_priority_list(inp, needs_gradient), inp, needs_lse=needs_lse
     )
+    if op is chunked.FwOp and inp.key.dtype == torch.int32 and inp.query.device.type == "cuda" and not _WARNED_FW:
+        _WARNED_FW.add(True)
+        warnings.warn(
+            "memory_efficient_attention: this quantized KV cache runs on fmha.chunked (pure PyTorch, slower than "
+            "fmha.triton_splitk, which cannot run it: see its reasons with triton_splitk.FwOp.not_supported_reasons)",
+            stacklevel=2,
+        )
     if key is not None:
         if len(_FW_CACHE) >= _FW_CACHE_MAX:
             _FW_CACHE.clear()
@@ -250,9 +348,22 @@ def dispatch_fw(inp: Inputs, needs_gradient: bool, *, needs_lse: bool = False) -
 
 
 def dispatch_bw(inp: Inputs) -> type[AttentionBwOpBase]:
-    """The backward operator for ``inp``."""
+    """The backward operator for ``inp`` (warning once per bias type when CUDA inputs fall back to the
+    pure-PyTorch ``chunked`` backward)."""
     forced = forced_ops()
     if forced is not None and not getattr(forced[1], "NAME", "").startswith("sdpa"):
         ensure_op_supports("memory_efficient_attention_backward", forced[1], inp)
         return forced[1]
-    return run_priority_list("memory_efficient_attention_backward", bw_priority_list(inp), inp)
+    op = run_priority_list("memory_efficient_attention_backward", bw_priority_list(inp), inp)
+    if op is chunked.BwOp and inp.query.device.type == "cuda" and type(inp.attn_bias) not in _WARNED_BW:
+        _WARNED_BW.add(type(inp.attn_bias))
+        warnings.warn(
+            f"memory_efficient_attention: the backward with {type(inp.attn_bias).__name__} on CUDA runs on "
+            "fmha.chunked (pure PyTorch, slower than the Triton kernels, which cannot run it)",
+            stacklevel=2,
+        )
+    return op
+
+
+_WARNED_BW: set[type] = set()
+_WARNED_FW: set[bool] = set()  # the quantized-cache fallback above, warned once

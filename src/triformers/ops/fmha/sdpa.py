@@ -211,6 +211,8 @@ class FwOp(AttentionFwOpBase):
     SUPPORTS_CUSTOM_SCALE = True
     SUPPORTS_DIFFERENT_VALUE_EMBED = True
     SUPPORTS_BMGHK = True
+    SUPPORTS_OUTPUT_DTYPE = False  # torch's kernels write the query's dtype
+    SUPPORTS_PARTIAL = False  # no lse
     RETURNS_LSE = False
     NATIVE_AUTOGRAD = True
 
@@ -250,6 +252,8 @@ class BwOp(AttentionBwOpBase):
     SUPPORTS_DIFFERENT_VALUE_EMBED = True
     SUPPORTS_BMGHK = True
     SUPPORTS_ATTN_BIAS_GRAD = True
+    SUPPORTS_OUTPUT_DTYPE = False  # it backpropagates through a recomputed output in the query's dtype
+    SUPPORTS_PARTIAL = False  # no lse gradient
 
     @classmethod
     def not_supported_reasons(cls, d: Inputs) -> list[str]:

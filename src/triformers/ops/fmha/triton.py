@@ -3,6 +3,10 @@
 - Masks are applied from their parameters (block starts, windows, padding), never from a materialized
   tensor; tiles a mask hides are skipped and only boundary tiles compute a mask. Block-diagonal biases run
   as true varlen: packed sequences, one launch.
+- KV-cache biases (padded, gappy keys) are per-block key starts and lengths, read from the bias's own device
+  tensors (in-place updates and CUDA-graph replays reach the kernels); unused cache rows may hold NaN. Paged
+  biases gather K/V rows through the block table, in the forward only: their backward runs on
+  ``fmha.chunked`` (``BwOp`` does not list them), as does the backward of gappy keys whose segments overlap.
 - Tensor biases with any strides (stride-0 broadcast dims read in place), with their gradient, reduced
   over broadcast dims.
 - GQA/MQA natively: shared K/V heads are read in place and dK/dV are summed over the group in the kernel.
@@ -11,6 +15,8 @@
 - Any head dim up to 256 (padded in registers to the next power of two, not by copying); fp16, bf16, fp32
   (TF32 only if ``torch.backends.cuda.matmul.allow_tf32``); a deterministic backward (no atomics) under
   ``torch.use_deterministic_algorithms(True)``.
+- The output may be written in another dtype than the inputs' (``output_dtype``; float32 for partial
+  attention), and the lse is a differentiable output: its gradient enters the backward through ``delta``.
 - The kernels are ``torch.library`` custom ops (``triformers::flash_fwd``, ``triformers::flash_bwd``) with
   fake implementations and a registered autograd formula, so ``torch.compile(fullgraph=True)`` traces
   ``memory_efficient_attention`` without graph breaks.
@@ -27,7 +33,8 @@ import torch
 from triformers._triton import interpret_mode, is_triton_available, triton_unavailable_reason
 from triformers.ops.common import register_operator
 from triformers.ops.fmha import _layout, _rng, dispatch
-from triformers.ops.fmha._mask import SUPPORTED_BIAS_TYPES
+from triformers.ops.fmha import attn_bias as ab
+from triformers.ops.fmha._mask import PAGED_BIAS_TYPES, SUPPORTED_BIAS_TYPES
 from triformers.ops.fmha.common import AttentionBwOpBase, AttentionFwOpBase, Context, Gradients, Inputs
 
 MAX_HEAD_DIM = 256
@@ -44,40 +51,61 @@ def _launch():
 # ------------------------------------------------------------------------------------------------------
 
 
-def _mask_args(seq_q, k_start, k_len, max_q, max_k, bottom_right, window_left, window_right, keys_covered):
-    return _launch().MaskArgs(seq_q, k_start, k_len, max_q, max_k, bottom_right, window_left, window_right,
-                              keys_covered)
+def _mask_args(
+    seq_q, k_start, k_len, max_q, max_k, bottom_right, window_left, window_right, keys_covered, block_tables=None,
+    page_size=0,
+):
+    return _launch().MaskArgs(
+        seq_q, k_start, k_len, max_q, max_k, bottom_right, window_left, window_right, keys_covered, block_tables,
+        page_size,
+    )
 
 
-def _fwd_impl(q, k, v, bias, seq_q, k_start, k_len, max_q, max_k, bottom_right, window_left, window_right,
-              keys_covered, p, seed, scale, share_kv, bias_is_leaf):
+def _fwd_impl(
+    q, k, v, bias, seq_q, k_start, k_len, max_q, max_k, bottom_right, window_left, window_right, keys_covered, p, seed,
+    scale, share_kv, bias_is_leaf, out_dtype, block_tables, page_size,
+):
+    m = _mask_args(
+        seq_q, k_start, k_len, max_q, max_k, bottom_right, window_left, window_right, keys_covered, block_tables,
+        page_size,
+    )
+    return _launch().attention_forward(
+        q, k, v, bias, m, p, 0 if seed is None else int(seed[0]), scale, share_kv, out_dtype
+    )
+
+
+def _bwd_impl(
+    grad, q, k, v, out, lse, bias, db_reduce_mask, seq_q, k_start, k_len, max_q, max_k, bottom_right, window_left,
+    window_right, keys_covered, p, seed, scale, share_kv, deterministic, grad_lse,
+):
     m = _mask_args(seq_q, k_start, k_len, max_q, max_k, bottom_right, window_left, window_right, keys_covered)
-    return _launch().attention_forward(q, k, v, bias, m, p, 0 if seed is None else int(seed[0]), scale, share_kv)
-
-
-def _bwd_impl(grad, q, k, v, out, lse, bias, db_reduce_mask, seq_q, k_start, k_len, max_q, max_k, bottom_right,
-              window_left, window_right, keys_covered, p, seed, scale, share_kv, deterministic):
-    m = _mask_args(seq_q, k_start, k_len, max_q, max_k, bottom_right, window_left, window_right, keys_covered)
-    return _launch().attention_backward(grad, q, k, v, out, lse, bias, db_reduce_mask, m, p,
-                                        0 if seed is None else int(seed[0]), scale, share_kv, deterministic)
+    return _launch().attention_backward(
+        grad, q, k, v, out, lse, bias, db_reduce_mask, m, p, 0 if seed is None else int(seed[0]), scale, share_kv,
+        deterministic, grad_lse,
+    )
 
 
 @torch.library.custom_op("triformers::flash_fwd", mutates_args=())
 def flash_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
-    seq_q: torch.Tensor | None, k_start: torch.Tensor | None, k_len: torch.Tensor | None,
-    max_q: int, max_k: int, bottom_right: bool, window_left: int, window_right: int, keys_covered: bool,
-    p: float, seed: torch.Tensor | None, scale: float, share_kv: bool, bias_is_leaf: bool,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, seq_q: torch.Tensor | None,
+    k_start: torch.Tensor | None, k_len: torch.Tensor | None, max_q: int, max_k: int, bottom_right: bool,
+    window_left: int, window_right: int, keys_covered: bool, p: float, seed: torch.Tensor | None, scale: float,
+    share_kv: bool, bias_is_leaf: bool, out_dtype: torch.dtype, block_tables: torch.Tensor | None, page_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(out, lse)``; ``keys_covered`` and ``bias_is_leaf`` only inform the backward."""
-    return _fwd_impl(q, k, v, bias, seq_q, k_start, k_len, max_q, max_k, bottom_right, window_left, window_right,
-                     keys_covered, p, seed, scale, share_kv, bias_is_leaf)
+    """``(out, lse)``, out in ``out_dtype``; ``keys_covered`` and ``bias_is_leaf`` only inform the backward;
+    ``block_tables``/``page_size``: a paged bias's table (K/V rows through it), or None/0."""
+    return _fwd_impl(
+        q, k, v, bias, seq_q, k_start, k_len, max_q, max_k, bottom_right, window_left, window_right, keys_covered, p,
+        seed, scale, share_kv, bias_is_leaf, out_dtype, block_tables, page_size,
+    )
 
 
 @flash_fwd.register_fake
-def _flash_fwd_fake(q, k, v, bias, seq_q, k_start, k_len, max_q, max_k, bottom_right, window_left,
-                    window_right, keys_covered, p, seed, scale, share_kv, bias_is_leaf):
-    out = q.new_empty((*q.shape[:-1], v.shape[-1]))
+def _flash_fwd_fake(
+    q, k, v, bias, seq_q, k_start, k_len, max_q, max_k, bottom_right, window_left, window_right, keys_covered, p, seed,
+    scale, share_kv, bias_is_leaf, out_dtype, block_tables, page_size,
+):
+    out = q.new_empty((*q.shape[:-1], v.shape[-1]), dtype=out_dtype)
     lse = q.new_empty((q.shape[0], *q.shape[2:-1], q.shape[1]), dtype=torch.float32)
     return out, lse
 
@@ -85,20 +113,25 @@ def _flash_fwd_fake(q, k, v, bias, seq_q, k_start, k_len, max_q, max_k, bottom_r
 @torch.library.custom_op("triformers::flash_bwd", mutates_args=())
 def flash_bwd(
     grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-    bias: torch.Tensor | None, db_reduce_mask: int,
-    seq_q: torch.Tensor | None, k_start: torch.Tensor | None, k_len: torch.Tensor | None,
-    max_q: int, max_k: int, bottom_right: bool, window_left: int, window_right: int, keys_covered: bool,
-    p: float, seed: torch.Tensor | None, scale: float, share_kv: bool, deterministic: bool,
+    bias: torch.Tensor | None, db_reduce_mask: int, seq_q: torch.Tensor | None, k_start: torch.Tensor | None,
+    k_len: torch.Tensor | None, max_q: int, max_k: int, bottom_right: bool, window_left: int, window_right: int,
+    keys_covered: bool, p: float, seed: torch.Tensor | None, scale: float, share_kv: bool, deterministic: bool,
+    grad_lse: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk5, dv5, db)``: K/V gradients per shared head in the canonical layout, ``db`` float32 with the
-    dims of ``db_reduce_mask`` summed (empty when the mask is negative)."""
-    return _bwd_impl(grad, q, k, v, out, lse, bias, db_reduce_mask, seq_q, k_start, k_len, max_q, max_k,
-                     bottom_right, window_left, window_right, keys_covered, p, seed, scale, share_kv, deterministic)
+    dims of ``db_reduce_mask`` summed (empty when the mask is negative). ``grad_lse``: the gradient of the lse
+    output (partial attention), or None."""
+    return _bwd_impl(
+        grad, q, k, v, out, lse, bias, db_reduce_mask, seq_q, k_start, k_len, max_q, max_k, bottom_right, window_left,
+        window_right, keys_covered, p, seed, scale, share_kv, deterministic, grad_lse,
+    )
 
 
 @flash_bwd.register_fake
-def _flash_bwd_fake(grad, q, k, v, out, lse, bias, db_reduce_mask, seq_q, k_start, k_len, max_q, max_k,
-                    bottom_right, window_left, window_right, keys_covered, p, seed, scale, share_kv, deterministic):
+def _flash_bwd_fake(
+    grad, q, k, v, out, lse, bias, db_reduce_mask, seq_q, k_start, k_len, max_q, max_k, bottom_right, window_left,
+    window_right, keys_covered, p, seed, scale, share_kv, deterministic, grad_lse,
+):
     launch = _launch()
     dk5 = k.new_empty(launch.kv_grad_shape(q, k, share_kv, k.shape[-1]))
     dv5 = v.new_empty(launch.kv_grad_shape(q, v, share_kv, v.shape[-1]))
@@ -108,14 +141,18 @@ def _flash_bwd_fake(grad, q, k, v, out, lse, bias, db_reduce_mask, seq_q, k_star
 
 
 def _setup_context(ctx, inputs, output):
-    (q, k, v, bias, seq_q, k_start, k_len, max_q, max_k, bottom_right, window_left, window_right, keys_covered, p,
-     seed, scale, share_kv, bias_is_leaf) = inputs
+    (
+        q, k, v, bias, seq_q, k_start, k_len, max_q, max_k, bottom_right, window_left, window_right, keys_covered, p,
+        seed, scale, share_kv, bias_is_leaf, *_,
+    ) = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, bias, seq_q, k_start, k_len, seed, out, lse)
     ctx.args = (max_q, max_k, bottom_right, window_left, window_right, keys_covered, p, scale, share_kv, bias_is_leaf)
 
 
 def _backward(ctx, grad_out, grad_lse, bwd=None, kv_bases=(None, None)):
+    """Gradients of every input of ``flash_fwd``; ``grad_lse`` (None when the lse was not used) reaches the
+    kernels' ``delta``."""
     q, k, v, bias, seq_q, k_start, k_len, seed, out, lse = ctx.saved_tensors
     max_q, max_k, bottom_right, window_left, window_right, keys_covered, p, scale, share_kv, bias_is_leaf = ctx.args
     L = _layout.canonical(q, k, v, bias, share_kv)
@@ -123,13 +160,16 @@ def _backward(ctx, grad_out, grad_lse, bwd=None, kv_bases=(None, None)):
     mask = -1
     if want_db:
         mask = sum(1 << d for d in _layout.bias_reduce_dims(bias, L, is_leaf=bias_is_leaf))
-    dq, dk5, dv5, db = (bwd or flash_bwd)(grad_out, q, k, v, out, lse, bias, mask, seq_q, k_start, k_len, max_q,
-                                          max_k, bottom_right, window_left, window_right, keys_covered, p, seed, scale,
-                                          share_kv, torch.are_deterministic_algorithms_enabled())
+    if grad_out is None:  # only the lse was used
+        grad_out = torch.zeros_like(out)
+    dq, dk5, dv5, db = (bwd or flash_bwd)(
+        grad_out, q, k, v, out, lse, bias, mask, seq_q, k_start, k_len, max_q, max_k, bottom_right, window_left,
+        window_right, keys_covered, p, seed, scale, share_kv, torch.are_deterministic_algorithms_enabled(), grad_lse,
+    )
     dk = _layout.shared_kv_grad(dk5, k, L, kv_bases[0])
     dv = _layout.shared_kv_grad(dv5, v, L, kv_bases[1])
     dbias = _layout.grad_for_input(L.bias_from5(db).to(bias.dtype), bias) if want_db else None
-    return dq, dk, dv, dbias, None, None, None, None, None, None, None, None, None, None, None, None, None, None
+    return dq, dk, dv, dbias, *(None,) * 17
 
 
 flash_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -144,7 +184,7 @@ class _FlashFn(torch.autograd.Function):
     def forward(ctx, *inputs):
         out, lse = _fwd_impl(*inputs)
         _setup_context(ctx, inputs, (out, lse))
-        ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)  # an unused output (the lse, mostly) costs nothing in the backward
         return out, lse
 
     @staticmethod
@@ -162,7 +202,7 @@ class _FlashFnSharedKV(torch.autograd.Function):
         out, lse = _fwd_impl(*inputs[:-2])
         _setup_context(ctx, inputs[:-2], (out, lse))
         ctx.kv_bases = (inputs[-2].shape, inputs[-1].shape)
-        ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)
         return out, lse
 
     @staticmethod
@@ -171,31 +211,56 @@ class _FlashFnSharedKV(torch.autograd.Function):
         return dq, None, None, *rest, dk, dv
 
 
-def _flash_autograd(args: tuple) -> torch.Tensor:
-    """The eager autograd call: K/V gradients straight to the tensors they expand, where that is exact."""
+def _flash_autograd(args: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    """The eager autograd call, ``(out, lse)``: K/V gradients straight to the tensors they expand, where that is
+    exact."""
     if args[16]:  # share_kv
         kb, vb = _layout.expanded_base(args[1]), _layout.expanded_base(args[2])
         if kb is not None and vb is not None and (kb.requires_grad or vb.requires_grad):
-            return _FlashFnSharedKV.apply(*args, kb, vb)[0]
-    return _FlashFn.apply(*args)[0]
+            return _FlashFnSharedKV.apply(*args, kb, vb)
+    return _FlashFn.apply(*args)
 
 
 def _eager() -> bool:
-    return not torch.compiler.is_compiling()
+    # under a TorchDispatchMode (selective checkpointing, list_operators, FlopCounterMode) the custom ops run,
+    # so the mode sees attention as one op by name (triformers::flash_fwd) and can save or recompute it
+    return not torch.compiler.is_compiling() and not torch._C._len_torch_dispatch_stack()
 
 
 def _call_args(inp: Inputs, seed: torch.Tensor | None):
     q, k, v = inp.query, inp.key, inp.value
     bias = inp.tensor_bias
     m = _launch().mask_args(inp.attn_bias, q.shape[1], k.shape[1], q.device)
-    return (q, k, v, bias, m.seq_q, m.k_start, m.k_len, m.max_q, m.max_k, m.bottom_right, m.window_left,
-            m.window_right, m.keys_covered, float(inp.p), seed, inp.scale_float, _layout.kv_shareable(k, v),
-            bias is None or bias.is_leaf)
+    return (
+        q, k, v, bias, m.seq_q, m.k_start, m.k_len, m.max_q, m.max_k, m.bottom_right, m.window_left, m.window_right,
+        m.keys_covered, float(inp.p), seed, inp.scale_float, _layout.kv_shareable(k, v), bias is None or bias.is_leaf,
+        inp.get_output_dtype(), m.block_tables, m.page_size,
+    )
 
 
 # ------------------------------------------------------------------------------------------------------
 # Operators
 # ------------------------------------------------------------------------------------------------------
+
+
+def _segments_overlap(bias) -> bool:
+    """Whether two key segments of a gappy bias share a key row (the backward writes each block's dK/dV),
+    kept on the bias object."""
+    overlap = bias.__dict__.get("_triformers_overlap")
+    if overlap is None:
+        k = bias.k_seqinfo
+        segments = sorted((s, s + n) for s, n in zip(k.seqstart_py, k.seqlen_py) if n)
+        overlap = any(b_start < a_end for (_, a_end), (b_start, _) in zip(segments, segments[1:]))
+        if not torch.compiler.is_compiling():
+            object.__setattr__(bias, "_triformers_overlap", overlap)
+    return overlap
+
+
+def _backward_elsewhere(bias) -> bool:
+    """Biases the Triton backward cannot run (paged ones, overlapping gappy segments)."""
+    return type(bias) in PAGED_BIAS_TYPES or (
+        isinstance(bias, ab.BlockDiagonalGappyKeysMask) and _segments_overlap(bias)
+    )
 
 
 def _reasons(cls, d: Inputs) -> list[str]:
@@ -222,6 +287,8 @@ class FwOp(AttentionFwOpBase):
     SUPPORTS_CUSTOM_SCALE = True
     SUPPORTS_DIFFERENT_VALUE_EMBED = True
     SUPPORTS_BMGHK = True
+    SUPPORTS_OUTPUT_DTYPE = True  # the kernel rounds its float32 accumulator to the output's dtype
+    SUPPORTS_PARTIAL = True
     NATIVE_AUTOGRAD = True
 
     @classmethod
@@ -242,10 +309,28 @@ class FwOp(AttentionFwOpBase):
         return out, Context(out=out, lse=lse, rng_state=rng_state)
 
     @classmethod
-    def apply_autograd(cls, inp: Inputs) -> torch.Tensor:
+    def apply_autograd(cls, inp: Inputs) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if _backward_elsewhere(inp.attn_bias):  # this forward; the backward the dispatcher picks (fmha.chunked)
+            from triformers.ops.fmha import _fMHA  # the package imports this module first
+
+            out, lse = _fMHA.apply(
+                cls,
+                None,
+                inp.attn_bias,
+                inp.p,
+                inp.scale,
+                inp.output_dtype,
+                inp.is_partial,
+                inp.query,
+                inp.key,
+                inp.value,
+                None,
+            )
+            return (out, lse) if inp.is_partial else out
         rng_state = _rng.draw_seed() if inp.p > 0.0 else None
         args = _call_args(inp, rng_state)
-        return _flash_autograd(args) if _eager() else flash_fwd(*args)[0]
+        out, lse = _flash_autograd(args) if _eager() else flash_fwd(*args)
+        return (out, lse) if inp.is_partial else out
 
 
 @register_operator
@@ -257,12 +342,14 @@ class BwOp(AttentionBwOpBase):
     CUDA_MINIMUM_COMPUTE_CAPABILITY = FwOp.CUDA_MINIMUM_COMPUTE_CAPABILITY
     SUPPORTED_DTYPES = FwOp.SUPPORTED_DTYPES
     SUPPORTED_MAX_K = MAX_HEAD_DIM
-    SUPPORTED_ATTN_BIAS_TYPES = SUPPORTED_BIAS_TYPES
+    SUPPORTED_ATTN_BIAS_TYPES = SUPPORTED_BIAS_TYPES - PAGED_BIAS_TYPES  # paged: forward only
     SUPPORTS_DROPOUT = True
     SUPPORTS_CUSTOM_SCALE = True
     SUPPORTS_DIFFERENT_VALUE_EMBED = True
     SUPPORTS_BMGHK = True
     SUPPORTS_ATTN_BIAS_GRAD = True
+    SUPPORTS_OUTPUT_DTYPE = True
+    SUPPORTS_PARTIAL = True
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -270,10 +357,13 @@ class BwOp(AttentionBwOpBase):
 
     @classmethod
     def not_supported_reasons(cls, d: Inputs) -> list[str]:
-        return super().not_supported_reasons(d) + _reasons(cls, d)
+        reasons = super().not_supported_reasons(d) + _reasons(cls, d)
+        if isinstance(d.attn_bias, ab.BlockDiagonalGappyKeysMask) and _segments_overlap(d.attn_bias):
+            reasons.append("gappy key segments overlap: their dK/dV would need summing across blocks")
+        return reasons
 
     @classmethod
-    def apply(cls, ctx: Context, inp: Inputs, grad: torch.Tensor) -> Gradients:
+    def apply(cls, ctx: Context, inp: Inputs, grad: torch.Tensor, grad_lse: torch.Tensor | None = None) -> Gradients:
         if inp.p > 0.0 and ctx.rng_state is None:
             raise ValueError("dropout backward needs the forward's rng_state (the seed) in the Context")
         args = _call_args(inp, ctx.rng_state)
@@ -287,7 +377,8 @@ class BwOp(AttentionBwOpBase):
             # p, seed, scale
             dq, dk5, dv5, db = (_bwd_impl if _eager() else flash_bwd)(
                 grad, q, k, v, ctx.out, ctx.lse, bias, mask, *args[4:16], share_kv,
-                torch.are_deterministic_algorithms_enabled())
+                torch.are_deterministic_algorithms_enabled(), grad_lse,
+            )
         return Gradients(
             dq=dq,
             dk=_layout.shared_kv_grad(dk5, k, L),

@@ -20,6 +20,7 @@ from triformers.ops.fmha._triton.common import (
     LOG2E,
     dropout_keep,
     key_tiles,
+    load_key_rows,
     load_rows,
     query_tiles,
     sequence_bounds,
@@ -120,24 +121,17 @@ def _dkdv_tiles(dk, dv, k, v, desc_q, desc_do, desc_b, desc_dq, q_ptr, do_ptr, l
 
 @triton.jit
 def attn_bwd_dkdv(
-    Q, K, V, DO, LSE, Delta, Bias, DB, DQ, DK, DV, desc_q, desc_k, desc_v, desc_do, desc_b, desc_dq,
-    SEQ_Q, K_START, K_LEN,
-    stride_qb, stride_qm, stride_qg, stride_qh,
-    stride_kb, stride_kn, stride_kg, stride_kh,
-    stride_vb, stride_vn, stride_vg, stride_vh,
-    stride_dob, stride_dom, stride_dog, stride_doh,
-    stride_lb, stride_lg, stride_lh,
-    stride_bb, stride_bg, stride_bh, stride_bm, stride_bn,
-    stride_dbb, stride_dbg, stride_dbh, stride_dbm, stride_dbn,
-    stride_dqb, stride_dqm, stride_dqg, stride_dqh,
-    stride_dkb, stride_dkn, stride_dkg, stride_dkh,
-    stride_dvb, stride_dvn, stride_dvg, stride_dvh,
-    num_heads, HG, Mq, Mkv, qk_scale, sm_scale, WL, WR, dropout_p, seed, K_DIM, KV_DIM, NUM_TILES,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    IS_VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, KV_SHARED: tl.constexpr,
-    HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    DB_MODE: tl.constexpr, ATOMIC_DQ: tl.constexpr, USE_TMA: tl.constexpr, BIAS_TMA: tl.constexpr,
-    DQ_TMA: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    Q, K, V, DO, LSE, Delta, Bias, DB, DQ, DK, DV, desc_q, desc_k, desc_v, desc_do, desc_b, desc_dq, SEQ_Q, K_START,
+    K_LEN, stride_qb, stride_qm, stride_qg, stride_qh, stride_kb, stride_kn, stride_kg, stride_kh, stride_vb, stride_vn,
+    stride_vg, stride_vh, stride_dob, stride_dom, stride_dog, stride_doh, stride_lb, stride_lg, stride_lh, stride_bb,
+    stride_bg, stride_bh, stride_bm, stride_bn, stride_dbb, stride_dbg, stride_dbh, stride_dbm, stride_dbn, stride_dqb,
+    stride_dqm, stride_dqg, stride_dqh, stride_dkb, stride_dkn, stride_dkg, stride_dkh, stride_dvb, stride_dvn,
+    stride_dvg, stride_dvh, num_heads, HG, Mq, Mkv, qk_scale, sm_scale, WL, WR, dropout_p, seed, K_DIM, KV_DIM,
+    NUM_TILES, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    IS_VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, KV_SHARED: tl.constexpr, HAS_WL: tl.constexpr,
+    HAS_WR: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, DB_MODE: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr, USE_TMA: tl.constexpr, BIAS_TMA: tl.constexpr, DQ_TMA: tl.constexpr,
+    KEYS_PADDED: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     # program (z * kv_heads + kv_head) * NUM_TILES + key tile (key tiles vary fastest: programs running
     # together share Q and dO through L2); kv_head = g * HK + hk, HK = 1 when a group's HG query heads share
@@ -166,10 +160,14 @@ def attn_bwd_dkdv(
     b64, g64, hk64 = b.to(tl.int64), g.to(tl.int64), hk.to(tl.int64)
     k_ptr = K + b64 * stride_kb + g64 * stride_kg + hk64 * stride_kh
     v_ptr = V + b64 * stride_vb + g64 * stride_vg + hk64 * stride_vh
-    k = load_rows(desc_k, k_ptr, b, k_start + n_start, g, hk, k_start + k_len, stride_kn, K_DIM,
-                  BLOCK_N, BLOCK_D, USE_TMA, True)
-    v = load_rows(desc_v, v_ptr, b, k_start + n_start, g, hk, k_start + k_len, stride_vn, KV_DIM,
-                  BLOCK_N, BLOCK_DV, USE_TMA, True)
+    k = load_key_rows(
+        desc_k, k_ptr, b, k_start + n_start, g, hk, k_start + k_len, stride_kn, K_DIM, BLOCK_N, BLOCK_D, USE_TMA, True,
+        KEYS_PADDED,
+    )
+    v = load_key_rows(
+        desc_v, v_ptr, b, k_start + n_start, g, hk, k_start + k_len, stride_vn, KV_DIM, BLOCK_N, BLOCK_DV, USE_TMA,
+        True, KEYS_PADDED,
+    )
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     lo, mid_lo, mid_hi, hi = query_tiles(n_start, q_len, k_len, off, WL, WR, BLOCK_M, BLOCK_N, HAS_WL, HAS_WR)
@@ -212,20 +210,25 @@ def attn_bwd_dkdv(
 
 
 @triton.jit
-def _dq_tiles(dq, q, do, lse2, delta, desc_k, desc_v, desc_b, k_ptr, v_ptr, b_ptr, lo, hi,
-              b, g, h, hk, m_start, q_start, k_start, offs_i, offs_j, q_len, k_len, off, WL, WR,
-              stride_kn, stride_vn, stride_bm, stride_bn, qk_scale, seed, dropout_p, drop_head, K_DIM, KV_DIM,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-              MASKED: tl.constexpr, USE_TMA: tl.constexpr, BIAS_TMA: tl.constexpr,
-              HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-              INPUT_PRECISION: tl.constexpr):
+def _dq_tiles(
+    dq, q, do, lse2, delta, desc_k, desc_v, desc_b, k_ptr, v_ptr, b_ptr, lo, hi, b, g, h, hk, m_start, q_start, k_start,
+    offs_i, offs_j, q_len, k_len, off, WL, WR, stride_kn, stride_vn, stride_bm, stride_bn, qk_scale, seed, dropout_p,
+    drop_head, K_DIM, KV_DIM, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr, MASKED: tl.constexpr, USE_TMA: tl.constexpr, BIAS_TMA: tl.constexpr, HAS_WL: tl.constexpr,
+    HAS_WR: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, KEYS_PADDED: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
     dtype = q.dtype
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
-        k = load_rows(desc_k, k_ptr, b, k_start + start_n, g, hk, k_start + k_len, stride_kn, K_DIM,
-                      BLOCK_N, BLOCK_D, USE_TMA, MASKED)
-        v = load_rows(desc_v, v_ptr, b, k_start + start_n, g, hk, k_start + k_len, stride_vn, KV_DIM,
-                      BLOCK_N, BLOCK_DV, USE_TMA, MASKED)
+        k = load_key_rows(
+            desc_k, k_ptr, b, k_start + start_n, g, hk, k_start + k_len, stride_kn, K_DIM, BLOCK_N, BLOCK_D, USE_TMA,
+            MASKED, KEYS_PADDED,
+        )
+        v = load_key_rows(
+            desc_v, v_ptr, b, k_start + start_n, g, hk, k_start + k_len, stride_vn, KV_DIM, BLOCK_N, BLOCK_DV, USE_TMA,
+            MASKED, KEYS_PADDED,
+        )
         qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
         if HAS_BIAS:
             qk += load_bias_tile(desc_b, b_ptr, b, g, h, m_start, start_n, q_len, k_len, stride_bm, stride_bn,
@@ -244,20 +247,15 @@ def _dq_tiles(dq, q, do, lse2, delta, desc_k, desc_v, desc_b, k_ptr, v_ptr, b_pt
 
 @triton.jit
 def attn_bwd_dq(
-    Q, K, V, DO, LSE, Delta, Bias, DQ, desc_q, desc_k, desc_v, desc_do, desc_b,
-    SEQ_Q, K_START, K_LEN,
-    stride_qb, stride_qm, stride_qg, stride_qh,
-    stride_kb, stride_kn, stride_kg, stride_kh,
-    stride_vb, stride_vn, stride_vg, stride_vh,
-    stride_dob, stride_dom, stride_dog, stride_doh,
-    stride_lb, stride_lg, stride_lh,
-    stride_bb, stride_bg, stride_bh, stride_bm, stride_bn,
-    stride_dqb, stride_dqm, stride_dqg, stride_dqh,
-    num_heads, HG, Mq, Mkv, qk_scale, sm_scale, WL, WR, dropout_p, seed, K_DIM, KV_DIM, NUM_TILES,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    IS_VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, KV_SHARED: tl.constexpr,
-    HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    USE_TMA: tl.constexpr, BIAS_TMA: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    Q, K, V, DO, LSE, Delta, Bias, DQ, desc_q, desc_k, desc_v, desc_do, desc_b, SEQ_Q, K_START, K_LEN, stride_qb,
+    stride_qm, stride_qg, stride_qh, stride_kb, stride_kn, stride_kg, stride_kh, stride_vb, stride_vn, stride_vg,
+    stride_vh, stride_dob, stride_dom, stride_dog, stride_doh, stride_lb, stride_lg, stride_lh, stride_bb, stride_bg,
+    stride_bh, stride_bm, stride_bn, stride_dqb, stride_dqm, stride_dqg, stride_dqh, num_heads, HG, Mq, Mkv, qk_scale,
+    sm_scale, WL, WR, dropout_p, seed, K_DIM, KV_DIM, NUM_TILES, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, IS_VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
+    KV_SHARED: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, USE_TMA: tl.constexpr, BIAS_TMA: tl.constexpr, KEYS_PADDED: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
 ):
     # program (z * heads + head) * NUM_TILES + query tile, like the forward
     pid_zh = tl.program_id(0) // NUM_TILES
@@ -305,11 +303,12 @@ def attn_bwd_dq(
             s_lo, s_hi = mid_lo, mid_hi
         else:
             s_lo, s_hi = mid_hi, hi
-        dq = _dq_tiles(dq, q, do, lse2, delta, desc_k, desc_v, desc_b, k_ptr, v_ptr, b_ptr, s_lo, s_hi,
-                       b, g, h, hk, m_start, q_start, k_start, offs_i, offs_j, q_len, k_len, off, WL, WR,
-                       stride_kn, stride_vn, stride_bm, stride_bn, qk_scale, seed, dropout_p, drop_head, K_DIM,
-                       KV_DIM, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, seg != 1, USE_TMA, BIAS_TMA, HAS_WL, HAS_WR,
-                       HAS_BIAS, HAS_DROPOUT, INPUT_PRECISION)
+        dq = _dq_tiles(
+            dq, q, do, lse2, delta, desc_k, desc_v, desc_b, k_ptr, v_ptr, b_ptr, s_lo, s_hi, b, g, h, hk, m_start,
+            q_start, k_start, offs_i, offs_j, q_len, k_len, off, WL, WR, stride_kn, stride_vn, stride_bm, stride_bn,
+            qk_scale, seed, dropout_p, drop_head, K_DIM, KV_DIM, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, seg != 1, USE_TMA,
+            BIAS_TMA, HAS_WL, HAS_WR, HAS_BIAS, HAS_DROPOUT, KEYS_PADDED, INPUT_PRECISION,
+        )
     rows = (q_start + offs_i).to(tl.int64)
     dq_ptrs = DQ + b64 * stride_dqb + g64 * stride_dqg + h64 * stride_dqh + rows * stride_dqm + offs_d[None, :]
     tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=(offs_i < q_len) & (offs_d[None, :] < K_DIM))

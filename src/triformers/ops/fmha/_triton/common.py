@@ -1,4 +1,4 @@
-"""Pieces shared by the forward and backward kernels: tile masks, tile ranges, dropout.
+"""Pieces shared by the forward and backward kernels: tile masks, tile ranges, dropout, row loads (paged too).
 
 Mask rule (see ``_mask.py``): block-local query ``i`` and key ``j`` are allowed when ``j < k_len`` and
 ``-WL <= j - i - off <= WR`` (each bound only if present). Ranges are computed per tile so that tiles a mask
@@ -121,3 +121,66 @@ def load_rows(desc, ptr, b, row0, g, h, rows_hi, stride_row, DIM, BLOCK_R: tl.co
     if CHECK_ROWS:
         return tl.load(ptrs, mask=(rows < rows_hi) & (cols < DIM), other=0.0)
     return tl.load(ptrs, mask=cols < DIM, other=0.0)
+
+
+@triton.jit
+def load_key_rows(
+    desc,
+    ptr,
+    b,
+    row0,
+    g,
+    h,
+    rows_hi,
+    stride_row,
+    DIM,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    USE_TMA: tl.constexpr,
+    CHECK_ROWS: tl.constexpr,
+    KEYS_PADDED: tl.constexpr,
+):
+    """:func:`load_rows` for K/V tiles. With ``KEYS_PADDED`` (rows past a block's keys may hold anything, NaN
+    in unused KV-cache slots) rows from ``rows_hi`` on read as 0 on the TMA path too: masked scores give them
+    probability 0, but ``0 * NaN`` would still reach the output through ``P @ V`` (and dQ through ``dS @ K``)."""
+    x = load_rows(desc, ptr, b, row0, g, h, rows_hi, stride_row, DIM, BLOCK_R, BLOCK_D, USE_TMA, CHECK_ROWS)
+    if USE_TMA and CHECK_ROWS and KEYS_PADDED:
+        rows = row0 + tl.arange(0, BLOCK_R)[:, None]
+        x = tl.where(rows < rows_hi, x, 0.0)
+    return x
+
+
+@triton.jit
+def paged_rows(
+    bt_ptr, stride_bt_p, num_pages, k_start, start_n, k_len, Mkv, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr
+):
+    """``(rows, ok)`` for block-local keys ``[start_n, start_n + BLOCK_N)`` of a paged block whose keys start at
+    logical key ``k_start`` of its row (``bt_ptr``: the row of the block table): logical key ``t`` is physical
+    row ``table[t // PAGE_SIZE] * PAGE_SIZE + t % PAGE_SIZE`` (int64). ``ok``: keys of the block whose page is
+    in the table and whose row is in the cache (``Mkv`` rows), so that a bad table never reads outside them."""
+    j = start_n + tl.arange(0, BLOCK_N)
+    t = k_start + j
+    col = t // PAGE_SIZE
+    ok = (j < k_len) & (t >= 0) & (col < num_pages)
+    page = tl.load(bt_ptr + col.to(tl.int64) * stride_bt_p, mask=ok, other=0).to(tl.int64)
+    rows = page * PAGE_SIZE + t % PAGE_SIZE
+    return rows, ok & (rows >= 0) & (rows < Mkv)
+
+
+@triton.jit
+def gather_rows(ptr, rows, row_ok, stride_row, DIM, BLOCK_D: tl.constexpr):
+    """Rows ``rows`` (int64 ``[BLOCK_R]``) x ``[0, BLOCK_D)`` from ``ptr`` (a head's base pointer); rows not
+    ``row_ok`` and columns past ``DIM`` read as 0."""
+    cols = tl.arange(0, BLOCK_D)[None, :]
+    return tl.load(ptr + rows[:, None] * stride_row + cols, mask=row_ok[:, None] & (cols < DIM), other=0.0)
+
+
+@triton.jit
+def page_tile_row(bt_ptr, stride_bt_p, num_pages, t0, Mkv, PAGE_SIZE: tl.constexpr):
+    """First physical row of the key tile starting at logical key ``t0`` (a multiple of the tile, which divides
+    ``PAGE_SIZE``: the tile is one run of rows of one page). The page id is clamped into the cache, so that a
+    bad table reads a wrong page, never outside the ``Mkv`` rows (a valid one never needs it)."""
+    col = tl.minimum(t0 // PAGE_SIZE, num_pages - 1)
+    page = tl.load(bt_ptr + col.to(tl.int64) * stride_bt_p)
+    page = tl.minimum(tl.maximum(page, 0), Mkv // PAGE_SIZE - 1)
+    return (page * PAGE_SIZE + t0 % PAGE_SIZE).to(tl.int32)

@@ -94,6 +94,12 @@ _BY_KIND = {
     ("sm90", "fwd", 128, "bias"): Config(128, 64, 8, 3),
     ("sm90", "dq", 128, "local"): Config(64, 64, 4, 2),
 }
+# Forward over paged K/V gathered row by row (pages not a multiple of the key tile, or gappy starts): its
+# [BLOCK_N, D] int64 address tiles take registers TMA does not. Chosen spill-free, or least spilling, by
+# `scripts/compile_check.py` for sm90 bf16 (D=128: the table's (64,64,4,3) spills 3.2 KB per thread, (128,32,8,2)
+# none; D=64: (64,32,4,2) none; D=256: (64,16,8,2) 360 B, the least of the 7 tried). Not yet timed on a GPU.
+_PAGED_GATHER = {32: Config(64, 32, 4, 2), 64: Config(64, 32, 4, 2), 128: Config(128, 32, 8, 2),
+                 256: Config(64, 16, 8, 2)}
 
 
 def _kind(call) -> str:
@@ -113,6 +119,9 @@ def _table_config(call, direction: str) -> Config:
     if kind == "local" and (_arch(), direction, bucket, kind) not in _BY_KIND:
         kind = "masked"
     cfg = _BY_KIND.get((_arch(), direction, bucket, kind), cfg)
+    m = call.m
+    if direction == "fwd" and m.block_tables is not None and not (m.k_start is None and m.page_size % cfg.block_n == 0):
+        cfg = _PAGED_GATHER.get(bucket, cfg)
     if call.dtype == torch.float32:
         cfg = Config(cfg.block_m, max(16, cfg.block_n // _FP32_SHRINK), cfg.num_warps, max(1, cfg.num_stages - 1))
     return cfg

@@ -19,8 +19,12 @@ from triformers.ops.fmha._triton.common import (
     LN2,
     LOG2E,
     dropout_keep,
+    gather_rows,
     key_tiles,
+    load_key_rows,
     load_rows,
+    page_tile_row,
+    paged_rows,
     sequence_bounds,
     tile_allowed,
 )
@@ -39,19 +43,32 @@ def load_bias_tile(desc_b, b_ptr, b, g, h, row0, col0, q_len, k_len, stride_bm, 
 
 
 @triton.jit
-def _fwd_tiles(acc, l_i, m_i, q, desc_k, desc_v, desc_b, k_ptr, v_ptr, b_ptr, lo, hi,
-               b, g, h, hk, m_start, q_start, k_start, offs_i, offs_j, q_len, k_len, off, WL, WR,
-               stride_kn, stride_vn, stride_bm, stride_bn, qk_scale,
-               seed, dropout_p, drop_head, K_DIM, KV_DIM,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-               MASKED: tl.constexpr, USE_TMA: tl.constexpr, BIAS_TMA: tl.constexpr,
-               HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-               INPUT_PRECISION: tl.constexpr):
+def _fwd_tiles(
+    acc, l_i, m_i, q, desc_k, desc_v, desc_b, k_ptr, v_ptr, b_ptr, bt_ptr, lo, hi, b, g, h, hk, m_start, q_start,
+    k_start, offs_i, offs_j, q_len, k_len, off, WL, WR, stride_kn, stride_vn, stride_bm, stride_bn, stride_bt_p,
+    num_pages, Mkv, qk_scale, seed, dropout_p, drop_head, K_DIM, KV_DIM, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, MASKED: tl.constexpr, USE_TMA: tl.constexpr, BIAS_TMA: tl.constexpr,
+    HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    KEYS_PADDED: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, PAGE_TILES: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
     dtype = q.dtype
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
-        k = load_rows(desc_k, k_ptr, b, k_start + start_n, g, hk, k_start + k_len, stride_kn, K_DIM,
-                      BLOCK_N, BLOCK_D, USE_TMA, MASKED)
+        if PAGE_TILES:  # the tile is BLOCK_N consecutive rows of one page
+            row0 = page_tile_row(bt_ptr, stride_bt_p, num_pages, k_start + start_n, Mkv, PAGE_SIZE)
+            k = load_key_rows(
+                desc_k, k_ptr, b, row0, g, hk, row0 + k_len - start_n, stride_kn, K_DIM, BLOCK_N, BLOCK_D, USE_TMA,
+                MASKED, True,
+            )
+        elif PAGED:  # each key row through the block table (pointer path)
+            rows, row_ok = paged_rows(bt_ptr, stride_bt_p, num_pages, k_start, start_n, k_len, Mkv, BLOCK_N, PAGE_SIZE)
+            k = gather_rows(k_ptr, rows, row_ok, stride_kn, K_DIM, BLOCK_D)
+        else:
+            k = load_key_rows(
+                desc_k, k_ptr, b, k_start + start_n, g, hk, k_start + k_len, stride_kn, K_DIM, BLOCK_N, BLOCK_D,
+                USE_TMA, MASKED, KEYS_PADDED,
+            )
         qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)  # [BM, BN]
         if HAS_BIAS or MASKED:
             qk = qk * qk_scale
@@ -70,11 +87,26 @@ def _fwd_tiles(acc, l_i, m_i, q, desc_k, desc_v, desc_b, k_ptr, v_ptr, b_ptr, lo
             p = tl.math.exp2(qk * qk_scale - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        if HAS_DROPOUT:
-            keep = dropout_keep(seed, q_start + offs_i, k_start + start_n + offs_j, drop_head, dropout_p)
+        if HAS_DROPOUT:  # the counter's key column: the key's row in the key tensor (physical when paged)
+            if PAGE_TILES:
+                keep = dropout_keep(seed, q_start + offs_i, row0 + offs_j, drop_head, dropout_p)
+            elif PAGED:
+                keep = dropout_keep(seed, q_start + offs_i, rows.to(tl.int32)[None, :], drop_head, dropout_p)
+            else:
+                keep = dropout_keep(seed, q_start + offs_i, k_start + start_n + offs_j, drop_head, dropout_p)
             p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-        v = load_rows(desc_v, v_ptr, b, k_start + start_n, g, hk, k_start + k_len, stride_vn, KV_DIM,
-                      BLOCK_N, BLOCK_DV, USE_TMA, MASKED)
+        if PAGE_TILES:
+            v = load_key_rows(
+                desc_v, v_ptr, b, row0, g, hk, row0 + k_len - start_n, stride_vn, KV_DIM, BLOCK_N, BLOCK_DV, USE_TMA,
+                MASKED, True,
+            )
+        elif PAGED:
+            v = gather_rows(v_ptr, rows, row_ok, stride_vn, KV_DIM, BLOCK_DV)
+        else:
+            v = load_key_rows(
+                desc_v, v_ptr, b, k_start + start_n, g, hk, k_start + k_len, stride_vn, KV_DIM, BLOCK_N, BLOCK_DV,
+                USE_TMA, MASKED, KEYS_PADDED,
+            )
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(dtype), v, acc, input_precision=INPUT_PRECISION)
         m_i = m_new
@@ -83,18 +115,20 @@ def _fwd_tiles(acc, l_i, m_i, q, desc_k, desc_v, desc_b, k_ptr, v_ptr, b_ptr, lo
 
 @triton.jit
 def attn_fwd(
-    Q, K, V, Out, LSE, Bias, desc_q, desc_k, desc_v, desc_b,
-    SEQ_Q, K_START, K_LEN,  # varlen: query block starts [nb + 1], key block starts / lengths [nb]
-    stride_qb, stride_qm, stride_qg, stride_qh,
-    stride_kb, stride_kn, stride_kg, stride_kh,
-    stride_vb, stride_vn, stride_vg, stride_vh,
-    stride_ob, stride_om, stride_og, stride_oh,
-    stride_lb, stride_lg, stride_lh,
-    stride_bb, stride_bg, stride_bh, stride_bm, stride_bn,
-    num_heads, HG, Mq, Mkv, qk_scale, WL, WR, dropout_p, seed, K_DIM, KV_DIM, NUM_TILES,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    IS_VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, KV_SHARED: tl.constexpr,
-    HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    Q, K, V, Out, LSE, Bias, desc_q, desc_k, desc_v, desc_b, SEQ_Q, K_START,
+    K_LEN,  # varlen: query block starts [nb + 1], key block starts / lengths [nb] (ends if PAGED)
+    BT,  # PAGED: block table [nb, NUM_PAGES], each row's physical page ids
+    stride_qb, stride_qm, stride_qg, stride_qh, stride_kb, stride_kn, stride_kg, stride_kh, stride_vb, stride_vn,
+    stride_vg, stride_vh, stride_ob, stride_om, stride_og, stride_oh, stride_lb, stride_lg, stride_lh, stride_bb,
+    stride_bg, stride_bh, stride_bm, stride_bn, stride_bt_b, stride_bt_p, num_heads, HG, Mq, Mkv, qk_scale, WL, WR,
+    dropout_p, seed, K_DIM, KV_DIM, NUM_TILES, NUM_PAGES, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, IS_VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
+    KV_SHARED: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    KEYS_PADDED: tl.constexpr,  # rows past a block's keys may hold anything (KV-cache padding, NaN)
+    PAGED: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,  # K/V rows through the block table BT
+    PAGE_TILES: tl.constexpr,  # PAGED with every key tile inside one page
     USE_TMA: tl.constexpr, BIAS_TMA: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     # program (z * heads + head) * NUM_TILES + query tile; z is the batch element, or the packed sequence when
@@ -108,6 +142,8 @@ def attn_fwd(
     if KV_SHARED:
         hk = h * 0
     b, q_start, q_len, k_start, k_len = sequence_bounds(z, SEQ_Q, K_START, K_LEN, Mq, Mkv, IS_VARLEN)
+    if PAGED:  # K_LEN holds each block's end in its logical row, K_START its start
+        k_len = k_len - k_start
     m_start = (tl.program_id(0) % NUM_TILES) * BLOCK_M
     if m_start >= q_len:
         return
@@ -124,29 +160,37 @@ def attn_fwd(
     k_ptr = K + b64 * stride_kb + g64 * stride_kg + hk64 * stride_kh
     v_ptr = V + b64 * stride_vb + g64 * stride_vg + hk64 * stride_vh
     b_ptr = Bias + b64 * stride_bb + g64 * stride_bg + h64 * stride_bh
-    q = load_rows(desc_q, q_ptr, b, q_start + m_start, g, h, q_start + q_len, stride_qm, K_DIM,
-                  BLOCK_M, BLOCK_D, USE_TMA, True)
+    bt_ptr = BT + z.to(tl.int64) * stride_bt_b
+    q = load_rows(
+        desc_q, q_ptr, b, q_start + m_start, g, h, q_start + q_len, stride_qm, K_DIM, BLOCK_M, BLOCK_D, USE_TMA, True
+    )
 
     m_i = tl.full([BLOCK_M], -float("inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     drop_head = b * num_heads + head
     lo, mid_lo, mid_hi, hi = key_tiles(m_start, q_len, k_len, off, WL, WR, BLOCK_M, BLOCK_N, HAS_WL, HAS_WR)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, desc_k, desc_v, desc_b, k_ptr, v_ptr, b_ptr, lo, mid_lo,
-                               b, g, h, hk, m_start, q_start, k_start, offs_i, offs_j, q_len, k_len, off, WL, WR,
-                               stride_kn, stride_vn, stride_bm, stride_bn, qk_scale, seed, dropout_p, drop_head,
-                               K_DIM, KV_DIM, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, True, USE_TMA, BIAS_TMA,
-                               HAS_WL, HAS_WR, HAS_BIAS, HAS_DROPOUT, INPUT_PRECISION)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, desc_k, desc_v, desc_b, k_ptr, v_ptr, b_ptr, mid_lo, mid_hi,
-                               b, g, h, hk, m_start, q_start, k_start, offs_i, offs_j, q_len, k_len, off, WL, WR,
-                               stride_kn, stride_vn, stride_bm, stride_bn, qk_scale, seed, dropout_p, drop_head,
-                               K_DIM, KV_DIM, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, False, USE_TMA, BIAS_TMA,
-                               HAS_WL, HAS_WR, HAS_BIAS, HAS_DROPOUT, INPUT_PRECISION)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, desc_k, desc_v, desc_b, k_ptr, v_ptr, b_ptr, mid_hi, hi,
-                               b, g, h, hk, m_start, q_start, k_start, offs_i, offs_j, q_len, k_len, off, WL, WR,
-                               stride_kn, stride_vn, stride_bm, stride_bn, qk_scale, seed, dropout_p, drop_head,
-                               K_DIM, KV_DIM, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, True, USE_TMA, BIAS_TMA,
-                               HAS_WL, HAS_WR, HAS_BIAS, HAS_DROPOUT, INPUT_PRECISION)
+    acc, l_i, m_i = _fwd_tiles(
+        acc, l_i, m_i, q, desc_k, desc_v, desc_b, k_ptr, v_ptr, b_ptr, bt_ptr, lo, mid_lo, b, g, h, hk, m_start,
+        q_start, k_start, offs_i, offs_j, q_len, k_len, off, WL, WR, stride_kn, stride_vn, stride_bm, stride_bn,
+        stride_bt_p, NUM_PAGES, Mkv, qk_scale, seed, dropout_p, drop_head, K_DIM, KV_DIM, BLOCK_M, BLOCK_N, BLOCK_D,
+        BLOCK_DV, True, USE_TMA, BIAS_TMA, HAS_WL, HAS_WR, HAS_BIAS, HAS_DROPOUT, KEYS_PADDED, PAGED, PAGE_SIZE,
+        PAGE_TILES, INPUT_PRECISION,
+    )
+    acc, l_i, m_i = _fwd_tiles(
+        acc, l_i, m_i, q, desc_k, desc_v, desc_b, k_ptr, v_ptr, b_ptr, bt_ptr, mid_lo, mid_hi, b, g, h, hk, m_start,
+        q_start, k_start, offs_i, offs_j, q_len, k_len, off, WL, WR, stride_kn, stride_vn, stride_bm, stride_bn,
+        stride_bt_p, NUM_PAGES, Mkv, qk_scale, seed, dropout_p, drop_head, K_DIM, KV_DIM, BLOCK_M, BLOCK_N, BLOCK_D,
+        BLOCK_DV, False, USE_TMA, BIAS_TMA, HAS_WL, HAS_WR, HAS_BIAS, HAS_DROPOUT, KEYS_PADDED, PAGED, PAGE_SIZE,
+        PAGE_TILES, INPUT_PRECISION,
+    )
+    acc, l_i, m_i = _fwd_tiles(
+        acc, l_i, m_i, q, desc_k, desc_v, desc_b, k_ptr, v_ptr, b_ptr, bt_ptr, mid_hi, hi, b, g, h, hk, m_start,
+        q_start, k_start, offs_i, offs_j, q_len, k_len, off, WL, WR, stride_kn, stride_vn, stride_bm, stride_bn,
+        stride_bt_p, NUM_PAGES, Mkv, qk_scale, seed, dropout_p, drop_head, K_DIM, KV_DIM, BLOCK_M, BLOCK_N, BLOCK_D,
+        BLOCK_DV, True, USE_TMA, BIAS_TMA, HAS_WL, HAS_WR, HAS_BIAS, HAS_DROPOUT, KEYS_PADDED, PAGED, PAGE_SIZE,
+        PAGE_TILES, INPUT_PRECISION,
+    )
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)

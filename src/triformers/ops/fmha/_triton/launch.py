@@ -16,7 +16,8 @@ import torch
 from triformers._triton import cdiv, int_code
 from triformers._triton import launch as _launch
 from triformers.ops.fmha import _layout
-from triformers.ops.fmha._mask import mask_spec
+from triformers.ops.fmha import attn_bias as ab
+from triformers.ops.fmha._mask import KV_CACHE_BIAS_TYPES, PAGED_BIAS_TYPES, kv_cache_window, mask_spec
 from triformers.ops.fmha._triton import bwd as _bwd
 from triformers.ops.fmha._triton import configs
 from triformers.ops.fmha._triton import fwd as _fwd
@@ -43,7 +44,13 @@ class MaskArgs:
         bottom_right: diagonal offset ``k_len - q_len`` instead of 0.
         window_left, window_right: window bounds around the diagonal, ``NO_WINDOW`` when absent.
         keys_covered: every key row lies in some block (dense batches, and packed sequences without
-            padded or skipped keys): the backward writes every dK/dV row and needs no zero fill.
+            padded or skipped keys): the backward writes every dK/dV row and needs no zero fill. False for
+            KV-cache biases, whose unused rows may hold anything (NaN): kernels zero what they read past a
+            block's keys.
+        block_tables, page_size: a paged bias's table ``[nb, max_pages]`` (int32/int64) and page size; ``k_len``
+            then holds each block's *end* offset in its logical row and ``k_start`` its start, None when every
+            row starts at logical key 0 (padded pages: key tiles then never straddle pages when ``page_size`` is
+            a multiple of the tile). Forward only.
     """
 
     seq_q: torch.Tensor | None
@@ -55,6 +62,8 @@ class MaskArgs:
     window_left: int
     window_right: int
     keys_covered: bool = True
+    block_tables: torch.Tensor | None = None
+    page_size: int = 0
 
 
 def mask_args(attn_bias, Mq: int, Mkv: int, device: torch.device) -> MaskArgs:
@@ -74,6 +83,8 @@ def mask_args(attn_bias, Mq: int, Mkv: int, device: torch.device) -> MaskArgs:
 
 
 def _mask_args(attn_bias, Mq: int, Mkv: int, device: torch.device) -> MaskArgs:
+    if type(attn_bias) in KV_CACHE_BIAS_TYPES:
+        return _kv_cache_mask_args(attn_bias)
     spec = mask_spec(attn_bias)
     wl = NO_WINDOW if spec.window_left is None else spec.window_left
     wr = NO_WINDOW if spec.window_right is None else spec.window_right
@@ -83,6 +94,36 @@ def _mask_args(attn_bias, Mq: int, Mkv: int, device: torch.device) -> MaskArgs:
     # plain lists (not max(generator, default=...)) keep this traceable by torch.compile
     max_q = max([0] + [b - a for a, b in zip(spec.q_starts, spec.q_starts[1:])])
     return MaskArgs(seq_q, k_start, k_len, max_q, max([0, *spec.k_lens]), spec.bottom_right, wl, wr, keys_covered)
+
+
+def _kv_cache_mask_args(bias) -> MaskArgs:
+    """A KV-cache bias as the kernels see it: its own device tensors (no copy, no sync), so that updates made
+    in place (``from_seqlens_padded_inplace``, ``k_seqinfo.seqlen.add_(1)``, a CUDA graph's replay) reach the
+    kernels. The grid comes from bounds those updates keep: ``q_seqinfo.max_seqlen`` and the padding (the
+    table's width for paged caches, the longest segment for gappy ones)."""
+    wl, wr = kv_cache_window(bias)
+    q, k = bias.q_seqinfo, bias.k_seqinfo
+    block_tables, page_size, max_k = None, 0, k.max_seqlen
+    if type(bias) in PAGED_BIAS_TYPES:
+        block_tables, page_size = bias.block_tables, bias.page_size
+        max_k = block_tables.shape[1] * page_size
+    elif hasattr(k, "padding"):
+        max_k = k.padding
+    # paged padded rows start at their logical key 0: no start array (the launcher passes zeros)
+    k_start = None if isinstance(bias, ab.PagedBlockDiagonalPaddedKeysMask) else k.seqstart.to(torch.int32)
+    return MaskArgs(
+        q.seqstart.to(torch.int32),
+        k_start,
+        k.seqlen.to(torch.int32),
+        q.max_seqlen,
+        max_k,
+        True,
+        NO_WINDOW if wl is None else wl,
+        NO_WINDOW if wr is None else wr,
+        False,
+        block_tables,
+        page_size,
+    )
 
 
 def _varlen_arrays(spec, Mkv: int, device: torch.device):
@@ -142,6 +183,16 @@ def _tensor_descriptor():
 
 
 _DUMMIES: dict = {}
+_ZEROS: dict = {}
+
+
+def _zeros_int32(device: torch.device, *shape: int) -> torch.Tensor:
+    """int32 zeros of ``shape``, one tensor per device and shape (never written: a constant a CUDA graph may
+    keep)."""
+    t = _ZEROS.get((device, shape))
+    if t is None:
+        t = _ZEROS[device, shape] = torch.zeros(shape, dtype=torch.int32, device=device)
+    return t
 
 
 def _dummy_int32(device: torch.device) -> torch.Tensor:
@@ -174,6 +225,8 @@ class _Call:
         self.Z = m.seq_q.shape[0] - 1 if self.varlen else self.B
         dummy = m.seq_q if self.varlen else _dummy_int32(q.device)  # never read by dense kernels
         self.seq_q, self.k_start, self.k_len = (m.seq_q, m.k_start, m.k_len) if self.varlen else (dummy,) * 3
+        if self.varlen and m.k_start is None:  # paged rows from logical key 0
+            self.k_start = _zeros_int32(q.device, self.Z)
         self.block_d = max(16, 1 << (self.K - 1).bit_length())
         self.block_dv = max(16, 1 << (self.Kv - 1).bit_length())
         self.flags = dict(
@@ -184,6 +237,7 @@ class _Call:
             HAS_WR=m.window_right != NO_WINDOW,
             HAS_BIAS=self.L.bias is not None,
             HAS_DROPOUT=p > 0.0,
+            KEYS_PADDED=not m.keys_covered,
             INPUT_PRECISION=_input_precision(q.dtype),
         )
         self.wl, self.wr = max(m.window_left, 0), max(m.window_right, 0)
@@ -242,16 +296,22 @@ def kv_grad_shape(q: torch.Tensor, k: torch.Tensor, share_kv: bool, dim: int) ->
     return (B, Mkv, G, 1 if share_kv else H, dim)
 
 
-def attention_forward(q, k, v, bias, m: MaskArgs, p: float, seed: int, scale: float, share_kv: bool):
-    """``(out, lse)`` in the caller's layout; lse float32 ``[B, H, Mq]`` (``[B, G, H, Mq]``)."""
+def attention_forward(
+    q, k, v, bias, m: MaskArgs, p: float, seed: int, scale: float, share_kv: bool, out_dtype: torch.dtype | None = None
+):
+    """``(out, lse)`` in the caller's layout; out in ``out_dtype`` (default the query's: the kernel rounds its
+    float32 accumulator once, to that dtype), lse float32 ``[B, H, Mq]`` (``[B, G, H, Mq]``)."""
     c = _Call(q, k, v, bias, m, p, scale, share_kv)
-    out = torch.empty((*q.shape[:-1], c.Kv), dtype=q.dtype, device=q.device)
+    out = torch.empty((*q.shape[:-1], c.Kv), dtype=out_dtype or q.dtype, device=q.device)
     lse = torch.empty((q.shape[0], *q.shape[2:-1], c.Mq), dtype=torch.float32, device=q.device)
     if q.numel() == 0 or c.Z == 0:
         return out, lse
     if m.max_k == 0:
         return out.zero_(), lse.fill_(-math.inf)
     out5, lse5 = c.L.to5(out), c.L.lse5(lse)
+    paged = m.block_tables is not None  # K/V rows through the table
+    tables = m.block_tables if paged else _zeros_int32(q.device, 1, 1)
+    num_pages = tables.shape[1] if paged else 0
 
     def launch(cfg):
         tiles = cdiv(m.max_q, cfg.block_m)
@@ -259,18 +319,29 @@ def attention_forward(q, k, v, bias, m: MaskArgs, p: float, seed: int, scale: fl
         desc = c.descriptors(cfg.block_m, cfg.block_n)
         desc_b = c.bias_descriptor(cfg) if desc is not None else None
         ptrs = (c.L.q, c.L.k, c.L.v, out5, lse5, c.L.bias if c.L.bias is not None else out5)
-        seqs = (c.seq_q, c.k_start, c.k_len)
-        strides = (*c.common_strides(out5), *lse5.stride()[:3], *c.bias_strides())
-        _launch(_fwd.attn_fwd, grid, (
-            *ptrs, *((desc[n] for n in ("desc_q", "desc_k", "desc_v")) if desc else (None, None, None)), desc_b,
-            *seqs, *strides,
-            c.num_heads, c.HG, c.Mq, c.Mkv, c.scale * LOG2E, c.wl, c.wr, c.p, seed, c.K, c.Kv, tiles,
-        ), dict(
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=c.block_d, BLOCK_DV=c.block_dv,
-            USE_TMA=desc is not None, BIAS_TMA=desc_b is not None,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **c.flags,
-        ), None, (_bits(ptrs + seqs), strides, c.num_heads, c.HG, c.Mq, c.Mkv, c.wl, c.wr, int_code(seed), c.K, c.Kv,
-                  tiles))
+        seqs = (c.seq_q, c.k_start, c.k_len, tables)
+        strides = (*c.common_strides(out5), *lse5.stride()[:3], *c.bias_strides(), *tables.stride())
+        _launch(
+            _fwd.attn_fwd,
+            grid,
+            (
+                *ptrs, *((desc[n] for n in ("desc_q", "desc_k", "desc_v")) if desc else (None, None, None)), desc_b,
+                *seqs, *strides, c.num_heads, c.HG, c.Mq, c.Mkv, c.scale * LOG2E, c.wl, c.wr, c.p, seed, c.K, c.Kv,
+                tiles, num_pages,
+            ),
+            dict(
+                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=c.block_d, BLOCK_DV=c.block_dv,
+                USE_TMA=desc is not None, BIAS_TMA=desc_b is not None, PAGED=paged, PAGE_SIZE=m.page_size,
+                # every key tile is a run of rows of one page: loaded as one (TMA when it can), not gathered
+                PAGE_TILES=paged and m.k_start is None and m.page_size % cfg.block_n == 0, num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages, **c.flags,
+            ),
+            None,
+            (
+                _bits(ptrs + seqs), strides, c.num_heads, c.HG, c.Mq, c.Mkv, c.wl, c.wr, int_code(seed), c.K, c.Kv,
+                tiles, num_pages,
+            ),
+        )
 
     configs.launch_with_fallback(launch, configs.forward_config(c, launch), "fwd")
     return out, lse
@@ -282,10 +353,17 @@ def db_buffer_shape(q, k, bias, share_kv: bool, reduce_mask: int) -> tuple[int, 
     return tuple(1 if (reduce_mask >> d) & 1 else s for d, s in enumerate(L.bias.shape))
 
 
-def attention_backward(grad, q, k, v, out, lse, bias, db_reduce_mask: int, m: MaskArgs, p: float, seed: int,
-                       scale: float, share_kv: bool, deterministic: bool):
+def attention_backward(
+    grad, q, k, v, out, lse, bias, db_reduce_mask: int, m: MaskArgs, p: float, seed: int, scale: float, share_kv: bool,
+    deterministic: bool, grad_lse: torch.Tensor | None = None,
+):
     """Raw gradients: ``dq`` (caller layout), ``dk5``/``dv5`` (canonical ``[B, Mkv, G, Hk, X]``, one per
-    shared head), and ``db`` float32 of :func:`db_buffer_shape` (empty when ``db_reduce_mask < 0``)."""
+    shared head), and ``db`` float32 of :func:`db_buffer_shape` (empty when ``db_reduce_mask < 0``).
+
+    ``grad`` and ``out`` may have any float dtype (an ``output_dtype``); ``grad_lse`` (shaped like ``lse``) is
+    the gradient of the lse output of partial attention, subtracted from ``delta``."""
+    if m.block_tables is not None:
+        raise ValueError("paged attention biases have no Triton backward: their gradients come from fmha.chunked")
     c = _Call(q, k, v, bias, m, p, scale, share_kv)
     L = c.L
     dev = q.device
@@ -308,8 +386,14 @@ def attention_backward(grad, q, k, v, out, lse, bias, db_reduce_mask: int, m: Ma
     delta = torch.empty((c.B, c.G, c.HG, c.Mq), dtype=torch.float32, device=dev)
     pre_m = 64 if c.block_dv <= 128 else 16  # 64 x 256 float32 rows spilled (ptxas: 100 bytes/thread)
     pre_ints = (*_strides4(o5), *_strides4(go5), *delta.stride()[:3], c.num_heads, c.HG, c.Mq, c.Kv)
-    _launch(_bwd.attn_bwd_preprocess, (c.B * c.num_heads, cdiv(c.Mq, pre_m)), (o5, go5, delta, *pre_ints),
-            dict(BLOCK_M=pre_m, BLOCK_DV=c.block_dv), None, (_bits((o5, go5, delta)), pre_ints))
+    _launch(
+        _bwd.attn_bwd_preprocess, (c.B * c.num_heads, cdiv(c.Mq, pre_m)), (o5, go5, delta, *pre_ints),
+        dict(BLOCK_M=pre_m, BLOCK_DV=c.block_dv), None, (_bits((o5, go5, delta)), pre_ints),
+    )
+    if grad_lse is not None:  # d lse_i / d s_ij = P_ij: dS = P * (dP - (delta - dlse))
+        delta.sub_(L.lse5(grad_lse))
+    if go5.dtype != q.dtype:  # the matrix products take dO in the inputs' dtype (delta kept the precise one)
+        go5 = go5.to(q.dtype)
     db_mode, db_target = 0, o5
     if want_db:
         reduce_dims = [d for d in range(5) if (db_reduce_mask >> d) & 1]
