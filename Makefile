@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml requirements-pins.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements-pins.txt
-	$(PY) -m pip install -q -c requirements-pins.txt -e ".[dev,bench,hydra,examples]"
+	$(PY) -m pip install -q -c requirements-pins.txt -e ".[dev,bench,hydra,examples,test]"
 	touch $(STAMP)
 
 demo: $(STAMP)
