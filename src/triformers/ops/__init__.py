@@ -12,6 +12,8 @@ from triformers.ops.fmha import (
     memory_efficient_attention_backward,
     memory_efficient_attention_forward,
     memory_efficient_attention_forward_requires_grad,
+    memory_efficient_attention_partial,
+    merge_attentions,
 )
 
 __all__ = [
@@ -26,11 +28,14 @@ __all__ = [
     "memory_efficient_attention_backward",
     "memory_efficient_attention_forward",
     "memory_efficient_attention_forward_requires_grad",
+    "memory_efficient_attention_partial",
+    "merge_attentions",
 ]
 
 # --- fused operators (rms_norm, swiglu, indexing, unbind): exports are added below this line ---
 from triformers.ops.indexing import index_select_cat, scaled_index_add  # noqa: E402
 from triformers.ops.rmsnorm import RMSNorm, rms_norm, rms_norm_add  # noqa: E402
+from triformers.ops.rope_padded import rope_padded  # noqa: E402
 from triformers.ops.swiglu import (  # noqa: E402
     SwiGLU,
     SwiGLUEagerOp,
@@ -58,4 +63,41 @@ __all__ += [
     "unbind",
     "stack_or_none",
     "get_stack_strides",
+    "rope_padded",
 ]
+
+# --- tensor/sequence-parallel operators (need torch.distributed; the rest of the package does not) ---
+import torch.distributed as _dist  # noqa: E402
+
+if _dist.is_available():
+    from triformers.distributed.context_parallel import context_parallel_attention  # noqa: E402
+    from triformers.ops import differentiable_collectives  # noqa: E402
+    from triformers.ops.modpar_layers import ColumnParallelLinear, RowParallelLinear  # noqa: E402
+    from triformers.ops.seqpar import sequence_parallel_leading_matmul, sequence_parallel_trailing_matmul  # noqa: E402
+    from triformers.ops.sequence_parallel_fused_ops import (  # noqa: E402
+        fused_allgather_and_anything,
+        fused_allgather_and_linear,
+        fused_anything_and_reducescatter,
+        fused_linear_and_reducescatter,
+    )
+
+    __all__ += [
+        "context_parallel_attention",
+        "differentiable_collectives",
+        "ColumnParallelLinear",
+        "RowParallelLinear",
+        "sequence_parallel_leading_matmul",
+        "sequence_parallel_trailing_matmul",
+        "fused_allgather_and_linear",
+        "fused_allgather_and_anything",
+        "fused_linear_and_reducescatter",
+        "fused_anything_and_reducescatter",
+    ]
+from triformers.ops.tiled_matmul import tiled_matmul  # noqa: E402
+
+__all__ += ["tiled_matmul"]
+
+# --- tree attention (a module, as in xFormers: ops.tree_attention.tree_attention, .TreeAttnMetadata) ---
+from triformers.ops import tree_attention  # noqa: E402
+
+__all__ += ["tree_attention"]
