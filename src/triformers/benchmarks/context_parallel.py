@@ -240,6 +240,26 @@ def run_single(quick: bool, rounds: int) -> list[dict]:
     return records
 
 
+def markdown_summary(doc: dict) -> str:
+    """README table of the one-rank records: context-parallel attention against plain attention."""
+    env = doc["env"]
+    rows = [r for r in doc["records"] if r.get("part") == "single"]
+    lines = [
+        f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}, commit {env['commit']}; bf16, causal, "
+        "one rank (a process group of one): `context_parallel_attention` against `memory_efficient_attention` on "
+        "the same inputs, milliseconds.",
+        "",
+        "| B | heads | D | tokens | mode | plain | context parallel | ratio |",
+        "| ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        lines.append(f"| {r['batch']} | {r['heads']} | {r['head_dim']} | {r['seq_len']} | {r['what']} | "
+                     f"{r['plain_ms']:.3f} | {r['context_parallel_ms']:.3f} | {r['ratio']:.3f} |")
+    if rows:
+        lines += ["", f"Highest ratio: {max(r['ratio'] for r in rows):.3f} (target <= 1.05)."]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="triformers bench context_parallel", description=__doc__.split("\n\n")[0])
     cuda = torch.cuda.is_available()
