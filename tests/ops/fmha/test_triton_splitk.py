@@ -16,8 +16,9 @@ from triformers.ops import fmha
 from triformers.ops.fmha import attn_bias as ab
 from triformers.ops.fmha import dispatch, quantize
 from triformers.ops.fmha import triton_splitk as sk
-from triformers.ops.fmha._triton.merge import merge_partials, merge_partials_torch
+from triformers.ops.fmha._triton.merge import merge_partials
 from triformers.ops.fmha.common import Inputs
+from triformers.ops.fmha.merge import merge_partials_torch
 from triformers.ops.fmha.reference import ref_attention
 
 pytestmark = pytest.mark.skipif(not sk.FwOp.is_available(), reason="triton is not installed")

@@ -21,8 +21,9 @@ from triformers.ops import fmha
 from triformers.ops.fmha import attn_bias as ab
 from triformers.ops.fmha import dispatch, quantize
 from triformers.ops.fmha import triton_splitk as sk
-from triformers.ops.fmha._triton.merge import merge_partials, merge_partials_torch
+from triformers.ops.fmha._triton.merge import merge_partials
 from triformers.ops.fmha.common import Inputs
+from triformers.ops.fmha.merge import merge_partials_torch
 
 pytestmark = [
     pytest.mark.gpu,

@@ -164,9 +164,13 @@ def _use_kernel(x: torch.Tensor) -> bool:
     return False
 
 
-def _merge_torch(attn: torch.Tensor, lse: torch.Tensor, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """The merge in torch operations: ``attn [S, B, M, G, H, K]``, ``lse [S, B, G, H, M]`` ->
-    ``(out [B, M, G, H, K], lse_out [B, G, H, M])``."""
+def merge_partials_torch(
+    attn: torch.Tensor, lse: torch.Tensor, out_dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The merge of ``_triton.merge.merge_partials`` in torch operations (any device, no Triton):
+    ``attn [S, B, M, G, H, K]``, ``lse [S, B, G, H, M]`` -> ``(out [B, M, G, H, K] in out_dtype (default
+    attn's), lse_out [B, G, H, M] in lse's dtype)``."""
+    out_dtype = out_dtype or attn.dtype
     acc = _acc_dtype(attn, lse)
     lse_a = lse.to(acc)
     lse_max = lse_a.amax(0)
@@ -188,7 +192,7 @@ def _merge_forward(
     """``(out [B, M, G, H, K], lse_out [B, G, H, M] or None)`` of validated BMGHK parts."""
     a, m = _stacked(attn), _stacked(lse)
     if not _use_kernel(a):
-        out, lse_out = _merge_torch(a, m, out_dtype)
+        out, lse_out = merge_partials_torch(a, m, out_dtype)
         return out, lse_out if write_lse else None
     from triformers.ops.fmha._triton.merge import merge_partials
 

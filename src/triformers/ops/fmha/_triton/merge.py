@@ -1,4 +1,5 @@
-"""Merging partial attentions: the kernel, its launcher and the torch reference of the same math.
+"""Merging partial attentions: the kernel and its launcher (the same math in torch operations is
+:func:`triformers.ops.fmha.merge.merge_partials_torch`).
 
 Attention over keys split into ``S`` disjoint parts, each part ``s`` giving an output ``O_s`` and its
 log-sum-exp ``L_s``, is recovered exactly (arXiv 2402.05099)::
@@ -138,27 +139,3 @@ def merge_partials(attn: torch.Tensor, lse: torch.Tensor, out: torch.Tensor, lse
     ptrs = (attn, lse, out, x)
     dyn = (tuple((t.dtype, t.data_ptr() & 15) for t in ptrs), ints)
     launch(merge_partials_kernel, grid, (*ptrs, *ints), meta, None, dyn)
-
-
-def merge_partials_torch(
-    attn: torch.Tensor, lse: torch.Tensor, out_dtype: torch.dtype | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reference of :func:`merge_partials`: ``(out [B, M, G, H, K], lse_out [B, G, H, M])``.
-
-    Args:
-        attn: ``[S, B, M, G, H, K]``.
-        lse: ``[S, B, G, H, M]``.
-        out_dtype: dtype of ``out`` (default ``attn.dtype``); ``lse_out`` has ``lse``'s dtype.
-    """
-    acc = torch.float64 if torch.float64 in (attn.dtype, lse.dtype) else torch.float32
-    lse_a = lse.to(acc).permute(0, 1, 4, 2, 3).unsqueeze(-1)  # [S, B, M, G, H, 1]
-    lse_max = lse_a.amax(0)
-    ref = torch.where(lse_max == -float("inf"), 0.0, lse_max)
-    w = torch.exp(lse_a - ref)
-    w_sum = w.sum(0)
-    num = torch.where(w > 0, w * attn.to(acc), 0.0).sum(0)
-    empty = w_sum == 0
-    out = num / torch.where(empty, 1.0, w_sum)
-    lse_out = torch.where(empty, -float("inf"), ref + torch.log(torch.where(empty, 1.0, w_sum)))
-    lse_out = lse_out.squeeze(-1).permute(0, 2, 3, 1)  # [B, G, H, M]
-    return out.to(out_dtype or attn.dtype), lse_out.to(lse.dtype)

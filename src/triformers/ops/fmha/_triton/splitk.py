@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from triformers.ops.fmha._triton.common import LN2
-from triformers.ops.fmha._triton.splitk_int4 import _half_to_f32, _pair, _rows, int4_program
+from triformers.ops.fmha._triton.splitk_int4 import _half_to_f32, _pair, _rows, _softmax_step, int4_program
 
 
 @triton.jit
@@ -166,25 +166,8 @@ def _attend(
             MASKED or PAGED,
         )
         qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)  # [BM, BN]
-        if FOLD:
-            qk = qk * k_scale[None, :] + q_sum[:, None] * k_shift[None, :]
-        qk = qk * qk_scale
-        if MASKED:
-            d = j[None, :] - offs_i - off
-            allowed = ok[None, :]
-            if HAS_WR:
-                allowed = allowed & (d <= WR)
-            if HAS_WL:
-                allowed = allowed & (d >= -WL)
-            qk = tl.where(allowed, qk, -float("inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
-        else:
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            m_safe = m_new
-        p = tl.math.exp2(qk - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, l_i, m_new = _softmax_step(qk, k_scale, k_shift, q_sum, qk_scale, m_i, l_i, ok, j, offs_i, off,
+                                             WL, WR, FOLD, MASKED, HAS_WL, HAS_WR)
         v, v_scale, v_shift = _load_kv(
             V,
             VScale,

@@ -54,6 +54,35 @@ def _rows(
 
 
 @triton.jit
+def _softmax_step(qk, k_scale, k_shift, q_sum, qk_scale, m_i, l_i, ok, j, offs_i, off, WL, WR, FOLD: tl.constexpr,
+                  MASKED: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr):
+    """One key block of the online softmax (exp2 domain): the raw products ``qk`` ``[BM, BN]`` (a folded row
+    scale and shift applied when ``FOLD``), scaled, masked (``MASKED``: key bound ``ok`` and the windows around
+    the diagonal offset ``off``), then ``(p, alpha, l_i, m_new)``. Rows that see no key keep ``m_i = -inf``
+    without NaN."""
+    if FOLD:
+        qk = qk * k_scale[None, :] + q_sum[:, None] * k_shift[None, :]
+    qk = qk * qk_scale
+    if MASKED:
+        d = j[None, :] - offs_i - off
+        allowed = ok[None, :]
+        if HAS_WR:
+            allowed = allowed & (d <= WR)
+        if HAS_WL:
+            allowed = allowed & (d >= -WL)
+        qk = tl.where(allowed, qk, -float("inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+    else:
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_safe = m_new
+    p = tl.math.exp2(qk - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    return p, alpha, l_i, m_new
+
+
+@triton.jit
 def _pair(words, J: tl.constexpr):
     """Values ``8 w + J`` and ``8 w + J + 4`` of int4 words, as exact fp16 tiles shaped like ``words``."""
     t = ((words >> (4 * J)) & INT4_PAIR_MASK) | FP16_1024_PAIR
@@ -134,25 +163,8 @@ def _attend_int4(
         k_lo, k_hi = _pair(kw, 3)
         qk = tl.dot(q3, tl.trans(_deq(k_lo, ks, kt, NUM_GROUPS)), qk)
         qk = tl.dot(q7, tl.trans(_deq(k_hi, ks, kt, NUM_GROUPS)), qk)  # [BM, BN]
-        if FOLD:
-            qk = qk * ks[None, :] + q_sum[:, None] * kt[None, :]
-        qk = qk * qk_scale
-        if MASKED:
-            d = j[None, :] - offs_i - off
-            allowed = ok[None, :]
-            if HAS_WR:
-                allowed = allowed & (d <= WR)
-            if HAS_WL:
-                allowed = allowed & (d >= -WL)
-            qk = tl.where(allowed, qk, -float("inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
-        else:
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            m_safe = m_new
-        p = tl.math.exp2(qk - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, l_i, m_new = _softmax_step(qk, ks, kt, q_sum, qk_scale, m_i, l_i, ok, j, offs_i, off, WL, WR,
+                                             FOLD, MASKED, HAS_WL, HAS_WR)
         vw, vs, vt = _tile(V, rows, ok, stride_vn, offs_w, NUM_GROUPS, W, CHECK)
         if FOLD:
             # p * scale can fall below fp16's normal range: scale by the block's largest |scale| first
