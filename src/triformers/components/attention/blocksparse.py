@@ -1,22 +1,31 @@
-"""Layout-driven block-sparse attention (xFormers' ``blocksparse``), correct in plain torch.
+"""Layout-driven block-sparse attention (xFormers' ``blocksparse``).
 
 Only the attended blocks are computed: the queries of block r attend the keys of the blocks c with
-``layout[h, r, c] == 1``. The torch path gathers the attended key blocks of each query block (rows sorted by
-their number of blocks and processed in chunks), so work and memory scale with the non-zero blocks, not
-with S².
+``layout[h, r, c] == 1``. Blocks of 16 tokens or more run through ``memory_efficient_attention`` with a
+:class:`~triformers.ops.fmha.attn_bias.BlockSparseMask` (our Triton kernels on CUDA, which skip the hidden
+tiles forward and backward; the chunked operator on the CPU). Smaller blocks, which no kernel tile is fine
+enough for, take the torch path (with a warning, once): it gathers the attended key blocks of each query
+block (rows sorted by their number of blocks and processed in chunks), so work and memory scale with the
+non-zero blocks, not with S².
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from triformers.components.attention import register_attention
 from triformers.components.attention.base import Attention, AttentionConfig
+
+if TYPE_CHECKING:
+    from triformers.ops.fmha.attn_bias import BlockSparseMask
+
+_WARNED_SMALL_BLOCKS: set[bool] = set()
 
 
 @dataclass
@@ -42,7 +51,9 @@ class BlockSparseAttention(Attention):
         num_heads: heads the layout is expanded to when it is 2-D (default 1).
         causal: additionally mask keys after the query inside the attended blocks (default False).
 
-    A query row whose blocks are all empty (or fully causally masked) outputs zeros.
+    A query row whose blocks are all empty (or fully causally masked) outputs zeros. With ``block_size >= 16``
+    the attention runs on ``memory_efficient_attention`` with :attr:`mask` (a ``BlockSparseMask``); below,
+    on the torch path (:meth:`torch_forward`).
     """
 
     def __init__(
@@ -68,9 +79,20 @@ class BlockSparseAttention(Attention):
         self.causal = causal
         self.attn_drop = nn.Dropout(dropout)
         self.ROWS_PER_CHUNK = 64  # query blocks per gather: bounds the padded working set
+        # the mask the kernels read, built once (and again after .to(device), which moves the layout)
+        self._mask: BlockSparseMask | None = None
         self.requires_head_dimension = True
         self.requires_same_k_q_dimensions = True
         self.supports_attention_mask = False
+
+    @property
+    def mask(self) -> BlockSparseMask:
+        """The layout as a :class:`BlockSparseMask` (blocks of at least 16 tokens), on the layout's device."""
+        from triformers.ops.fmha.attn_bias import BlockSparseMask  # ops imports the components: not at import
+
+        if self._mask is None or self._mask.layout.device != self.layout.device:
+            self._mask = BlockSparseMask(self.layout, self.block_size, causal=self.causal)
+        return self._mask
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float = 1.0, *args, **kwargs):
         """Attend; ``scale`` multiplies the usual 1/sqrt(Dh) softmax scaling (default 1.0)."""
@@ -85,6 +107,29 @@ class BlockSparseAttention(Attention):
             )
         if self.layout.shape[0] not in (1, H):
             raise ValueError(f"layout has {self.layout.shape[0]} heads but the inputs have {H}")
+        from triformers.ops.fmha import memory_efficient_attention
+        from triformers.ops.fmha.attn_bias import MIN_SPARSE_BLOCK
+
+        if bs < MIN_SPARSE_BLOCK:
+            if not _WARNED_SMALL_BLOCKS:
+                _WARNED_SMALL_BLOCKS.add(True)
+                warnings.warn(
+                    f"blocksparse attention: block_size={bs} is below {MIN_SPARSE_BLOCK}, the smallest block the "
+                    "attention kernels take; running the (slower) torch path. Build the layout with blocks of "
+                    f"{MIN_SPARSE_BLOCK} or more tokens",
+                    stacklevel=2,
+                )
+            return self.torch_forward(q, k, v, scale)
+        p = self.attn_drop.p if self.training else 0.0
+        out = memory_efficient_attention(  # BMHK views of [B, H, S, D]: no copy
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.mask, p=p, scale=scale / math.sqrt(D)
+        )
+        return out.transpose(1, 2)
+
+    def torch_forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        """The torch path of :meth:`forward` (any block size): gathers each query block's attended key blocks."""
+        B, H, S, D = q.shape
+        bs, nb = self.block_size, self.layout.shape[-1]
         layout = self.layout.expand(H, nb, nb).reshape(H * nb, nb)  # one row per (head, query block)
         widths = layout.sum(-1)
         # rows sorted by how many key blocks they attend, processed in chunks padded to the chunk's widest row:

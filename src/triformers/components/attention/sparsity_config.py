@@ -8,8 +8,12 @@ generator, so ``torch.manual_seed`` makes layouts reproducible.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from triformers.ops.fmha.attn_bias import BlockSparseMask
 
 
 def _check_attention(attention: str) -> None:
@@ -59,6 +63,17 @@ class SparsityConfig:
 
     def make_layout(self, seq_len: int) -> torch.Tensor:
         raise NotImplementedError
+
+    def make_mask(self, seq_len: int, causal: bool = False) -> BlockSparseMask:
+        """The layout of ``seq_len`` tokens as a :class:`~triformers.ops.fmha.attn_bias.BlockSparseMask` for
+        ``memory_efficient_attention`` (BMHK inputs of ``num_heads`` heads; blocks of at least 16 tokens).
+
+        Args:
+            causal: also mask the keys after the query inside the attended blocks (default False).
+        """
+        from triformers.ops.fmha.attn_bias import BlockSparseMask  # ops imports the components: not at import
+
+        return BlockSparseMask(self.make_layout(seq_len), self.block_size, causal=causal)
 
 
 class DenseSparsityConfig(SparsityConfig):

@@ -19,6 +19,13 @@ start otherwise): block-local key ``j`` is physical key row
 
     block_tables[b, (k_starts[b] + j) // page_size] * page_size + (k_starts[b] + j) % page_size.
 
+A :class:`~attn_bias.BlockSparseMask` is one dense block with a :class:`BlockSparseSpec` on top: query ``i``
+and key ``j`` are also required to lie in an allowed block, ``layout[h, i // bq, j // bk]``. Operators read it
+as a :class:`TileTable` at their own tile sizes: per (head, query tile) the key tiles holding an allowed pair,
+boundary tiles (masked) first, then the tiles allowed entirely (no mask); at tiles ``(bq, bk)`` it is the
+layout's own CSR table (``offsets [H, nqb + 1]``, ``cols [nnz]``). Tables are built on the layout's device with
+a few tensor ops and kept per layout and tile size (:func:`block_sparse_spec`).
+
 A kernel reading the bias directly takes its device tensors: ``q_seqinfo.seqstart`` (query block bounds),
 ``k_seqinfo.seqstart`` (key starts; row-local offsets with a trailing -1 for paged gappy), ``k_seqinfo.seqlen``
 (key counts; *end* offsets for paged gappy) and ``block_tables``. :func:`mask_spec` reads the same tensors (one
@@ -27,7 +34,7 @@ copy to the host), so every operator applies what they hold, also after an in-pl
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -50,6 +57,7 @@ class MaskSpec:
         tensor_bias: additive ``[B, H, Mq, Mkv]`` tensor (broadcast views allowed) or None.
         block_tables: int32/int64 ``[nb, max_pages]``: the physical page of each logical page (paged biases).
         page_size: keys per page (paged biases; 0 otherwise).
+        block_sparse: the allowed blocks of a block-sparse mask (one dense block), or None.
     """
 
     q_starts: tuple[int, ...] | None = None
@@ -61,6 +69,7 @@ class MaskSpec:
     tensor_bias: torch.Tensor | None = None
     block_tables: torch.Tensor | None = None
     page_size: int = 0
+    block_sparse: BlockSparseSpec | None = None
 
     @property
     def is_block_diagonal(self) -> bool:
@@ -123,6 +132,137 @@ class MaskSpec:
         return ok
 
 
+@dataclass(frozen=True, eq=False)
+class TileTable:
+    """The tiles of a block-sparse mask an operator visits, as CSR over rows of tiles (query tiles, or key
+    tiles when transposed), per layout head.
+
+    Attributes:
+        offsets: int32 ``[Hr, n + 1]``: row ``r`` of head ``h`` visits ``cols[offsets[h, r]:offsets[h, r + 1]]``
+            (indices into one ``cols``: ``offsets[h, n] == offsets[h + 1, 0]``).
+        full_start: int32 ``[Hr, n]``: the row's entries before ``full_start[h, r]`` are boundary tiles (some
+            pair masked: apply the mask), those from it on are allowed entirely.
+        cols: int32 ``[nnz + 1]``: column-tile indices, increasing within each part of a row (a trailing 0
+            keeps the tensor non-empty).
+    """
+
+    offsets: torch.Tensor
+    full_start: torch.Tensor
+    cols: torch.Tensor
+
+
+# Block-sparse specs per layout tensor (see block_sparse_spec); bounded, refilled as needed
+_SPECS: dict[tuple, BlockSparseSpec] = {}
+_MAX_SPECS = 256
+
+
+@dataclass(frozen=True, eq=False)
+class BlockSparseSpec:
+    """The allowed blocks of a :class:`~attn_bias.BlockSparseMask`, and the tables operators derive from them.
+
+    Attributes:
+        layout: bool ``[Hl, nqb, nkb]`` (``Hl`` 1: shared by every head).
+        block_q, block_k: queries and keys per block.
+    """
+
+    layout: torch.Tensor
+    block_q: int
+    block_k: int
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def num_heads(self) -> int:
+        return self.layout.shape[0]
+
+    def kernel_layout(self) -> torch.Tensor:
+        """The layout as int8 ``[Hl, nqb, nkb]`` (contiguous), for the kernels' boundary tiles."""
+        if "int8" not in self._cache:
+            self._cache["int8"] = self.layout.to(torch.int8).contiguous()
+        return self._cache["int8"]
+
+    def table(
+        self, Mq: int, Mkv: int, tile_q: int, tile_k: int, causal: bool, *, transposed: bool = False,
+        union_heads: bool = False, edges_masked: bool = True,
+    ) -> TileTable:
+        """The :class:`TileTable` of ``[tile_q, tile_k]`` tiles over ``Mq`` queries and ``Mkv`` keys, built once.
+
+        Args:
+            causal: also hide keys after the query (``j <= i``).
+            transposed: rows are key tiles and columns query tiles (a backward over key tiles).
+            union_heads: one row set for all heads (``Hr = 1``): a tile is visited if any head allows a pair
+                in it and is entirely allowed only if every head allows every pair.
+            edges_masked: tiles that reach past ``Mq`` or ``Mkv`` are boundary tiles (kernels that read
+                whole tiles bound them there); False: their pairs inside the bounds decide.
+        """
+        key = (Mq, Mkv, tile_q, tile_k, causal, transposed, union_heads, edges_masked)
+        if key not in self._cache:
+            self._cache[key] = _tile_table(self, Mq, Mkv, tile_q, tile_k, causal, transposed, union_heads,
+                                           edges_masked)
+        return self._cache[key]
+
+    def allowed(self, i: torch.Tensor, j: torch.Tensor, causal: bool) -> torch.Tensor:
+        """Allowed pairs ``[Hl, n, nk]`` of the query indices ``i`` ``[n]`` and key indices ``j`` ``[nk]``."""
+        ok = self.layout[:, i // self.block_q][:, :, j // self.block_k]
+        return ok & (j[None, :] <= i[:, None]) if causal else ok
+
+
+def block_sparse_spec(layout: torch.Tensor, block_q: int, block_k: int) -> BlockSparseSpec:
+    """The :class:`BlockSparseSpec` of a bool layout, one per layout tensor (while its values are unchanged), so
+    that its tables are built once. The spec holds the layout, so that its address is not reused while kept."""
+    key = (layout.data_ptr(), layout._version, tuple(layout.shape), layout.device, block_q, block_k)
+    spec = _SPECS.get(key)
+    if spec is None:
+        if len(_SPECS) >= _MAX_SPECS:
+            _SPECS.clear()
+        spec = _SPECS[key] = BlockSparseSpec(layout, block_q, block_k)
+    return spec
+
+
+def _spans(n: int, tile: int, block: int, device: torch.device):
+    """Per tile of ``tile`` indices over ``[0, n)``: first and last index, first and last block."""
+    t = torch.arange(-(-n // tile), device=device)
+    first = t * tile
+    last = torch.clamp((t + 1) * tile, max=n) - 1
+    return first, last, first // block, last // block, (t + 1) * tile <= n
+
+
+def _block_sums(x: torch.Tensor, r0, r1, c0, c1) -> torch.Tensor:
+    """Sums of ``x`` ``[H, R, C]`` over the block rectangles ``[r0, r1] x [c0, c1]`` -> ``[H, nr, nc]``."""
+    s = x.to(torch.int32).cumsum(1, dtype=torch.int32).cumsum(2, dtype=torch.int32)
+    s = torch.nn.functional.pad(s, (1, 0, 1, 0))
+    a, b, c, d = r1 + 1, r0, c1 + 1, c0
+    return s[:, a][:, :, c] - s[:, b][:, :, c] - s[:, a][:, :, d] + s[:, b][:, :, d]
+
+
+def _tile_table(spec: BlockSparseSpec, Mq, Mkv, tile_q, tile_k, causal, transposed, union_heads, edges_masked):
+    layout = spec.layout
+    dev = layout.device
+    i0, i1, r0, r1, q_inside = _spans(Mq, tile_q, spec.block_q, dev)
+    j0, j1, c0, c1, k_inside = _spans(Mkv, tile_k, spec.block_k, dev)
+    some = layout.any(0, keepdim=True) if union_heads else layout
+    every = layout.all(0, keepdim=True) if union_heads else layout
+    visited = _block_sums(some, r0, r1, c0, c1) > 0  # [Hr, nqt, nkt]
+    area = (r1 - r0 + 1)[:, None] * (c1 - c0 + 1)[None, :]
+    full = _block_sums(every, r0, r1, c0, c1) == area
+    if edges_masked:
+        full &= q_inside[:, None] & k_inside[None, :]
+    if causal:  # top-left: a tile is visited if its first key is <= its last query, full if its last key <= first
+        visited &= j0[None, :] <= i1[:, None]
+        full &= j1[None, :] <= i0[:, None]
+    full &= visited
+    if transposed:
+        visited, full = visited.transpose(1, 2), full.transpose(1, 2)
+    partial = visited & ~full
+    heads, rows, ncols = visited.shape
+    sel = torch.stack([partial, full], dim=2)  # [Hr, rows, 2, ncols]: per row, boundary tiles then full ones
+    counts = sel.sum(-1, dtype=torch.int32)  # [Hr, rows, 2]
+    cols = sel.reshape(-1, ncols).nonzero()[:, 1].to(torch.int32)
+    starts = torch.nn.functional.pad(counts.sum(-1).flatten().cumsum(0, dtype=torch.int32), (1, 0))
+    offsets = starts.as_strided((heads, rows + 1), (rows, 1)).contiguous()
+    full_start = (starts[:-1].view(heads, rows) + counts[..., 0]).contiguous()
+    return TileTable(offsets, full_start, torch.nn.functional.pad(cols, (0, 1)))
+
+
 # exact type -> (bottom_right, window_right); a `_window_size` attribute adds window_left = w - 1
 _DENSE = {
     ab.LowerTriangularMask: (False, 0),
@@ -160,7 +300,7 @@ PAGED_BIAS_TYPES: frozenset[type] = frozenset(
 )
 
 SUPPORTED_BIAS_TYPES: frozenset[type] = frozenset(
-    {type(None), torch.Tensor, ab.LocalAttentionFromBottomRightMask}
+    {type(None), torch.Tensor, ab.LocalAttentionFromBottomRightMask, ab.BlockSparseMask}
     | set(_DENSE)
     | set(_BLOCK_DIAGONAL)
     | set(_KV_CACHE)
@@ -210,6 +350,11 @@ def mask_spec(bias: torch.Tensor | ab.AttentionBias | None) -> MaskSpec:
         )
     if kind is ab.LocalAttentionFromBottomRightMask:
         return MaskSpec(bottom_right=True, window_left=bias.window_left, window_right=bias.window_right)
+    if kind is ab.BlockSparseMask:
+        # traced by torch.compile: no cache keyed by addresses (the kernels' launcher builds the tables)
+        make = BlockSparseSpec if torch.compiler.is_compiling() else block_sparse_spec
+        sparse = make(bias.layout, bias.block_q, bias.block_k)
+        return MaskSpec(window_right=0 if bias.causal else None, block_sparse=sparse)
     if kind in _BLOCK_DIAGONAL:
         bottom_right, window_right = _BLOCK_DIAGONAL[kind]
         ks = bias.k_seqinfo.seqstart_py

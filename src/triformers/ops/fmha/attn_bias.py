@@ -25,6 +25,7 @@ BlockDiagonalGappyKeysMask                              same block; block b's ke
 BlockDiagonalCausalWithOffsetGappyKeysMask              gappy, j <= i + s_b
 BlockDiagonalLocalAttentionFromBottomRightGappyKeysMask  gappy, i + s_b - wl <= j <= i + s_b + wr
 PagedBlockDiagonal...KeysMask (5 classes)               its ``_UNPAGED_TYPE``'s rule, keys read through pages
+BlockSparseMask                                         layout[h, i // bq, j // bk] == 1 (and j <= i if causal)
 ======================================================  ===================================================
 
 Block-diagonal biases describe packed sequences (batch size 1, sequences concatenated along M); indices
@@ -76,6 +77,7 @@ __all__ = [
     "PagedBlockDiagonalCausalLocalPaddedKeysMask",
     "PagedBlockDiagonalGappyKeysMask",
     "PagedBlockDiagonalCausalWithOffsetGappyKeysMask",
+    "BlockSparseMask",
     "VARLEN_BIASES",
 ]
 
@@ -579,6 +581,127 @@ class BlockDiagonalCausalLocalAttentionFromBottomRightMask(BlockDiagonalCausalFr
     def _create_block_mask(self, shape, dtype=torch.float32, device="cpu") -> torch.Tensor:
         return _materialize_causal_mask(
             shape, dtype=dtype, device=device, window_size=self._window_size, from_bottomright=True
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Block-sparse layouts
+# --------------------------------------------------------------------------------------------------
+
+#: Smallest side of a block of :class:`BlockSparseMask`: the smallest tile of the attention kernels (a
+#: ``tl.dot`` operand has at least 16 rows), so that a block is never finer than the work it saves.
+MIN_SPARSE_BLOCK = 16
+
+
+def _sparse_block_sizes(block_size: Any) -> tuple[int, int]:
+    sizes = (block_size, block_size) if isinstance(block_size, int) else tuple(block_size)
+    if len(sizes) != 2 or any(isinstance(b, bool) or not isinstance(b, int) for b in sizes):
+        raise ValueError(f"BlockSparseMask: block_size={block_size!r} must be an int or a pair (bq, bk) of ints")
+    if min(sizes) < MIN_SPARSE_BLOCK:
+        raise ValueError(
+            f"BlockSparseMask: block_size={block_size!r}; blocks must be at least {MIN_SPARSE_BLOCK} queries and "
+            f"{MIN_SPARSE_BLOCK} keys: build the layout for larger blocks"
+        )
+    return sizes
+
+
+@dataclass(eq=False)
+class BlockSparseMask(AttentionBias):
+    """Block-sparse mask: query ``i`` attends key ``j`` of head ``h`` when ``layout[h, i // bq, j // bk]`` is 1
+    (and ``j <= i`` when ``causal``, top-left), like flex attention's ``BlockMask`` over a fixed layout.
+
+    Operators skip the blocks the layout hides, forward and backward, and apply no mask inside the blocks it
+    allows entirely; the blocks need not match the kernels' tiles. A query that sees no key gets output 0.
+
+    Args:
+        layout: 0/1 tensor (bool or integer) ``[H or 1, ceil(Mq / bq), ceil(Mkv / bk)]``: one layout per head,
+            or one shared by all heads (BMGHK heads are numbered ``g * Hg + h``). The last block row or column
+            may be partial: ``Mq`` and ``Mkv`` need not be multiples of the blocks.
+        block_size: ``bq = bk = block_size``, or ``(bq, bk)``: any sizes >= 16 (default 128).
+        causal: also mask the keys after the query (``j <= i``) inside the allowed blocks (default False).
+
+    Raises:
+        ValueError: a layout that is not a 3-D tensor of 0/1 (bool or integer), or a block below 16.
+            ``memory_efficient_attention`` also checks the layout against the inputs (:meth:`check_inputs`).
+    """
+
+    layout: torch.Tensor
+    block_size: int | tuple[int, int] = 128
+    causal: bool = False
+
+    def __post_init__(self) -> None:
+        layout = self.layout
+        if not isinstance(layout, torch.Tensor) or layout.ndim != 3:
+            got = f"shape={tuple(layout.shape)}" if isinstance(layout, torch.Tensor) else type(layout).__name__
+            raise ValueError(
+                f"BlockSparseMask: layout must be a 3-D tensor [H or 1, query blocks, key blocks], got {got}; "
+                "a layout shared by every head is layout[None]"
+            )
+        if layout.is_floating_point() or layout.is_complex():
+            raise ValueError(
+                f"BlockSparseMask: layout.dtype={layout.dtype}; pass a bool or integer 0/1 tensor "
+                "(layout.bool() if its values are 0 and 1)"
+            )
+        if layout.dtype != torch.bool and bool(((layout != 0) & (layout != 1)).any()):
+            found = sorted(layout.unique().tolist())[:8]
+            raise ValueError(
+                f"BlockSparseMask: layout holds values other than 0 and 1 (found {found}); pass layout != 0 for "
+                "'attended where non-zero'"
+            )
+        self.block_q, self.block_k = _sparse_block_sizes(self.block_size)
+        if not isinstance(self.causal, bool):
+            raise ValueError(f"BlockSparseMask: causal={self.causal!r} must be a bool")
+        self.layout = layout.to(torch.bool).contiguous()
+
+    def check_inputs(self, query: torch.Tensor, key: torch.Tensor) -> None:
+        """Raises ValueError unless the layout fits BMHK/BMGHK ``query`` and ``key``: same device, 1 or
+        ``H`` heads, ``ceil(Mq / bq)`` query blocks and ``ceil(Mkv / bk)`` key blocks."""
+        layout, heads = self.layout, math.prod(query.shape[2:-1])
+        if layout.device != query.device:
+            raise ValueError(
+                f"BlockSparseMask.layout is on {layout.device} but query is on {query.device}; move the bias with "
+                "attn_bias.to(query.device)"
+            )
+        if layout.shape[0] not in (1, heads):
+            raise ValueError(
+                f"BlockSparseMask.layout has {layout.shape[0]} heads but the inputs have {heads} "
+                f"(query.shape={tuple(query.shape)}); pass a layout of {heads} heads, or of 1 shared by all"
+            )
+        Mq, Mkv = query.shape[1], key.shape[1]
+        want = (-(-Mq // self.block_q), -(-Mkv // self.block_k))
+        if tuple(layout.shape[1:]) != want:
+            raise ValueError(
+                f"BlockSparseMask.layout.shape={tuple(layout.shape)} does not fit the inputs: {Mq} queries in "
+                f"blocks of {self.block_q} and {Mkv} keys in blocks of {self.block_k} need [H or 1, {want[0]}, "
+                f"{want[1]}] (query.shape={tuple(query.shape)}, key.shape={tuple(key.shape)}); build the layout "
+                "for these lengths or pass the matching block_size"
+            )
+
+    def materialize(self, shape, dtype=torch.float32, device="cpu") -> torch.Tensor:
+        """The mask as a tensor of ``shape`` ``[..., heads..., Mq, Mkv]``; a per-head layout covers the
+        dims between the batch and ``Mq`` (``[B, H, ...]`` or ``[B, G, Hg, ...]``)."""
+        Mq, Mkv = shape[-2:]
+        heads = tuple(shape[1:-2])
+        H, nq, nk = self.layout.shape
+        if (nq, nk) != (-(-Mq // self.block_q), -(-Mkv // self.block_k)) or H not in (1, math.prod(heads)):
+            raise ValueError(
+                f"BlockSparseMask.layout.shape={(H, nq, nk)} does not fit shape={tuple(shape)} with blocks "
+                f"({self.block_q}, {self.block_k})"
+            )
+        i = torch.arange(Mq, device=device)
+        j = torch.arange(Mkv, device=device)
+        allowed = self.layout.to(device)[:, i // self.block_q][:, :, j // self.block_k]  # [H, Mq, Mkv]
+        if self.causal:
+            allowed = allowed & (j[None, :] <= i[:, None])
+        allowed = allowed.view(*heads, Mq, Mkv) if H > 1 else allowed[0]
+        create_as = dtype if dtype is not torch.bfloat16 else torch.float32
+        bias = torch.zeros(allowed.shape, dtype=create_as, device=device).masked_fill_(~allowed, -math.inf)
+        return bias.to(dtype).expand(tuple(shape)).contiguous()
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(layout of shape {tuple(self.layout.shape)}, block_size=({self.block_q}, "
+            f"{self.block_k}), causal={self.causal})"
         )
 
 

@@ -7,6 +7,8 @@
   tensors (in-place updates and CUDA-graph replays reach the kernels); unused cache rows may hold NaN. Paged
   biases gather K/V rows through the block table, in the forward only: their backward runs on
   ``fmha.chunked`` (``BwOp`` does not list them), as does the backward of gappy keys whose segments overlap.
+- Block-sparse masks (``BlockSparseMask``, blocks of any size >= 16): each program walks a CSR table of the
+  tiles its layout allows (``_mask.TileTable``), forward and backward; only boundary tiles read the layout.
 - Tensor biases with any strides (stride-0 broadcast dims read in place), with their gradient, reduced
   over broadcast dims.
 - GQA/MQA natively: shared K/V heads are read in place and dK/dV are summed over the group in the kernel.
@@ -32,8 +34,9 @@ import torch
 
 from triformers._triton import interpret_mode, is_triton_available, triton_unavailable_reason
 from triformers.ops.common import register_operator
-from triformers.ops.fmha import _layout, _rng, dispatch
+from triformers.ops.fmha import _layout, _registry, _rng
 from triformers.ops.fmha import attn_bias as ab
+from triformers.ops.fmha._autograd import _fMHA
 from triformers.ops.fmha._mask import PAGED_BIAS_TYPES, SUPPORTED_BIAS_TYPES
 from triformers.ops.fmha.common import AttentionBwOpBase, AttentionFwOpBase, Context, Gradients, Inputs
 
@@ -53,21 +56,21 @@ def _launch():
 
 def _mask_args(
     seq_q, k_start, k_len, max_q, max_k, bottom_right, window_left, window_right, keys_covered, block_tables=None,
-    page_size=0,
+    page_size=0, bs_layout=None, bs_block_q=0, bs_block_k=0,
 ):
     return _launch().MaskArgs(
         seq_q, k_start, k_len, max_q, max_k, bottom_right, window_left, window_right, keys_covered, block_tables,
-        page_size,
+        page_size, bs_layout, bs_block_q, bs_block_k,
     )
 
 
 def _fwd_impl(
     q, k, v, bias, seq_q, k_start, k_len, max_q, max_k, bottom_right, window_left, window_right, keys_covered, p, seed,
-    scale, share_kv, bias_is_leaf, out_dtype, block_tables, page_size,
+    scale, share_kv, bias_is_leaf, out_dtype, block_tables, page_size, bs_layout=None, bs_block_q=0, bs_block_k=0,
 ):
     m = _mask_args(
         seq_q, k_start, k_len, max_q, max_k, bottom_right, window_left, window_right, keys_covered, block_tables,
-        page_size,
+        page_size, bs_layout, bs_block_q, bs_block_k,
     )
     return _launch().attention_forward(
         q, k, v, bias, m, p, 0 if seed is None else int(seed[0]), scale, share_kv, out_dtype
@@ -76,9 +79,11 @@ def _fwd_impl(
 
 def _bwd_impl(
     grad, q, k, v, out, lse, bias, db_reduce_mask, seq_q, k_start, k_len, max_q, max_k, bottom_right, window_left,
-    window_right, keys_covered, p, seed, scale, share_kv, deterministic, grad_lse,
+    window_right, keys_covered, p, seed, scale, share_kv, deterministic, grad_lse, bs_layout=None, bs_block_q=0,
+    bs_block_k=0,
 ):
-    m = _mask_args(seq_q, k_start, k_len, max_q, max_k, bottom_right, window_left, window_right, keys_covered)
+    m = _mask_args(seq_q, k_start, k_len, max_q, max_k, bottom_right, window_left, window_right, keys_covered,
+                   None, 0, bs_layout, bs_block_q, bs_block_k)
     return _launch().attention_backward(
         grad, q, k, v, out, lse, bias, db_reduce_mask, m, p, 0 if seed is None else int(seed[0]), scale, share_kv,
         deterministic, grad_lse,
@@ -91,19 +96,21 @@ def flash_fwd(
     k_start: torch.Tensor | None, k_len: torch.Tensor | None, max_q: int, max_k: int, bottom_right: bool,
     window_left: int, window_right: int, keys_covered: bool, p: float, seed: torch.Tensor | None, scale: float,
     share_kv: bool, bias_is_leaf: bool, out_dtype: torch.dtype, block_tables: torch.Tensor | None, page_size: int,
+    bs_layout: torch.Tensor | None = None, bs_block_q: int = 0, bs_block_k: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out, lse)``, out in ``out_dtype``; ``keys_covered`` and ``bias_is_leaf`` only inform the backward;
-    ``block_tables``/``page_size``: a paged bias's table (K/V rows through it), or None/0."""
+    ``block_tables``/``page_size``: a paged bias's table (K/V rows through it), or None/0; ``bs_layout``,
+    ``bs_block_q``, ``bs_block_k``: a block-sparse mask's bool layout and block sizes, or None/0/0."""
     return _fwd_impl(
         q, k, v, bias, seq_q, k_start, k_len, max_q, max_k, bottom_right, window_left, window_right, keys_covered, p,
-        seed, scale, share_kv, bias_is_leaf, out_dtype, block_tables, page_size,
+        seed, scale, share_kv, bias_is_leaf, out_dtype, block_tables, page_size, bs_layout, bs_block_q, bs_block_k,
     )
 
 
 @flash_fwd.register_fake
 def _flash_fwd_fake(
     q, k, v, bias, seq_q, k_start, k_len, max_q, max_k, bottom_right, window_left, window_right, keys_covered, p, seed,
-    scale, share_kv, bias_is_leaf, out_dtype, block_tables, page_size,
+    scale, share_kv, bias_is_leaf, out_dtype, block_tables, page_size, bs_layout=None, bs_block_q=0, bs_block_k=0,
 ):
     out = q.new_empty((*q.shape[:-1], v.shape[-1]), dtype=out_dtype)
     lse = q.new_empty((q.shape[0], *q.shape[2:-1], q.shape[1]), dtype=torch.float32)
@@ -116,21 +123,23 @@ def flash_bwd(
     bias: torch.Tensor | None, db_reduce_mask: int, seq_q: torch.Tensor | None, k_start: torch.Tensor | None,
     k_len: torch.Tensor | None, max_q: int, max_k: int, bottom_right: bool, window_left: int, window_right: int,
     keys_covered: bool, p: float, seed: torch.Tensor | None, scale: float, share_kv: bool, deterministic: bool,
-    grad_lse: torch.Tensor | None,
+    grad_lse: torch.Tensor | None, bs_layout: torch.Tensor | None = None, bs_block_q: int = 0, bs_block_k: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk5, dv5, db)``: K/V gradients per shared head in the canonical layout, ``db`` float32 with the
     dims of ``db_reduce_mask`` summed (empty when the mask is negative). ``grad_lse``: the gradient of the lse
     output (partial attention), or None."""
     return _bwd_impl(
         grad, q, k, v, out, lse, bias, db_reduce_mask, seq_q, k_start, k_len, max_q, max_k, bottom_right, window_left,
-        window_right, keys_covered, p, seed, scale, share_kv, deterministic, grad_lse,
+        window_right, keys_covered, p, seed, scale, share_kv, deterministic, grad_lse, bs_layout, bs_block_q,
+        bs_block_k,
     )
 
 
 @flash_bwd.register_fake
 def _flash_bwd_fake(
     grad, q, k, v, out, lse, bias, db_reduce_mask, seq_q, k_start, k_len, max_q, max_k, bottom_right, window_left,
-    window_right, keys_covered, p, seed, scale, share_kv, deterministic, grad_lse,
+    window_right, keys_covered, p, seed, scale, share_kv, deterministic, grad_lse, bs_layout=None, bs_block_q=0,
+    bs_block_k=0,
 ):
     launch = _launch()
     dk5 = k.new_empty(launch.kv_grad_shape(q, k, share_kv, k.shape[-1]))
@@ -143,17 +152,20 @@ def _flash_bwd_fake(
 def _setup_context(ctx, inputs, output):
     (
         q, k, v, bias, seq_q, k_start, k_len, max_q, max_k, bottom_right, window_left, window_right, keys_covered, p,
-        seed, scale, share_kv, bias_is_leaf, *_,
-    ) = inputs
+        seed, scale, share_kv, bias_is_leaf,
+    ) = inputs[:18]
+    bs_layout, bs_block_q, bs_block_k = (*inputs[21:], None, 0, 0)[:3]  # a block-sparse mask (or None, 0, 0)
+    ctx.num_args = len(inputs)
     out, lse = output
-    ctx.save_for_backward(q, k, v, bias, seq_q, k_start, k_len, seed, out, lse)
+    ctx.save_for_backward(q, k, v, bias, seq_q, k_start, k_len, seed, out, lse, bs_layout)
     ctx.args = (max_q, max_k, bottom_right, window_left, window_right, keys_covered, p, scale, share_kv, bias_is_leaf)
+    ctx.sparse_blocks = (bs_block_q, bs_block_k)
 
 
 def _backward(ctx, grad_out, grad_lse, bwd=None, kv_bases=(None, None)):
     """Gradients of every input of ``flash_fwd``; ``grad_lse`` (None when the lse was not used) reaches the
     kernels' ``delta``."""
-    q, k, v, bias, seq_q, k_start, k_len, seed, out, lse = ctx.saved_tensors
+    q, k, v, bias, seq_q, k_start, k_len, seed, out, lse, bs_layout = ctx.saved_tensors
     max_q, max_k, bottom_right, window_left, window_right, keys_covered, p, scale, share_kv, bias_is_leaf = ctx.args
     L = _layout.canonical(q, k, v, bias, share_kv)
     want_db = bias is not None and ctx.needs_input_grad[3]
@@ -165,11 +177,12 @@ def _backward(ctx, grad_out, grad_lse, bwd=None, kv_bases=(None, None)):
     dq, dk5, dv5, db = (bwd or flash_bwd)(
         grad_out, q, k, v, out, lse, bias, mask, seq_q, k_start, k_len, max_q, max_k, bottom_right, window_left,
         window_right, keys_covered, p, seed, scale, share_kv, torch.are_deterministic_algorithms_enabled(), grad_lse,
+        bs_layout, *ctx.sparse_blocks,
     )
     dk = _layout.shared_kv_grad(dk5, k, L, kv_bases[0])
     dv = _layout.shared_kv_grad(dv5, v, L, kv_bases[1])
     dbias = _layout.grad_for_input(L.bias_from5(db).to(bias.dtype), bias) if want_db else None
-    return dq, dk, dv, dbias, *(None,) * 17
+    return dq, dk, dv, dbias, *(None,) * (ctx.num_args - 4)
 
 
 flash_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -234,7 +247,7 @@ def _call_args(inp: Inputs, seed: torch.Tensor | None):
     return (
         q, k, v, bias, m.seq_q, m.k_start, m.k_len, m.max_q, m.max_k, m.bottom_right, m.window_left, m.window_right,
         m.keys_covered, float(inp.p), seed, inp.scale_float, _layout.kv_shareable(k, v), bias is None or bias.is_leaf,
-        inp.get_output_dtype(), m.block_tables, m.page_size,
+        inp.get_output_dtype(), m.block_tables, m.page_size, m.bs_layout, m.bs_block_q, m.bs_block_k,
     )
 
 
@@ -311,8 +324,6 @@ class FwOp(AttentionFwOpBase):
     @classmethod
     def apply_autograd(cls, inp: Inputs) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if _backward_elsewhere(inp.attn_bias):  # this forward; the backward the dispatcher picks (fmha.chunked)
-            from triformers.ops.fmha import _fMHA  # the package imports this module first
-
             out, lse = _fMHA.apply(
                 cls,
                 None,
@@ -377,7 +388,7 @@ class BwOp(AttentionBwOpBase):
             # p, seed, scale
             dq, dk5, dv5, db = (_bwd_impl if _eager() else flash_bwd)(
                 grad, q, k, v, ctx.out, ctx.lse, bias, mask, *args[4:16], share_kv,
-                torch.are_deterministic_algorithms_enabled(), grad_lse,
+                torch.are_deterministic_algorithms_enabled(), grad_lse, *args[21:24],
             )
         return Gradients(
             dq=dq,
@@ -388,4 +399,4 @@ class BwOp(AttentionBwOpBase):
 
 
 FwOp.AUTOGRAD_BW = BwOp
-dispatch.register_family("triton", FwOp, BwOp)
+_registry.register_family("triton", FwOp, BwOp)  # dispatch.py reads the registry

@@ -10,7 +10,9 @@
 - ``attn_bwd_dq``: one program per query tile (deterministic mode): recomputes ``dS`` over the allowed
   key tiles and accumulates ``dQ = dS K`` without atomics.
 
-Tiles of Q, K, V, dO come through TMA descriptors when ``USE_TMA`` (see ``fwd.py`` for why).
+Tiles of Q, K, V, dO come through TMA descriptors when ``USE_TMA`` (see ``fwd.py`` for why). A block-sparse
+mask (``BLOCK_SPARSE``) gives each dK/dV program the query tiles that see its key tile (the transposed tile
+table) and each dQ program its key tiles, as in the forward.
 """
 
 import triton
@@ -24,6 +26,8 @@ from triformers.ops.fmha._triton.common import (
     load_rows,
     query_tiles,
     sequence_bounds,
+    sparse_allowed,
+    sparse_tiles,
     tile_allowed,
 )
 from triformers.ops.fmha._triton.fwd import load_bias_tile
@@ -60,15 +64,24 @@ def attn_bwd_preprocess(
 def _dkdv_tiles(dk, dv, k, v, desc_q, desc_do, desc_b, desc_dq, q_ptr, do_ptr, lse_ptr, delta_ptr, b_ptr, db_ptr,
                 dq_ptr, lo, hi, b, g, h, q_start, k_start, n_start, offs_m, offs_jT, q_len, k_len, off, WL, WR,
                 stride_qm, stride_dom, stride_bm, stride_bn, stride_dbm, stride_dbn, stride_dqm, qk_scale,
-                seed, dropout_p, drop_head, K_DIM, KV_DIM,
+                seed, dropout_p, drop_head, K_DIM, KV_DIM, bs_cols, bs_layout, bs_block_q, bs_block_k, bs_nkb,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                 MASKED: tl.constexpr, USE_TMA: tl.constexpr, BIAS_TMA: tl.constexpr,
                 HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                DB_MODE: tl.constexpr, ATOMIC_DQ: tl.constexpr, DQ_TMA: tl.constexpr,
+                DB_MODE: tl.constexpr, ATOMIC_DQ: tl.constexpr, DQ_TMA: tl.constexpr, BLOCK_SPARSE: tl.constexpr,
                 INPUT_PRECISION: tl.constexpr):
     dtype = k.dtype
     offs_d = tl.arange(0, BLOCK_D)
-    for start_m in range(lo, hi, BLOCK_M):
+    STEP: tl.constexpr = 1 if BLOCK_SPARSE else BLOCK_M  # block-sparse: [lo, hi) index the table's tiles
+    nxt = lo
+    if BLOCK_SPARSE:  # the next tile's index is loaded one iteration ahead (cols ends with a spare entry)
+        nxt = tl.load(bs_cols + lo)
+    for it in range(lo, hi, STEP):
+        if BLOCK_SPARSE:
+            start_m = nxt * BLOCK_M
+            nxt = tl.load(bs_cols + it + 1)
+        else:
+            start_m = it
         start_m = tl.multiple_of(start_m, BLOCK_M)
         rows = start_m + offs_m  # [BM] block-local query index
         rows_t = rows[None, :]  # [1, BM]
@@ -87,7 +100,10 @@ def _dkdv_tiles(dk, dv, k, v, desc_q, desc_do, desc_b, desc_dq, q_ptr, do_ptr, l
             qkT += tl.trans(bias) * LOG2E
         pT = tl.math.exp2(qkT - lse2[None, :])
         if MASKED:
-            pT = tl.where(tile_allowed(rows_t, offs_jT, q_len, k_len, off, WL, WR, HAS_WL, HAS_WR), pT, 0.0)
+            okT = tile_allowed(rows_t, offs_jT, q_len, k_len, off, WL, WR, HAS_WL, HAS_WR)
+            if BLOCK_SPARSE:
+                okT = okT & sparse_allowed(bs_layout, rows_t, offs_jT, q_len, k_len, bs_block_q, bs_block_k, bs_nkb)
+            pT = tl.where(okT, pT, 0.0)
         dpT = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)  # [BN, BM]
         if HAS_DROPOUT:
             keepT = dropout_keep(seed, q_start + rows_t, k_start + offs_jT, drop_head, dropout_p)
@@ -122,16 +138,18 @@ def _dkdv_tiles(dk, dv, k, v, desc_q, desc_do, desc_b, desc_dq, q_ptr, do_ptr, l
 @triton.jit
 def attn_bwd_dkdv(
     Q, K, V, DO, LSE, Delta, Bias, DB, DQ, DK, DV, desc_q, desc_k, desc_v, desc_do, desc_b, desc_dq, SEQ_Q, K_START,
-    K_LEN, stride_qb, stride_qm, stride_qg, stride_qh, stride_kb, stride_kn, stride_kg, stride_kh, stride_vb, stride_vn,
+    K_LEN, BS_OFF, BS_FULL, BS_COLS, BS_LAYOUT, stride_qb, stride_qm, stride_qg, stride_qh, stride_kb, stride_kn,
+    stride_kg, stride_kh, stride_vb, stride_vn,
     stride_vg, stride_vh, stride_dob, stride_dom, stride_dog, stride_doh, stride_lb, stride_lg, stride_lh, stride_bb,
     stride_bg, stride_bh, stride_bm, stride_bn, stride_dbb, stride_dbg, stride_dbh, stride_dbm, stride_dbn, stride_dqb,
     stride_dqm, stride_dqg, stride_dqh, stride_dkb, stride_dkn, stride_dkg, stride_dkh, stride_dvb, stride_dvn,
     stride_dvg, stride_dvh, num_heads, HG, Mq, Mkv, qk_scale, sm_scale, WL, WR, dropout_p, seed, K_DIM, KV_DIM,
-    NUM_TILES, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    IS_VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, KV_SHARED: tl.constexpr, HAS_WL: tl.constexpr,
-    HAS_WR: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, DB_MODE: tl.constexpr,
-    ATOMIC_DQ: tl.constexpr, USE_TMA: tl.constexpr, BIAS_TMA: tl.constexpr, DQ_TMA: tl.constexpr,
-    KEYS_PADDED: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    NUM_TILES, bs_head_step, stride_bsl_h, bs_nkb, bs_block_q, bs_block_k, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, IS_VARLEN: tl.constexpr,
+    BOTTOM_RIGHT: tl.constexpr, KV_SHARED: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, DB_MODE: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+    USE_TMA: tl.constexpr, BIAS_TMA: tl.constexpr, DQ_TMA: tl.constexpr, KEYS_PADDED: tl.constexpr,
+    BLOCK_SPARSE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     # program (z * kv_heads + kv_head) * NUM_TILES + key tile (key tiles vary fastest: programs running
     # together share Q and dO through L2); kv_head = g * HK + hk, HK = 1 when a group's HG query heads share
@@ -170,7 +188,8 @@ def attn_bwd_dkdv(
     )
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
-    lo, mid_lo, mid_hi, hi = query_tiles(n_start, q_len, k_len, off, WL, WR, BLOCK_M, BLOCK_N, HAS_WL, HAS_WR)
+    if not BLOCK_SPARSE:
+        lo, mid_lo, mid_hi, hi = query_tiles(n_start, q_len, k_len, off, WL, WR, BLOCK_M, BLOCK_N, HAS_WL, HAS_WR)
     if KV_SHARED:
         h_lo = hk * 0
         h_hi = h_lo + HG
@@ -188,6 +207,12 @@ def attn_bwd_dkdv(
         db_ptr = DB + b64 * stride_dbb + g64 * stride_dbg + h64 * stride_dbh
         dq_ptr = DQ + b64 * stride_dqb + g64 * stride_dqg + h64 * stride_dqh
         drop_head = b * num_heads + g * HG + hh
+        bs_layout = BS_LAYOUT
+        if BLOCK_SPARSE:  # the query tiles that see this key tile, for this query head's layout (or the shared one)
+            bs_head = (g * HG + hh) * bs_head_step
+            lo, mid_lo, mid_hi, hi = sparse_tiles(BS_OFF, BS_FULL, bs_head, tl.program_id(0) % NUM_TILES,
+                                                  NUM_TILES)
+            bs_layout = BS_LAYOUT + bs_head.to(tl.int64) * stride_bsl_h
         for seg in tl.static_range(3):  # masked, full, masked query-tile ranges
             if seg == 0:
                 s_lo, s_hi = lo, mid_lo
@@ -199,8 +224,9 @@ def attn_bwd_dkdv(
                                  b_ptr, db_ptr, dq_ptr, s_lo, s_hi, b, g, hh, q_start, k_start, n_start, offs_m,
                                  offs_jT, q_len, k_len, off, WL, WR, stride_qm, stride_dom, stride_bm, stride_bn,
                                  stride_dbm, stride_dbn, stride_dqm, qk_scale, seed, dropout_p, drop_head, K_DIM,
-                                 KV_DIM, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, seg != 1, USE_TMA, BIAS_TMA, HAS_WL,
-                                 HAS_WR, HAS_BIAS, HAS_DROPOUT, DB_MODE, ATOMIC_DQ, DQ_TMA, INPUT_PRECISION)
+                                 KV_DIM, BS_COLS, bs_layout, bs_block_q, bs_block_k, bs_nkb, BLOCK_M, BLOCK_N,
+                                 BLOCK_D, BLOCK_DV, seg != 1, USE_TMA, BIAS_TMA, HAS_WL, HAS_WR, HAS_BIAS,
+                                 HAS_DROPOUT, DB_MODE, ATOMIC_DQ, DQ_TMA, BLOCK_SPARSE, INPUT_PRECISION)
     keys = (k_start + offs_jT).to(tl.int64)
     key_ok = offs_jT < k_len
     dk_ptrs = DK + b64 * stride_dkb + g64 * stride_dkg + hk64 * stride_dkh + keys * stride_dkn + offs_d[None, :]
@@ -213,13 +239,22 @@ def attn_bwd_dkdv(
 def _dq_tiles(
     dq, q, do, lse2, delta, desc_k, desc_v, desc_b, k_ptr, v_ptr, b_ptr, lo, hi, b, g, h, hk, m_start, q_start, k_start,
     offs_i, offs_j, q_len, k_len, off, WL, WR, stride_kn, stride_vn, stride_bm, stride_bn, qk_scale, seed, dropout_p,
-    drop_head, K_DIM, KV_DIM, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr, MASKED: tl.constexpr, USE_TMA: tl.constexpr, BIAS_TMA: tl.constexpr, HAS_WL: tl.constexpr,
-    HAS_WR: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, KEYS_PADDED: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    drop_head, K_DIM, KV_DIM, bs_cols, bs_layout, bs_block_q, bs_block_k, bs_nkb, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, MASKED: tl.constexpr, USE_TMA: tl.constexpr,
+    BIAS_TMA: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, KEYS_PADDED: tl.constexpr, BLOCK_SPARSE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     dtype = q.dtype
-    for start_n in range(lo, hi, BLOCK_N):
+    STEP: tl.constexpr = 1 if BLOCK_SPARSE else BLOCK_N  # block-sparse: [lo, hi) index the table's tiles
+    nxt = lo
+    if BLOCK_SPARSE:  # the next tile's index is loaded one iteration ahead (cols ends with a spare entry)
+        nxt = tl.load(bs_cols + lo)
+    for it in range(lo, hi, STEP):
+        if BLOCK_SPARSE:
+            start_n = nxt * BLOCK_N
+            nxt = tl.load(bs_cols + it + 1)
+        else:
+            start_n = it
         start_n = tl.multiple_of(start_n, BLOCK_N)
         k = load_key_rows(
             desc_k, k_ptr, b, k_start + start_n, g, hk, k_start + k_len, stride_kn, K_DIM, BLOCK_N, BLOCK_D, USE_TMA,
@@ -235,7 +270,11 @@ def _dq_tiles(
                                  BLOCK_M, BLOCK_N, BIAS_TMA) * LOG2E
         p = tl.math.exp2(qk - lse2[:, None])
         if MASKED:
-            p = tl.where(tile_allowed(offs_i, start_n + offs_j, q_len, k_len, off, WL, WR, HAS_WL, HAS_WR), p, 0.0)
+            ok = tile_allowed(offs_i, start_n + offs_j, q_len, k_len, off, WL, WR, HAS_WL, HAS_WR)
+            if BLOCK_SPARSE:
+                ok = ok & sparse_allowed(bs_layout, offs_i, start_n + offs_j, q_len, k_len, bs_block_q, bs_block_k,
+                                         bs_nkb)
+            p = tl.where(ok, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
         if HAS_DROPOUT:
             keep = dropout_keep(seed, q_start + offs_i, k_start + start_n + offs_j, drop_head, dropout_p)
@@ -247,15 +286,16 @@ def _dq_tiles(
 
 @triton.jit
 def attn_bwd_dq(
-    Q, K, V, DO, LSE, Delta, Bias, DQ, desc_q, desc_k, desc_v, desc_do, desc_b, SEQ_Q, K_START, K_LEN, stride_qb,
+    Q, K, V, DO, LSE, Delta, Bias, DQ, desc_q, desc_k, desc_v, desc_do, desc_b, SEQ_Q, K_START, K_LEN, BS_OFF,
+    BS_FULL, BS_COLS, BS_LAYOUT, stride_qb,
     stride_qm, stride_qg, stride_qh, stride_kb, stride_kn, stride_kg, stride_kh, stride_vb, stride_vn, stride_vg,
     stride_vh, stride_dob, stride_dom, stride_dog, stride_doh, stride_lb, stride_lg, stride_lh, stride_bb, stride_bg,
     stride_bh, stride_bm, stride_bn, stride_dqb, stride_dqm, stride_dqg, stride_dqh, num_heads, HG, Mq, Mkv, qk_scale,
-    sm_scale, WL, WR, dropout_p, seed, K_DIM, KV_DIM, NUM_TILES, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, IS_VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
-    KV_SHARED: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, USE_TMA: tl.constexpr, BIAS_TMA: tl.constexpr, KEYS_PADDED: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    sm_scale, WL, WR, dropout_p, seed, K_DIM, KV_DIM, NUM_TILES, bs_head_step, stride_bsl_h, bs_nkb, bs_block_q,
+    bs_block_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    IS_VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, KV_SHARED: tl.constexpr, HAS_WL: tl.constexpr,
+    HAS_WR: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, USE_TMA: tl.constexpr,
+    BIAS_TMA: tl.constexpr, KEYS_PADDED: tl.constexpr, BLOCK_SPARSE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     # program (z * heads + head) * NUM_TILES + query tile, like the forward
     pid_zh = tl.program_id(0) // NUM_TILES
@@ -295,7 +335,13 @@ def attn_bwd_dq(
                     mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     drop_head = b * num_heads + head
-    lo, mid_lo, mid_hi, hi = key_tiles(m_start, q_len, k_len, off, WL, WR, BLOCK_M, BLOCK_N, HAS_WL, HAS_WR)
+    if BLOCK_SPARSE:  # the table's row of this query tile, as in the forward
+        bs_head = head * bs_head_step
+        lo, mid_lo, mid_hi, hi = sparse_tiles(BS_OFF, BS_FULL, bs_head, tl.program_id(0) % NUM_TILES, NUM_TILES)
+        bs_layout = BS_LAYOUT + bs_head.to(tl.int64) * stride_bsl_h
+    else:
+        lo, mid_lo, mid_hi, hi = key_tiles(m_start, q_len, k_len, off, WL, WR, BLOCK_M, BLOCK_N, HAS_WL, HAS_WR)
+        bs_layout = BS_LAYOUT
     for seg in tl.static_range(3):  # masked, full, masked key-tile ranges
         if seg == 0:
             s_lo, s_hi = lo, mid_lo
@@ -306,8 +352,9 @@ def attn_bwd_dq(
         dq = _dq_tiles(
             dq, q, do, lse2, delta, desc_k, desc_v, desc_b, k_ptr, v_ptr, b_ptr, s_lo, s_hi, b, g, h, hk, m_start,
             q_start, k_start, offs_i, offs_j, q_len, k_len, off, WL, WR, stride_kn, stride_vn, stride_bm, stride_bn,
-            qk_scale, seed, dropout_p, drop_head, K_DIM, KV_DIM, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, seg != 1, USE_TMA,
-            BIAS_TMA, HAS_WL, HAS_WR, HAS_BIAS, HAS_DROPOUT, KEYS_PADDED, INPUT_PRECISION,
+            qk_scale, seed, dropout_p, drop_head, K_DIM, KV_DIM, BS_COLS, bs_layout, bs_block_q, bs_block_k, bs_nkb,
+            BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, seg != 1, USE_TMA, BIAS_TMA, HAS_WL, HAS_WR, HAS_BIAS, HAS_DROPOUT,
+            KEYS_PADDED, BLOCK_SPARSE, INPUT_PRECISION,
         )
     rows = (q_start + offs_i).to(tl.int64)
     dq_ptrs = DQ + b64 * stride_dqb + g64 * stride_dqg + h64 * stride_dqh + rows * stride_dqm + offs_d[None, :]

@@ -2,7 +2,9 @@
 
 Mask rule (see ``_mask.py``): block-local query ``i`` and key ``j`` are allowed when ``j < k_len`` and
 ``-WL <= j - i - off <= WR`` (each bound only if present). Ranges are computed per tile so that tiles a mask
-hides are never visited and tiles it allows entirely skip the mask.
+hides are never visited and tiles it allows entirely skip the mask. A block-sparse mask (``BLOCK_SPARSE``)
+also requires ``layout[i // block_q, j // block_k]``; its tiles come from a table (``_mask.TileTable``) instead
+of a range.
 """
 
 import triton
@@ -43,6 +45,28 @@ def tile_allowed(offs_i, offs_j, q_len, k_len, off, WL, WR, HAS_WL: tl.constexpr
     if HAS_WL:
         ok = ok & (d >= -WL)
     return ok
+
+
+@triton.jit
+def sparse_tiles(BS_OFF, BS_FULL, head, tile, NUM_TILES):
+    """Entries ``[lo, hi)`` of a block-sparse tile table's ``cols`` for row ``tile`` of layout head ``head``,
+    split at ``mid``: boundary tiles before it, tiles allowed entirely from it on. Returned as the four bounds
+    of :func:`key_tiles` (``mid_hi == hi``)."""
+    row = head * (NUM_TILES + 1) + tile
+    lo = tl.load(BS_OFF + row)
+    mid = tl.load(BS_FULL + head * NUM_TILES + tile)
+    hi = tl.load(BS_OFF + row + 1)
+    return lo, mid, hi, hi
+
+
+@triton.jit
+def sparse_allowed(layout_ptr, offs_i, offs_j, q_len, k_len, block_q, block_k, num_k_blocks):
+    """Pairs of a tile a block-sparse layout allows: ``layout[i // block_q, j // block_k]`` (``layout_ptr``: the
+    head's ``[nqb, nkb]`` int8 layout) for query indices ``offs_i`` and key indices ``offs_j`` of broadcastable
+    shapes (``[BM, 1]`` and ``[1, BN]``, or transposed); pairs outside the bounds read as not allowed."""
+    inside = (offs_i < q_len) & (offs_j < k_len)
+    ptrs = layout_ptr + (offs_i // block_q) * num_k_blocks + offs_j // block_k
+    return tl.load(ptrs, mask=inside, other=0) != 0
 
 
 @triton.jit

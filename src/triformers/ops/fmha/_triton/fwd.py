@@ -10,6 +10,10 @@ Tiles of Q, K, V (and of a bias without broadcast dims) are read through TMA ten
 (with pointer tensors the [BLOCK_N, D] address tiles alone took ~128 registers per thread at D = 128 and
 every configuration spilled, per ``scripts/compile_check.py``). The pointer path remains for strides a
 descriptor cannot express (unaligned, or stride-0 broadcast dims).
+
+A block-sparse mask (``BLOCK_SPARSE``) takes the key tiles of each query tile from a tile table
+(``_mask.TileTable``: ``BS_OFF``, ``BS_FULL``, ``BS_COLS``), boundary tiles masked through the int8 layout
+(``BS_LAYOUT``), tiles allowed entirely without a mask; every other tile is skipped.
 """
 
 import triton
@@ -26,6 +30,8 @@ from triformers.ops.fmha._triton.common import (
     page_tile_row,
     paged_rows,
     sequence_bounds,
+    sparse_allowed,
+    sparse_tiles,
     tile_allowed,
 )
 
@@ -46,14 +52,23 @@ def load_bias_tile(desc_b, b_ptr, b, g, h, row0, col0, q_len, k_len, stride_bm, 
 def _fwd_tiles(
     acc, l_i, m_i, q, desc_k, desc_v, desc_b, k_ptr, v_ptr, b_ptr, bt_ptr, lo, hi, b, g, h, hk, m_start, q_start,
     k_start, offs_i, offs_j, q_len, k_len, off, WL, WR, stride_kn, stride_vn, stride_bm, stride_bn, stride_bt_p,
-    num_pages, Mkv, qk_scale, seed, dropout_p, drop_head, K_DIM, KV_DIM, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, MASKED: tl.constexpr, USE_TMA: tl.constexpr, BIAS_TMA: tl.constexpr,
-    HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    KEYS_PADDED: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, PAGE_TILES: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    num_pages, Mkv, qk_scale, seed, dropout_p, drop_head, K_DIM, KV_DIM, bs_cols, bs_layout, bs_block_q, bs_block_k,
+    bs_nkb, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    MASKED: tl.constexpr, USE_TMA: tl.constexpr, BIAS_TMA: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, KEYS_PADDED: tl.constexpr, PAGED: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, PAGE_TILES: tl.constexpr, BLOCK_SPARSE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     dtype = q.dtype
-    for start_n in range(lo, hi, BLOCK_N):
+    STEP: tl.constexpr = 1 if BLOCK_SPARSE else BLOCK_N  # block-sparse: [lo, hi) index the table's tiles
+    nxt = lo
+    if BLOCK_SPARSE:  # the next tile's index is loaded one iteration ahead (cols ends with a spare entry)
+        nxt = tl.load(bs_cols + lo)
+    for it in range(lo, hi, STEP):
+        if BLOCK_SPARSE:
+            start_n = nxt * BLOCK_N
+            nxt = tl.load(bs_cols + it + 1)
+        else:
+            start_n = it
         start_n = tl.multiple_of(start_n, BLOCK_N)
         if PAGE_TILES:  # the tile is BLOCK_N consecutive rows of one page
             row0 = page_tile_row(bt_ptr, stride_bt_p, num_pages, k_start + start_n, Mkv, PAGE_SIZE)
@@ -76,8 +91,11 @@ def _fwd_tiles(
                 qk += load_bias_tile(desc_b, b_ptr, b, g, h, m_start, start_n, q_len, k_len, stride_bm, stride_bn,
                                      BLOCK_M, BLOCK_N, BIAS_TMA) * LOG2E
             if MASKED:
-                qk = tl.where(tile_allowed(offs_i, start_n + offs_j, q_len, k_len, off, WL, WR, HAS_WL, HAS_WR), qk,
-                              -float("inf"))
+                ok = tile_allowed(offs_i, start_n + offs_j, q_len, k_len, off, WL, WR, HAS_WL, HAS_WR)
+                if BLOCK_SPARSE:
+                    ok = ok & sparse_allowed(bs_layout, offs_i, start_n + offs_j, q_len, k_len, bs_block_q,
+                                             bs_block_k, bs_nkb)
+                qk = tl.where(ok, qk, -float("inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
             p = tl.math.exp2(qk - m_safe[:, None])
@@ -118,10 +136,14 @@ def attn_fwd(
     Q, K, V, Out, LSE, Bias, desc_q, desc_k, desc_v, desc_b, SEQ_Q, K_START,
     K_LEN,  # varlen: query block starts [nb + 1], key block starts / lengths [nb] (ends if PAGED)
     BT,  # PAGED: block table [nb, NUM_PAGES], each row's physical page ids
+    BS_OFF, BS_FULL, BS_COLS, BS_LAYOUT,  # BLOCK_SPARSE: tile table (offsets, full_start, cols), int8 layout
     stride_qb, stride_qm, stride_qg, stride_qh, stride_kb, stride_kn, stride_kg, stride_kh, stride_vb, stride_vn,
     stride_vg, stride_vh, stride_ob, stride_om, stride_og, stride_oh, stride_lb, stride_lg, stride_lh, stride_bb,
     stride_bg, stride_bh, stride_bm, stride_bn, stride_bt_b, stride_bt_p, num_heads, HG, Mq, Mkv, qk_scale, WL, WR,
-    dropout_p, seed, K_DIM, KV_DIM, NUM_TILES, NUM_PAGES, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    dropout_p, seed, K_DIM, KV_DIM, NUM_TILES, NUM_PAGES,
+    bs_head_step,  # BLOCK_SPARSE: 1 for a layout per head, 0 for one shared by all
+    stride_bsl_h, bs_nkb, bs_block_q, bs_block_k,  # layout head stride, key blocks per row, block sizes
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, IS_VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
     KV_SHARED: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
@@ -129,6 +151,7 @@ def attn_fwd(
     PAGED: tl.constexpr,
     PAGE_SIZE: tl.constexpr,  # K/V rows through the block table BT
     PAGE_TILES: tl.constexpr,  # PAGED with every key tile inside one page
+    BLOCK_SPARSE: tl.constexpr,  # key tiles from the tile table BS_*
     USE_TMA: tl.constexpr, BIAS_TMA: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     # program (z * heads + head) * NUM_TILES + query tile; z is the batch element, or the packed sequence when
@@ -169,27 +192,33 @@ def attn_fwd(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     drop_head = b * num_heads + head
-    lo, mid_lo, mid_hi, hi = key_tiles(m_start, q_len, k_len, off, WL, WR, BLOCK_M, BLOCK_N, HAS_WL, HAS_WR)
+    if BLOCK_SPARSE:  # the table's row of this query tile, for the head's layout (or the shared one)
+        bs_head = head * bs_head_step
+        lo, mid_lo, mid_hi, hi = sparse_tiles(BS_OFF, BS_FULL, bs_head, tl.program_id(0) % NUM_TILES, NUM_TILES)
+        bs_layout = BS_LAYOUT + bs_head.to(tl.int64) * stride_bsl_h
+    else:
+        lo, mid_lo, mid_hi, hi = key_tiles(m_start, q_len, k_len, off, WL, WR, BLOCK_M, BLOCK_N, HAS_WL, HAS_WR)
+        bs_layout = BS_LAYOUT
     acc, l_i, m_i = _fwd_tiles(
         acc, l_i, m_i, q, desc_k, desc_v, desc_b, k_ptr, v_ptr, b_ptr, bt_ptr, lo, mid_lo, b, g, h, hk, m_start,
         q_start, k_start, offs_i, offs_j, q_len, k_len, off, WL, WR, stride_kn, stride_vn, stride_bm, stride_bn,
-        stride_bt_p, NUM_PAGES, Mkv, qk_scale, seed, dropout_p, drop_head, K_DIM, KV_DIM, BLOCK_M, BLOCK_N, BLOCK_D,
-        BLOCK_DV, True, USE_TMA, BIAS_TMA, HAS_WL, HAS_WR, HAS_BIAS, HAS_DROPOUT, KEYS_PADDED, PAGED, PAGE_SIZE,
-        PAGE_TILES, INPUT_PRECISION,
+        stride_bt_p, NUM_PAGES, Mkv, qk_scale, seed, dropout_p, drop_head, K_DIM, KV_DIM, BS_COLS, bs_layout,
+        bs_block_q, bs_block_k, bs_nkb, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, True, USE_TMA, BIAS_TMA, HAS_WL, HAS_WR,
+        HAS_BIAS, HAS_DROPOUT, KEYS_PADDED, PAGED, PAGE_SIZE, PAGE_TILES, BLOCK_SPARSE, INPUT_PRECISION,
     )
     acc, l_i, m_i = _fwd_tiles(
         acc, l_i, m_i, q, desc_k, desc_v, desc_b, k_ptr, v_ptr, b_ptr, bt_ptr, mid_lo, mid_hi, b, g, h, hk, m_start,
         q_start, k_start, offs_i, offs_j, q_len, k_len, off, WL, WR, stride_kn, stride_vn, stride_bm, stride_bn,
-        stride_bt_p, NUM_PAGES, Mkv, qk_scale, seed, dropout_p, drop_head, K_DIM, KV_DIM, BLOCK_M, BLOCK_N, BLOCK_D,
-        BLOCK_DV, False, USE_TMA, BIAS_TMA, HAS_WL, HAS_WR, HAS_BIAS, HAS_DROPOUT, KEYS_PADDED, PAGED, PAGE_SIZE,
-        PAGE_TILES, INPUT_PRECISION,
+        stride_bt_p, NUM_PAGES, Mkv, qk_scale, seed, dropout_p, drop_head, K_DIM, KV_DIM, BS_COLS, bs_layout,
+        bs_block_q, bs_block_k, bs_nkb, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, False, USE_TMA, BIAS_TMA, HAS_WL, HAS_WR,
+        HAS_BIAS, HAS_DROPOUT, KEYS_PADDED, PAGED, PAGE_SIZE, PAGE_TILES, BLOCK_SPARSE, INPUT_PRECISION,
     )
     acc, l_i, m_i = _fwd_tiles(
         acc, l_i, m_i, q, desc_k, desc_v, desc_b, k_ptr, v_ptr, b_ptr, bt_ptr, mid_hi, hi, b, g, h, hk, m_start,
         q_start, k_start, offs_i, offs_j, q_len, k_len, off, WL, WR, stride_kn, stride_vn, stride_bm, stride_bn,
-        stride_bt_p, NUM_PAGES, Mkv, qk_scale, seed, dropout_p, drop_head, K_DIM, KV_DIM, BLOCK_M, BLOCK_N, BLOCK_D,
-        BLOCK_DV, True, USE_TMA, BIAS_TMA, HAS_WL, HAS_WR, HAS_BIAS, HAS_DROPOUT, KEYS_PADDED, PAGED, PAGE_SIZE,
-        PAGE_TILES, INPUT_PRECISION,
+        stride_bt_p, NUM_PAGES, Mkv, qk_scale, seed, dropout_p, drop_head, K_DIM, KV_DIM, BS_COLS, bs_layout,
+        bs_block_q, bs_block_k, bs_nkb, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, True, USE_TMA, BIAS_TMA, HAS_WL, HAS_WR,
+        HAS_BIAS, HAS_DROPOUT, KEYS_PADDED, PAGED, PAGE_SIZE, PAGE_TILES, BLOCK_SPARSE, INPUT_PRECISION,
     )
 
     empty = l_i == 0.0

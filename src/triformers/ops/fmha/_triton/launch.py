@@ -9,21 +9,26 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
 
 import torch
 
 from triformers._triton import cdiv, int_code
 from triformers._triton import launch as _launch
 from triformers.ops.fmha import _layout
-from triformers.ops.fmha import attn_bias as ab
-from triformers.ops.fmha._mask import KV_CACHE_BIAS_TYPES, PAGED_BIAS_TYPES, kv_cache_window, mask_spec
+from triformers.ops.fmha._mask import block_sparse_spec
 from triformers.ops.fmha._triton import bwd as _bwd
 from triformers.ops.fmha._triton import configs
 from triformers.ops.fmha._triton import fwd as _fwd
 from triformers.ops.fmha._triton.common import LOG2E_F as LOG2E
+from triformers.ops.fmha._triton.mask_args import (  # noqa: F401  (re-exported)
+    NO_WINDOW,
+    MaskArgs,
+    _kv_cache_mask_args,
+    _mask_args,
+    _varlen_arrays,
+    mask_args,
+)
 
-NO_WINDOW = -1
 # Read Q/K/V/dO tiles through TMA tensor descriptors where the strides allow it (see fwd.py). Tests switch
 # it off to cover the pointer path too.
 USE_TMA = True
@@ -31,110 +36,6 @@ USE_TMA = True
 # backward (dK/dV kernel without atomics + a dQ kernel) was faster at every measured shape, e.g. D=128
 # 163 vs 128 TFLOP/s, D=64 233 vs 192, and it is deterministic (benchmarks/NOTES.md).
 ATOMIC_DQ = False
-
-
-@dataclass(frozen=True)
-class MaskArgs:
-    """An attention bias as the kernels see it.
-
-    Attributes:
-        seq_q, k_start, k_len: int32 device tensors ``[nb + 1]``, ``[nb]``, ``[nb]`` for packed sequences
-            (block-diagonal biases), or None for a dense batch.
-        max_q, max_k: longest query / key block (the grid size).
-        bottom_right: diagonal offset ``k_len - q_len`` instead of 0.
-        window_left, window_right: window bounds around the diagonal, ``NO_WINDOW`` when absent.
-        keys_covered: every key row lies in some block (dense batches, and packed sequences without
-            padded or skipped keys): the backward writes every dK/dV row and needs no zero fill. False for
-            KV-cache biases, whose unused rows may hold anything (NaN): kernels zero what they read past a
-            block's keys.
-        block_tables, page_size: a paged bias's table ``[nb, max_pages]`` (int32/int64) and page size; ``k_len``
-            then holds each block's *end* offset in its logical row and ``k_start`` its start, None when every
-            row starts at logical key 0 (padded pages: key tiles then never straddle pages when ``page_size`` is
-            a multiple of the tile). Forward only.
-    """
-
-    seq_q: torch.Tensor | None
-    k_start: torch.Tensor | None
-    k_len: torch.Tensor | None
-    max_q: int
-    max_k: int
-    bottom_right: bool
-    window_left: int
-    window_right: int
-    keys_covered: bool = True
-    block_tables: torch.Tensor | None = None
-    page_size: int = 0
-
-
-def mask_args(attn_bias, Mq: int, Mkv: int, device: torch.device) -> MaskArgs:
-    """:class:`MaskArgs` of an attention bias (a tensor bias is passed to the kernels separately), kept on
-    an :class:`AttentionBias` object per (device, Mq, Mkv) after its first call."""
-    cache = None
-    if attn_bias is not None and not isinstance(attn_bias, torch.Tensor) and not torch.compiler.is_compiling():
-        cache = attn_bias.__dict__.get("_triformers_mask_args")
-        if cache is None:
-            cache = {}
-            object.__setattr__(attn_bias, "_triformers_mask_args", cache)
-        m = cache.get((device, Mq, Mkv))
-        if m is None:
-            m = cache[device, Mq, Mkv] = _mask_args(attn_bias, Mq, Mkv, device)
-        return m
-    return _mask_args(attn_bias, Mq, Mkv, device)
-
-
-def _mask_args(attn_bias, Mq: int, Mkv: int, device: torch.device) -> MaskArgs:
-    if type(attn_bias) in KV_CACHE_BIAS_TYPES:
-        return _kv_cache_mask_args(attn_bias)
-    spec = mask_spec(attn_bias)
-    wl = NO_WINDOW if spec.window_left is None else spec.window_left
-    wr = NO_WINDOW if spec.window_right is None else spec.window_right
-    if not spec.is_block_diagonal:
-        return MaskArgs(None, None, None, Mq, Mkv, spec.bottom_right, wl, wr)
-    seq_q, k_start, k_len, keys_covered = _varlen_arrays(spec, Mkv, device)
-    # plain lists (not max(generator, default=...)) keep this traceable by torch.compile
-    max_q = max([0] + [b - a for a, b in zip(spec.q_starts, spec.q_starts[1:])])
-    return MaskArgs(seq_q, k_start, k_len, max_q, max([0, *spec.k_lens]), spec.bottom_right, wl, wr, keys_covered)
-
-
-def _kv_cache_mask_args(bias) -> MaskArgs:
-    """A KV-cache bias as the kernels see it: its own device tensors (no copy, no sync), so that updates made
-    in place (``from_seqlens_padded_inplace``, ``k_seqinfo.seqlen.add_(1)``, a CUDA graph's replay) reach the
-    kernels. The grid comes from bounds those updates keep: ``q_seqinfo.max_seqlen`` and the padding (the
-    table's width for paged caches, the longest segment for gappy ones)."""
-    wl, wr = kv_cache_window(bias)
-    q, k = bias.q_seqinfo, bias.k_seqinfo
-    block_tables, page_size, max_k = None, 0, k.max_seqlen
-    if type(bias) in PAGED_BIAS_TYPES:
-        block_tables, page_size = bias.block_tables, bias.page_size
-        max_k = block_tables.shape[1] * page_size
-    elif hasattr(k, "padding"):
-        max_k = k.padding
-    # paged padded rows start at their logical key 0: no start array (the launcher passes zeros)
-    k_start = None if isinstance(bias, ab.PagedBlockDiagonalPaddedKeysMask) else k.seqstart.to(torch.int32)
-    return MaskArgs(
-        q.seqstart.to(torch.int32),
-        k_start,
-        k.seqlen.to(torch.int32),
-        q.max_seqlen,
-        max_k,
-        True,
-        NO_WINDOW if wl is None else wl,
-        NO_WINDOW if wr is None else wr,
-        False,
-        block_tables,
-        page_size,
-    )
-
-
-def _varlen_arrays(spec, Mkv: int, device: torch.device):
-    """``(seq_q, k_start, k_len, keys_covered)``: the sequence arrays on ``device`` (one host-to-device copy;
-    :func:`mask_args` keeps the result per bias object) and whether the blocks cover every key."""
-    nb = spec.num_blocks
-    packed = torch.tensor([*spec.q_starts, *spec.k_starts, *spec.k_lens], dtype=torch.int32).to(device)
-    blocks = sorted(zip(spec.k_starts, spec.k_lens))
-    ends = [0] + [a + n for a, n in blocks]
-    covered = all(a == e for (a, _), e in zip(blocks, ends)) and ends[-1] == Mkv
-    return packed[: nb + 1], packed[nb + 1: 2 * nb + 1], packed[2 * nb + 1:], covered
 
 
 def _input_precision(dtype: torch.dtype) -> str:
@@ -238,11 +139,26 @@ class _Call:
             HAS_BIAS=self.L.bias is not None,
             HAS_DROPOUT=p > 0.0,
             KEYS_PADDED=not m.keys_covered,
+            BLOCK_SPARSE=m.bs_layout is not None,
             INPUT_PRECISION=_input_precision(q.dtype),
         )
         self.wl, self.wr = max(m.window_left, 0), max(m.window_right, 0)
         self.kind = "local" if m.window_left != NO_WINDOW else ("causal" if m.window_right != NO_WINDOW else "dense")
         self.p = float(p)
+
+    def sparse_args(self, tile_q: int, tile_k: int, transposed: bool = False) -> tuple[tuple, tuple]:
+        """A block-sparse mask's kernel arguments at tiles ``[tile_q, tile_k]``: the tile table's tensors and
+        the int8 layout, then (head step, layout head stride, key blocks, block_q, block_k); placeholders
+        that no kernel reads when the mask is not block-sparse. ``transposed``: rows are key tiles (dK/dV)."""
+        m = self.m
+        if m.bs_layout is None:
+            d = _dummy_int32(self.device)
+            return (d, d, d, d), (0, 0, 1, 1, 1)
+        spec = block_sparse_spec(m.bs_layout, m.bs_block_q, m.bs_block_k)
+        table = spec.table(self.Mq, self.Mkv, tile_q, tile_k, m.window_right == 0, transposed=transposed)
+        layout = spec.kernel_layout()
+        ints = (int(layout.shape[0] > 1), layout.stride(0), layout.shape[2], m.bs_block_q, m.bs_block_k)
+        return (table.offsets, table.full_start, table.cols, layout), ints
 
     def descriptors(self, rows_q: int, rows_k: int, extra=()) -> dict | None:
         """TMA descriptors of q, k, v (and ``extra`` ``(name, tensor, rows, cols)``), or None when any of
@@ -320,14 +236,15 @@ def attention_forward(
         desc_b = c.bias_descriptor(cfg) if desc is not None else None
         ptrs = (c.L.q, c.L.k, c.L.v, out5, lse5, c.L.bias if c.L.bias is not None else out5)
         seqs = (c.seq_q, c.k_start, c.k_len, tables)
+        bs_tensors, bs_ints = c.sparse_args(cfg.block_m, cfg.block_n)
         strides = (*c.common_strides(out5), *lse5.stride()[:3], *c.bias_strides(), *tables.stride())
         _launch(
             _fwd.attn_fwd,
             grid,
             (
                 *ptrs, *((desc[n] for n in ("desc_q", "desc_k", "desc_v")) if desc else (None, None, None)), desc_b,
-                *seqs, *strides, c.num_heads, c.HG, c.Mq, c.Mkv, c.scale * LOG2E, c.wl, c.wr, c.p, seed, c.K, c.Kv,
-                tiles, num_pages,
+                *seqs, *bs_tensors, *strides, c.num_heads, c.HG, c.Mq, c.Mkv, c.scale * LOG2E, c.wl, c.wr, c.p, seed,
+                c.K, c.Kv, tiles, num_pages, *bs_ints,
             ),
             dict(
                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=c.block_d, BLOCK_DV=c.block_dv,
@@ -338,8 +255,8 @@ def attention_forward(
             ),
             None,
             (
-                _bits(ptrs + seqs), strides, c.num_heads, c.HG, c.Mq, c.Mkv, c.wl, c.wr, int_code(seed), c.K, c.Kv,
-                tiles, num_pages,
+                _bits(ptrs + seqs + bs_tensors), strides, c.num_heads, c.HG, c.Mq, c.Mkv, c.wl, c.wr, int_code(seed),
+                c.K, c.Kv, tiles, num_pages, bs_ints,
             ),
         )
 
@@ -422,6 +339,7 @@ def attention_backward(
         tiles = cdiv(m.max_k, cfg.block_n)
         ptrs = (L.q, L.k, L.v, go5, lse5, delta, bias_arg, db_target, dq_acc, dk5, dv5)
         seqs = (c.seq_q, c.k_start, c.k_len)
+        bs_tensors, bs_ints = c.sparse_args(cfg.block_m, cfg.block_n, transposed=True)
         strides = (
             *c.common_strides(go5), *lse5.stride()[:3], *c.bias_strides(), *db_strides,
             *(_strides4(dq_acc) if atomic_dq else (0, 0, 0, 0)), *_strides4(dk5), *_strides4(dv5),
@@ -429,15 +347,16 @@ def attention_backward(
         _launch(_bwd.attn_bwd_dkdv, (c.Z * num_kv_heads * tiles,), (
             *ptrs, *((desc[n] for n in names) if desc else (None,) * 4), desc_b,
             desc["desc_dq"] if desc and dq_tma else None,
-            *seqs, *strides,
+            *seqs, *bs_tensors, *strides,
             c.num_heads, c.HG, c.Mq, c.Mkv, c.scale * LOG2E, c.scale, c.wl, c.wr, c.p, seed, c.K, c.Kv, tiles,
+            *bs_ints,
         ), dict(
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=c.block_d, BLOCK_DV=c.block_dv,
             DB_MODE=db_mode, ATOMIC_DQ=atomic_dq, USE_TMA=desc is not None, BIAS_TMA=desc_b is not None,
             DQ_TMA=desc is not None and dq_tma,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **c.flags,
-        ), None, (_bits(ptrs + seqs), strides, c.num_heads, c.HG, c.Mq, c.Mkv, c.wl, c.wr, int_code(seed), c.K, c.Kv,
-                  tiles))
+        ), None, (_bits(ptrs + seqs + bs_tensors), strides, c.num_heads, c.HG, c.Mq, c.Mkv, c.wl, c.wr,
+                  int_code(seed), c.K, c.Kv, tiles, bs_ints))
 
     tune_dkdv = launch_dkdv if not (want_db and db_mode != 1) else None  # atomics accumulate: no re-runs
     configs.launch_with_fallback(launch_dkdv, configs.backward_config(c, tune_dkdv), "bwd")
@@ -453,17 +372,18 @@ def attention_backward(
             tiles = cdiv(m.max_q, cfg.block_m)
             ptrs = (L.q, L.k, L.v, go5, lse5, delta, bias_arg, dq5)
             seqs = (c.seq_q, c.k_start, c.k_len)
+            bs_tensors, bs_ints = c.sparse_args(cfg.block_m, cfg.block_n)
             strides = (*c.common_strides(go5), *lse5.stride()[:3], *c.bias_strides(), *_strides4(dq5))
             _launch(_bwd.attn_bwd_dq, (c.Z * c.num_heads * tiles,), (
-                *ptrs, *((desc[n] for n in names) if desc else (None,) * 4), desc_b, *seqs, *strides,
+                *ptrs, *((desc[n] for n in names) if desc else (None,) * 4), desc_b, *seqs, *bs_tensors, *strides,
                 c.num_heads, c.HG, c.Mq, c.Mkv, c.scale * LOG2E, c.scale, c.wl, c.wr, c.p, seed, c.K, c.Kv,
-                tiles,
+                tiles, *bs_ints,
             ), dict(
                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=c.block_d, BLOCK_DV=c.block_dv,
                 USE_TMA=desc is not None, BIAS_TMA=desc_b is not None,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages, **c.flags,
-            ), None, (_bits(ptrs + seqs), strides, c.num_heads, c.HG, c.Mq, c.Mkv, c.wl, c.wr, int_code(seed), c.K,
-                      c.Kv, tiles))
+            ), None, (_bits(ptrs + seqs + bs_tensors), strides, c.num_heads, c.HG, c.Mq, c.Mkv, c.wl, c.wr,
+                      int_code(seed), c.K, c.Kv, tiles, bs_ints))
 
         configs.launch_with_fallback(launch_dq, configs.dq_config(c, launch_dq), "dq")
         dq = L.from5(dq5)

@@ -42,7 +42,8 @@ class Config:
 # on every case of the plain cache (128-145 us for 537 MB: 0.90-1.02 of a device copy's bandwidth), and within
 # 10 % on the paged one; the previous entry (3 stages, 70 KiB of shared memory per program, with twice the
 # splits) took 0.204 ms at B = 1, L = 131072 in the decoding benchmark. The other rows follow the same rule
-# (2 stages) untimed.
+# (2 stages) untimed, except fp8 at BLOCK_M 16: BLOCK_N 128 was the fastest on all five cases (116-135 us,
+# benchmarks/results/h200/tune_splitk_4599731.log).
 CONFIGS: dict[tuple[str, int, int], Config] = {
     ("half", 64, 16): Config(64, 4, 2),
     ("half", 128, 16): Config(64, 4, 2),
@@ -52,7 +53,7 @@ CONFIGS: dict[tuple[str, int, int], Config] = {
     ("half", 512, 16): Config(16, 4, 2),
     ("int4", 128, 16): Config(64, 4, 2),
     ("int4", 128, 64): Config(64, 8, 2),
-    ("fp8", 128, 16): Config(64, 4, 2),
+    ("fp8", 128, 16): Config(128, 4, 2),
     ("fp8", 128, 64): Config(32, 4, 2),
     ("fp32", 128, 16): Config(32, 8, 2),
 }
