@@ -1,0 +1,5 @@
+import sys
+
+from triformers.benchmarks.lra import main
+
+sys.exit(main())

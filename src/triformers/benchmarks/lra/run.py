@@ -1,0 +1,194 @@
+"""Training and evaluation of the LRA tasks per attention, the presets, the JSON and the plot.
+
+Each (task, attention) run trains :class:`~.model.LRAClassifier` for the preset's steps (AdamW, linear warm-up
+then cosine decay, bf16 autocast on CUDA with ``--bf16``), then measures accuracy on the test split. Records
+hold accuracy, the test split's majority-class rate (the accuracy of always answering the commonest label),
+training tokens/s (after the first step, which compiles kernels), peak CUDA memory, steps and sizes.
+
+The presets are short schedules, not the paper's (LRA trains ListOps 5000 steps at batch 32, Pathfinder 62400
+steps at batch 256): their accuracies compare attentions under one budget; the JSON says so in ``env.schedule``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field, replace
+
+import torch
+from tqdm import tqdm
+
+from triformers.benchmarks.lra import data as lra_data
+from triformers.benchmarks.lra.model import LRAClassifier
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One task at one size: data, model and schedule."""
+
+    name: str
+    seq_len: int
+    num_classes: int
+    vocab: int
+    n_train: int
+    n_test: int
+    steps: int
+    batch: int
+    lr: float = 1e-3
+    dim: int = 64
+    heads: int = 2
+    layers: int = 2
+    dim_mlp: int = 128
+    block_size: int = 32
+    dual: bool = False
+    options: dict = field(default_factory=dict)  # generator settings (ListOpsConfig / PathfinderConfig fields)
+
+
+def _listops(n_train, n_test, seq_len, steps, batch, **options) -> TaskSpec:
+    return TaskSpec("listops", seq_len, 10, len(lra_data.LISTOPS_VOCAB), n_train, n_test, steps, batch, options=options)
+
+
+def _pathfinder(size, n_train, n_test, steps, batch, **options) -> TaskSpec:
+    return TaskSpec(f"pathfinder{size}", size * size, 2, 257, n_train, n_test, steps, batch,
+                    options={"size": size, **options})  # fmt: skip
+
+
+PRESETS: dict[str, dict[str, TaskSpec]] = {
+    # CI: a ListOps of one operator level over 2-4 digits (MAX, MIN) that dense attention learns in seconds
+    "quick": {
+        "listops": replace(
+            _listops(4096, 512, 16, 250, 64, max_depth=1, max_args=4, min_length=4, max_length=6, ops=("[MAX", "[MIN")),
+            dim=32,
+            layers=1,
+            dim_mlp=64,
+            block_size=16,
+        ),  # fmt: skip
+        "pathfinder16": replace(
+            _pathfinder(16, 2048, 256, 100, 32, path_length=10, distractors=1, gap=0),
+            dim=32,
+            layers=1,
+            dim_mlp=64,
+            block_size=16,
+        ),  # fmt: skip
+    },
+    # a few minutes per attention on a CPU: shallow ListOps of up to 128 tokens, Pathfinder 16 x 16
+    "cpu": {
+        "listops": _listops(8192, 1024, 128, 600, 32, max_depth=3, max_args=5, min_length=16, max_length=128),
+        "pathfinder16": replace(_pathfinder(16, 8192, 1024, 600, 32, path_length=12, distractors=1), block_size=16),
+        "image": TaskSpec("image", 1024, 10, 257, 10000, 2000, 300, 32),
+    },
+    # ~6 minutes for 4 attentions on an H200 (bf16): LRA's ListOps (lengths 500-2000, seq 2048) and Pathfinder-32
+    "gpu": {
+        "listops": _listops(16384, 2048, 2048, 1200, 32),
+        "pathfinder32": _pathfinder(32, 50000, 4000, 1600, 128),
+        "image": TaskSpec("image", 1024, 10, 257, 50000, 10000, 2000, 128),
+        "text": TaskSpec("text", 4096, 2, 257, 25000, 5000, 1000, 32),
+        "retrieval": TaskSpec("retrieval", 4096, 2, 257, 20000, 5000, 1000, 16, dual=True),
+    },
+}
+DEFAULT_TASKS = {"quick": ("listops",), "cpu": ("listops", "pathfinder16"), "gpu": ("listops", "pathfinder32")}
+DEFAULT_ATTENTIONS = {"quick": ("dense",), "cpu": ("dense", "blocksparse", "nystrom", "linformer"),
+                      "gpu": ("dense", "blocksparse", "nystrom", "linformer")}  # fmt: skip
+
+
+def load_task(spec: TaskSpec, data_dir, seed: int) -> tuple[lra_data.Split, lra_data.Split]:
+    """``(train, test)`` splits of ``spec`` (generated with seeds ``seed`` and ``seed + 1``, or read)."""
+    if spec.name == "listops":
+        cfg = lra_data.ListOpsConfig(**spec.options)
+        return (lra_data.listops(spec.n_train, spec.seq_len, cfg, seed),
+                lra_data.listops(spec.n_test, spec.seq_len, cfg, seed + 1))  # fmt: skip
+    if spec.name.startswith("pathfinder"):
+        cfg = lra_data.PathfinderConfig(**spec.options)
+        return lra_data.pathfinder(spec.n_train, cfg, seed), lra_data.pathfinder(spec.n_test, cfg, seed + 1)
+    if spec.name == "image":
+        return (lra_data.cifar10(data_dir, "train", spec.n_train),
+                lra_data.cifar10(data_dir, "test", spec.n_test))  # fmt: skip
+    if spec.name == "text":
+        return (lra_data.imdb(data_dir, "train", spec.seq_len, spec.n_train),
+                lra_data.imdb(data_dir, "test", spec.seq_len, spec.n_test))  # fmt: skip
+    if spec.name == "retrieval":
+        return (lra_data.aan(data_dir, "train", spec.seq_len, spec.n_train),
+                lra_data.aan(data_dir, "test", spec.seq_len, spec.n_test))  # fmt: skip
+    raise ValueError(f"unknown LRA task {spec.name!r}")
+
+
+def _lr(step: int, steps: int, base: float) -> float:
+    warmup = max(1, steps // 10)
+    if step < warmup:
+        return base * (step + 1) / warmup
+    return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
+def _batch(split: lra_data.Split, index: torch.Tensor, device) -> tuple:
+    second = split.ids2[index].to(device) if split.ids2 is not None else None
+    return split.ids[index].to(device), second, split.labels[index].to(device)
+
+
+@torch.no_grad()
+def evaluate(model, split: lra_data.Split, batch: int, device, autocast) -> float:
+    model.eval()
+    correct = 0
+    for start in range(0, len(split), batch):
+        ids, ids2, labels = _batch(split, torch.arange(start, min(start + batch, len(split))), device)
+        with autocast():
+            logits = model(ids, ids2)
+        correct += int((logits.argmax(-1) == labels).sum())
+    model.train()
+    return correct / max(1, len(split))
+
+
+def train_one(
+    spec: TaskSpec, attention: str, train, test, device, bf16: bool, seed: int, progress: bool = True
+) -> dict:
+    """Trains and evaluates one attention on one task; the record."""
+    torch.manual_seed(seed)
+    model = LRAClassifier(attention, spec.vocab, spec.seq_len, spec.num_classes, spec.dim, spec.heads, spec.layers,
+                          spec.dim_mlp, spec.dual, spec.block_size).to(device)  # fmt: skip
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01)
+    use_bf16 = bf16 and device.type == "cuda"
+
+    def autocast():
+        return torch.autocast("cuda", torch.bfloat16, enabled=use_bf16)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    gen = torch.Generator().manual_seed(seed)
+    tokens_per_step = spec.batch * spec.seq_len * (2 if spec.dual else 1)
+    bar = tqdm(range(spec.steps), desc=f"{spec.name} {attention}", dynamic_ncols=True, mininterval=1.0,
+               disable=not progress)  # fmt: skip
+    start = warm = time.perf_counter()
+    loss_value = float("nan")
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, spec.steps, spec.lr)
+        ids, ids2, labels = _batch(train, torch.randint(len(train), (spec.batch,), generator=gen), device)
+        with autocast():
+            logits = model(ids, ids2)
+        loss = torch.nn.functional.cross_entropy(logits.float(), labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step == 0 or step % 20 == 0 or step == spec.steps - 1:
+            loss_value = loss.item()
+            bar.set_postfix(loss=f"{loss_value:.3f}")
+        if step == 0:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            warm = time.perf_counter()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    steady = time.perf_counter() - warm
+    train_seconds = time.perf_counter() - start
+    accuracy = evaluate(model, test, max(spec.batch, 64), device, autocast)
+    counts = torch.bincount(test.labels, minlength=spec.num_classes)
+    return {
+        "task": spec.name, "attention": attention, "accuracy": accuracy,
+        "majority_class": float(counts.max()) / max(1, len(test)), "final_loss": loss_value,
+        "steps": spec.steps, "batch": spec.batch, "seq_len": spec.seq_len, "n_train": len(train), "n_test": len(test),
+        "tokens_per_s": tokens_per_step * (spec.steps - 1) / steady if spec.steps > 1 and steady > 0 else None,
+        "train_seconds": train_seconds,
+        "peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
+        "params": sum(p.numel() for p in model.parameters()), "bf16": use_bf16,
+        "model": {"dim": spec.dim, "heads": spec.heads, "layers": spec.layers, "dim_mlp": spec.dim_mlp},
+    }  # fmt: skip

@@ -1,0 +1,145 @@
+"""The LRA benchmark: generated tasks are right, the quick preset learns, the CLI writes its JSON and plot."""
+
+import dataclasses
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from triformers.benchmarks import lra
+from triformers.benchmarks.lra import data as lra_data
+from triformers.benchmarks.lra.model import LRAClassifier
+from triformers.benchmarks.lra.run import PRESETS, load_task, train_one
+
+
+def _evaluate(tokens: list[str]) -> int:
+    """An independent ListOps evaluator over the text form (a stack machine)."""
+    ops = {"[MIN": min, "[MAX": max, "[MED": lambda v: int(np.median(v)), "[SM": lambda v: sum(v) % 10}
+    stack: list = []
+    for tok in tokens:
+        if tok in ops:
+            stack.append([tok])
+        elif tok == "]":
+            op, *args = stack.pop()
+            value = ops[op](args)
+            if not stack:
+                return value
+            stack[-1].append(value)
+        else:
+            stack[-1].append(int(tok))
+    raise AssertionError("unbalanced expression")
+
+
+def test_listops_labels_and_lengths():
+    cfg = lra_data.ListOpsConfig(max_depth=4, max_args=5, min_length=20, max_length=90)
+    split = lra_data.listops(300, 97, cfg, seed=3)
+    lengths = (split.ids != 0).sum(1)
+    assert int(lengths.min()) >= 20 and int(lengths.max()) <= 90
+    assert bool((split.ids[torch.arange(300), lengths - 1] == lra_data.LISTOPS_VOCAB.index("]")).all())
+    for row in range(300):
+        assert _evaluate(lra_data.listops_text(split.ids[row]).split()) == int(split.labels[row])
+    assert len(set(split.labels.tolist())) == 10
+    again = lra_data.listops(300, 97, cfg, seed=3)
+    assert torch.equal(again.ids, split.ids)  # seeded
+
+
+def test_pathfinder_images():
+    cfg = lra_data.PathfinderConfig(size=20, path_length=12, distractors=1)
+    split = lra_data.pathfinder(257, cfg, seed=0)  # two chunks
+    assert split.ids.shape == (257, 400)
+    assert int(split.ids.min()) >= 1 and int(split.ids.max()) == 256  # pixel + 1; the dots are white
+    assert abs(float(split.labels.float().mean()) - 0.5) < 0.05
+    images = (split.ids - 1).reshape(-1, 20, 20)
+    assert bool(((images == 255).flatten(1).sum(1) >= 2).all())  # two 3x3 dots, clipped at the borders at most
+    assert not torch.equal(images[0], images[1])
+
+
+def test_cifar10_from_pickle_batches(tmp_path):
+    root = tmp_path / "cifar-10-batches-py"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    batches = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batches[name] = {b"data": rng.integers(0, 256, (3, 3072), dtype=np.uint8), b"labels": [1, 7, 3]}
+        with open(root / name, "wb") as f:
+            pickle.dump(batches[name], f)
+    test = lra_data.cifar10(tmp_path, "test")
+    rgb = batches["test_batch"][b"data"].astype(np.float64).reshape(3, 3, 1024)
+    gray = np.rint(0.299 * rgb[:, 0] + 0.587 * rgb[:, 1] + 0.114 * rgb[:, 2])
+    assert torch.equal(test.ids, torch.from_numpy(gray.astype(np.int64) + 1))
+    assert test.labels.tolist() == [1, 7, 3]
+    assert len(lra_data.cifar10(tmp_path, "train")) == 15
+    with pytest.raises(FileNotFoundError, match="downloads nothing"):
+        lra_data.cifar10(tmp_path / "missing", "train")
+
+
+def test_text_and_retrieval_from_files(tmp_path):
+    for split, label, text in (("train", "pos", "great film"), ("train", "neg", "dull"), ("test", "pos", "é")):
+        folder = tmp_path / "aclImdb" / split / label
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "0_1.txt").write_text(text, encoding="utf-8")
+    train = lra_data.imdb(tmp_path, "train", seq_len=6)
+    assert sorted(train.labels.tolist()) == [0, 1]
+    row = train.ids[train.labels.tolist().index(1)]
+    assert row.tolist() == [b + 1 for b in b"great "]  # truncated to 6 bytes
+    assert lra_data.imdb(tmp_path, "test", seq_len=4).ids[0].tolist() == [0xC3 + 1, 0xA9 + 1, 0, 0]
+    (tmp_path / "new_aan_pairs.train.tsv").write_text("1\ta\tb\tdoc one\tdoc two\n0.0\tc\td\tx\ty\n")
+    pairs = lra_data.aan(tmp_path, "train", seq_len=5)
+    assert pairs.labels.tolist() == [1, 0] and pairs.ids2[0].tolist() == [b + 1 for b in b"doc t"]
+
+
+@pytest.mark.parametrize("attention", ["dense", "blocksparse", "nystrom", "linformer", "favor"])
+def test_model_runs_every_attention(attention):
+    model = LRAClassifier(attention, vocab=16, seq_len=64, num_classes=10, dim=16, heads=2, layers=1, dim_mlp=32,
+                          block_size=16)  # fmt: skip
+    ids = torch.randint(1, 16, (3, 64))
+    ids[0, 40:] = 0  # padding
+    logits = model(ids)
+    assert logits.shape == (3, 10) and bool(torch.isfinite(logits).all())
+    logits.sum().backward()
+    assert all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in model.parameters())
+    assert model.embed.weight.grad[1:].abs().sum() > 0
+
+
+def test_dual_model_for_retrieval():
+    model = LRAClassifier("dense", vocab=257, seq_len=32, num_classes=2, dim=16, heads=2, layers=1, dual=True)
+    a, b = torch.randint(1, 257, (2, 4, 32))
+    assert model(a, b).shape == (4, 2)
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as `--quick` runs: a 32-wide model is faster on one thread
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_quick_preset_dense_learns_listops(one_thread):
+    spec = PRESETS["quick"]["listops"]
+    train, test = load_task(spec, None, seed=0)
+    record = train_one(spec, "dense", train, test, torch.device("cpu"), bf16=False, seed=0, progress=False)
+    assert record["majority_class"] < 0.3  # 10 classes, none dominant
+    assert record["accuracy"] > record["majority_class"] + 0.3, record
+
+
+def test_cli_writes_json_and_plot(tmp_path, capsys):
+    small = dataclasses.replace(PRESETS["quick"]["listops"], steps=3, n_train=64, n_test=32)
+    PRESETS["quick"]["tiny"] = small
+    try:
+        assert lra.main(["--quick", "--tasks", "tiny", "--attentions", "dense,linformer", "--out", str(tmp_path),
+                         "--no-progress"]) == 0  # fmt: skip
+    finally:
+        del PRESETS["quick"]["tiny"]
+    doc = json.loads((tmp_path / "lra.json").read_text())
+    assert doc["env"]["preset"] == "quick" and "not the paper's" in doc["env"]["schedule"]
+    assert [(r["task"], r["attention"], r["steps"]) for r in doc["records"]] == [
+        ("listops", "dense", 3),
+        ("listops", "linformer", 3),
+    ]
+    assert all(0 <= r["accuracy"] <= 1 and r["tokens_per_s"] > 0 for r in doc["records"])
+    assert (tmp_path / "lra.png").stat().st_size > 0
+    with pytest.raises(ValueError, match="not in preset"):
+        lra.main(["--quick", "--tasks", "image", "--out", str(tmp_path)])
