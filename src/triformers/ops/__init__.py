@@ -6,7 +6,16 @@ from triformers.ops.fmha import (
     AttentionMask,
     AttentionOp,
     AttentionOpBase,
+    AttentionOpDispatch,
     LowerTriangularMask,
+    MemoryEfficientAttentionCkOp,
+    MemoryEfficientAttentionCutlassFwdFlashBwOp,
+    MemoryEfficientAttentionCutlassOp,
+    MemoryEfficientAttentionFlashAttentionOp,
+    MemoryEfficientAttentionOp,
+    MemoryEfficientAttentionSplitKCkOp,
+    MemoryEfficientAttentionTritonFwdFlashBwOp,
+    TritonFlashAttentionOp,
     attn_bias,
     memory_efficient_attention,
     memory_efficient_attention_backward,
@@ -23,7 +32,17 @@ __all__ = [
     "AttentionMask",
     "AttentionOp",
     "AttentionOpBase",
+    "AttentionOpDispatch",
     "LowerTriangularMask",
+    # xFormers' operator-pair names: our nearest operators (docs/differences-from-xformers.md)
+    "MemoryEfficientAttentionCkOp",
+    "MemoryEfficientAttentionCutlassFwdFlashBwOp",
+    "MemoryEfficientAttentionCutlassOp",
+    "MemoryEfficientAttentionFlashAttentionOp",
+    "MemoryEfficientAttentionOp",
+    "MemoryEfficientAttentionSplitKCkOp",
+    "MemoryEfficientAttentionTritonFwdFlashBwOp",
+    "TritonFlashAttentionOp",
     "memory_efficient_attention",
     "memory_efficient_attention_backward",
     "memory_efficient_attention_forward",
@@ -96,6 +115,12 @@ if _dist.is_available():
 from triformers.ops.tiled_matmul import tiled_matmul  # noqa: E402
 
 __all__ += ["tiled_matmul"]
+
+# --- sparsity: 2:4 semi-structured weights, masked_matmul (dense, block-sparse or CSR masks) ---
+from triformers.ops.sp24 import Sparse24Tensor, sparsify24, sparsify24_like  # noqa: E402
+from triformers.sparse._masked_matmul import masked_matmul  # noqa: E402
+
+__all__ += ["Sparse24Tensor", "sparsify24", "sparsify24_like", "masked_matmul"]
 
 # --- tree attention (a module, as in xFormers: ops.tree_attention.tree_attention, .TreeAttnMetadata) ---
 from triformers.ops import tree_attention  # noqa: E402
