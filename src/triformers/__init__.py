@@ -7,7 +7,17 @@ Nothing heavy happens at import time: operators are chosen per call.
 
 __version__ = "0.1.0"
 
-from triformers._triton import is_triton_available as _is_triton_available  # noqa: E402
+import torch  # noqa: E402
+
+from triformers import _triton  # noqa: E402
+
+
+def _is_triton_available() -> bool:
+    """xFormers' check: True when Triton kernels can run here, i.e. Triton imports and there is a CUDA device
+    or Triton's interpreter is on (``TRITON_INTERPRET=1``: CPU tensors). False on a CPU-only machine without
+    the interpreter, where code written against xFormers then takes its non-Triton paths."""
+    return _triton.is_triton_available() and (_triton.interpret_mode() or torch.cuda.is_available())
+
 
 __all__ = ["__version__", "_is_triton_available"]
 

@@ -9,7 +9,6 @@ keep the local slice) give every rank the complete gradient of the full inputs.
 
 import math
 import random
-import time
 
 import pytest
 import torch
@@ -368,7 +367,8 @@ def _fails_during_the_ring(rank, world):
 
 
 def test_a_failing_rank_ends_the_run_with_its_error(ranks):
-    start = time.monotonic()
     with pytest.raises(RuntimeError, match="this rank failed before its ring step"):
         ranks.run(_fails_during_the_ring)
-    assert time.monotonic() - start < 30  # the waiting ranks are stopped, not left to the collective timeout
+    # the waiting ranks are stopped (they exit by themselves), not killed after waiting for the collective timeout
+    exitcodes = [p.exitcode for p in ranks._workers._procs]
+    assert exitcodes == [0] * ranks.world_size, exitcodes

@@ -170,33 +170,46 @@ def test_anything_order(ranks):
     ranks.run(_anything_order)
 
 
-def _overlap(rank, world, mode):
+def _overlap(rank, world, mode, flag_dir):
     """Rank 0 computes on its own shard before the last rank has even started sending (no wait for the whole
-    all-gather); the collective fallback must wait for every rank."""
+    all-gather); the collective fallback must wait for every rank. The last rank holds back until rank 0 has
+    processed its own shard (rank 0 writes a flag file then) or, where that cannot happen before it sends
+    (collective), for ``_HOLD_COLLECTIVE_S``: an order of events, not a duration, is asserted."""
     group = dist.group.WORLD
+    flag = os.path.join(flag_dir, f"own-{mode}")
     dist.barrier()
-    if rank == world - 1:
-        time.sleep(1.0)  # a slow rank
-    start = time.time()
-    own_at = []
+    seen = None
+    if rank == world - 1:  # the slow rank: has rank 0 used its own shard before this rank sends anything?
+        seen = _wait_for(flag, _HOLD_OVERLAPPED_S if mode == "overlapped" else _HOLD_COLLECTIVE_S)
 
     def note(shards, src, stream_factory):
-        if src == rank:
-            own_at.append(time.time())
+        if src == rank == 0:
+            open(flag, "w").close()
 
     with _Mode(mode):
         spf.fused_allgather_and_anything([torch.ones(4, 4)], note, group=group)
-    return start, own_at[0]
+    return seen
+
+
+# How long the last rank holds back: overlapped, until rank 0's flag (bounded only against a hang); collective,
+# where rank 0 cannot get its own shard before this rank sends, a short wait that shows the flag does not come.
+_HOLD_OVERLAPPED_S = 60.0
+_HOLD_COLLECTIVE_S = 0.5
+
+
+def _wait_for(path: str, limit_s: float) -> bool:
+    deadline = time.monotonic() + limit_s
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_overlap(ranks, mode):
-    times = ranks.run(_overlap, mode)
-    slow_start, first_own = times[-1][0], times[0][1]
-    if mode == "overlapped":
-        assert first_own < slow_start
-    else:
-        assert first_own > slow_start
+def test_overlap(ranks, mode, tmp_path):
+    seen = ranks.run(_overlap, mode, str(tmp_path))[-1]
+    assert seen is (mode == "overlapped")
 
 
 def _compile(rank, world):

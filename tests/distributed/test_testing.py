@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from triformers.distributed.testing import GRACE_S, DistributedWorkers, RemoteTraceback, launch
+from triformers.distributed.testing import DistributedWorkers, RemoteTraceback, launch
 
 # Python >= 3.12 warns when forking a process that has threads (pytest-xdist's workers do); the ranks use no
 # lock another thread could hold
@@ -64,11 +64,11 @@ def _raise_on_one(rank, world):
 
 def test_failing_rank_ends_the_job():
     workers = DistributedWorkers(4, timeout_s=60, start_method=FORK)
-    start = time.monotonic()
     with pytest.raises(CustomError, match="rank 1 found a bad input") as info:
         workers.run(_raise_on_one)
-    elapsed = time.monotonic() - start
-    assert elapsed < GRACE_S, f"the job took {elapsed:.1f} s to end: the waiting ranks were killed, not released"
+    # released, not killed after GRACE_S: every rank left its loop and exited by itself
+    exitcodes = [p.exitcode for p in workers._procs]
+    assert exitcodes == [0] * 4, f"exit codes {exitcodes}: the waiting ranks were killed, not released"
     assert isinstance(info.value.__cause__, RemoteTraceback)
     assert "_raise_on_one" in str(info.value.__cause__) and "traceback of rank 1" in str(info.value.__cause__)
     if sys.version_info >= (3, 11):
@@ -86,14 +86,13 @@ def _hang_on_last(rank, world):
 
 def test_hang_times_out_with_stacks():
     workers = DistributedWorkers(2, timeout_s=2, start_method=FORK)
-    start = time.monotonic()
     with pytest.raises(
         TimeoutError,
         match=r"ranks \[0, 1\] of 2 did not finish run '_hang_on_last' within "
         r"timeout_s=2 s",
     ) as info:
         workers.run(_hang_on_last)
-    assert time.monotonic() - start < 2 + 10  # the timeout, the stack dumps, the kill
+    assert workers._procs[1].exitcode < 0, "the rank sleeping past the timeout is killed, not waited for"
     message = str(info.value)
     assert "--- rank 1 ---" in message and "in _hang_on_last" in message
     assert all(not p.is_alive() for p in workers._procs)

@@ -38,12 +38,11 @@ def test_build_model_from_hydra_yaml():
 
 def test_microgpt_smoke_learns_the_stdlib(tmp_path):
     metrics_file = tmp_path / "metrics.json"
-    proc, wall = _run([EXAMPLES / "microGPT.py", "--smoke", "--metrics-json", metrics_file])
+    proc, _ = _run([EXAMPLES / "microGPT.py", "--smoke", "--metrics-json", metrics_file])
     assert proc.returncode == 0, proc.stderr[-3000:]
     m = json.loads(metrics_file.read_text())
     drop = (m["first_loss"] - m["last_loss"]) / m["first_loss"]
     assert drop >= 0.35, m
-    assert wall < 180, wall
     assert "standard library" in proc.stdout
     assert "tok_s=" in proc.stderr  # the progress bar shows loss and tokens/s
     sample = proc.stdout.split("-" * 80)[1]

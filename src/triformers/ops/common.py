@@ -7,6 +7,15 @@ from typing import ClassVar
 OPERATORS_REGISTRY: list[type[BaseOperator]] = []
 
 
+class InputError(ValueError, AssertionError):
+    """Invalid arguments; the message says what was wrong and how to fix it.
+
+    A ``ValueError``, and an ``AssertionError`` too: xFormers checks many arguments with ``assert``, so code
+    written against it may catch ``AssertionError`` (``pytest.raises(AssertionError)``, ``except
+    AssertionError``); either ``except`` clause catches this error.
+    """
+
+
 class BaseOperator:
     """An implementation of one operator category, described by class attributes.
 

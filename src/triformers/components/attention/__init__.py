@@ -58,11 +58,44 @@ from triformers.components.attention import (  # noqa: E402, F401, I001
     visual,
 )
 
+# the attention classes under this package, as xFormers exports them (``from ...attention import ScaledDotProduct``)
+from triformers.components.attention.blocksparse import BlockSparseAttention  # noqa: E402
+from triformers.components.attention.compositional import CompositionalAttention  # noqa: E402
+from triformers.components.attention.core import maybe_sparsify, sparsify  # noqa: E402
+from triformers.components.attention.favor import FavorAttention  # noqa: E402
+from triformers.components.attention.fourier_mix import FourierMix  # noqa: E402
+from triformers.components.attention.global_tokens import GlobalAttention  # noqa: E402
+from triformers.components.attention.lambda_layer import LambdaLayer  # noqa: E402
+from triformers.components.attention.linformer import LinformerAttention  # noqa: E402
+from triformers.components.attention.local import LocalAttention  # noqa: E402
+from triformers.components.attention.nystrom import NystromAttention  # noqa: E402
+from triformers.components.attention.ortho import OrthoFormerAttention  # noqa: E402
+from triformers.components.attention.pooling import Pooling  # noqa: E402
+from triformers.components.attention.random import RandomAttention  # noqa: E402
+from triformers.components.attention.scaled_dot_product import ScaledDotProduct  # noqa: E402
+from triformers.components.attention.visual import Visual  # noqa: E402
+
 __all__ = [
     "ATTENTION_REGISTRY",
     "Attention",
     "AttentionConfig",
     "AttentionMask",
+    "BlockSparseAttention",
+    "CompositionalAttention",
+    "FavorAttention",
+    "FourierMix",
+    "GlobalAttention",
+    "LambdaLayer",
+    "LinformerAttention",
+    "LocalAttention",
+    "NystromAttention",
+    "OrthoFormerAttention",
+    "Pooling",
+    "RandomAttention",
+    "ScaledDotProduct",
+    "Visual",
     "build_attention",
+    "maybe_sparsify",
     "register_attention",
+    "sparsify",
 ]

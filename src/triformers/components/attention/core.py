@@ -8,8 +8,10 @@ any leading dims) and a mask in any of the forms the attention zoo produces:
   ``[b, Sq, Sk]`` with b dividing N (row n uses ``mask[n // (N / b)]``: a per-sample mask for heads folded
   head-minor) -> ``memory_efficient_attention`` with the mask as a tensor bias ``[b, N/b, Sq, Sk]`` (an
   expanded view, not a copy);
-- a ``torch.sparse`` mask -> :func:`sparse_attention`, O(nnz) work and memory in plain torch. This is the
-  one case memory_efficient_attention cannot take.
+- a bool ``torch.sparse`` mask (stored True = attend) -> :func:`sparse_attention`, O(nnz) work and memory in
+  plain torch. This is the one case memory_efficient_attention cannot take.
+- a float ``torch.sparse`` mask is an additive mask like its dense form (entries not stored add 0, as in
+  torch, so a 0/-inf mask stored sparse gives what the dense one gives): densified, then as above.
 
 Masks larger than ``[Sq, Sk]`` are cropped to their top-left corner; a mask with one query row
 (``[b, 1, Sk]``, a key padding mask) applies to every query.
@@ -192,7 +194,8 @@ def scaled_dot_product_attention(
     Args:
         q, k, v: query, key, value.
         att_mask: None, bool (True = attend) / additive float tensor or :class:`AttentionMask`,
-            ``[Sq, Sk]`` or ``[b, Sq, Sk]`` with b dividing N; or a ``torch.sparse`` pattern.
+            ``[Sq, Sk]`` or ``[b, Sq, Sk]`` with b dividing N; or a ``torch.sparse`` tensor: bool (stored True
+            = attend, computed in O(nnz)) or float (additive, entries not stored add 0).
         dropout: dropout module for the attention weights; an ``nn.Dropout`` runs inside the kernel.
         block_size: kept for xFormers compatibility (the kernel picks its own tiles).
         causal: also mask keys after the query (top-left aligned, j <= i).
@@ -211,6 +214,8 @@ def scaled_dot_product_attention(
     if isinstance(att_mask, AttentionMask) and att_mask.is_causal:
         # a pure causal mask: let the kernel generate it
         causal, att_mask = True, None if att_mask.values.shape[0] == 1 else att_mask
+    if isinstance(att_mask, torch.Tensor) and att_mask.is_sparse and att_mask.dtype != torch.bool:
+        att_mask = att_mask.to_dense()  # additive: entries not stored add 0, as in the dense mask
     if isinstance(att_mask, torch.Tensor) and att_mask.is_sparse:
         if causal:
             tri = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril()

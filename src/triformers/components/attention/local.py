@@ -64,6 +64,7 @@ class LocalAttention(Attention):
         self.force_sparsity = force_sparsity
         self.window_size = window_size
         self.attention_mask: torch.Tensor | AttentionMask | None = None
+        self.requires_same_k_q_dimensions = True  # the pattern is [S, S]: query and key lengths match
 
     def _get_local_mask(self, seq_len: int, device: torch.device):
         window_size = self.window_size * 2 + 1 if self.causal else self.window_size

@@ -58,6 +58,7 @@ class RandomAttention(Attention):
         self.constant_masking = constant_masking
         self.force_sparsity = force_sparsity
         self.rand_attention_mask: torch.Tensor | AttentionMask | None = None
+        self.requires_same_k_q_dimensions = True  # the pattern is [S, S]: query and key lengths match
 
     def _get_rand_mask(self, seq_len: int, device: torch.device):
         mask = random_pattern(seq_len, sparsity=1 - self.r) if self.r < 1 else torch.ones(seq_len, seq_len).bool()

@@ -7,7 +7,9 @@ accumulator ``acc``), and the log-sum-exp is kept. The backward recomputes each 
 time, never the ``[Mq, Mkv]`` score matrix.
 
 - Masks come from :mod:`_mask` (every bias type): tiles a mask hides entirely are never visited, tiles it
-  allows entirely are not masked, only boundary tiles build a mask.
+  allows entirely are not masked, only boundary tiles build a mask. A block-sparse mask is read from its tile
+  table at (whole query blocks, one key block): each query chunk gathers the rows of the key blocks some head
+  allows, up to a chunk of keys at a time.
 - KV caches (padded, gappy, paged keys): only each block's keys are read, so unused cache rows may hold
   anything (NaN) and get zero dK/dV. A paged bias's key chunk is gathered through the block table (that
   chunk's rows only, never the whole logical cache) and its dK/dV are scattered back with ``index_add_``.
@@ -23,6 +25,7 @@ time, never the ``[Mq, Mkv]`` score matrix.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import ClassVar
 
@@ -62,11 +65,20 @@ def _unfold(x: torch.Tensor, hg: int) -> torch.Tensor:
 
 
 class _Tiles:
-    """The (query chunk, key chunk) tiles a mask lets through, and their masks."""
+    """The (query chunk, key chunk) tiles a mask lets through, and their masks; ``heads`` ``(G, Hg)`` shapes
+    the per-head masks of a block-sparse layout."""
 
-    def __init__(self, spec: MaskSpec, Mq: int, Mkv: int, chunk_q: int, chunk_k: int, device: torch.device):
+    def __init__(self, spec: MaskSpec, Mq: int, Mkv: int, chunk_q: int, chunk_k: int, device: torch.device,
+                 heads: tuple[int, int] = (1, 1)):
         self.spec, self.chunk_q, self.chunk_k, self.device, self.Mkv = spec, chunk_q, chunk_k, device, Mkv
         self.blocks = spec.blocks(Mq, Mkv)
+        sparse = spec.block_sparse
+        if sparse is not None:  # whole query blocks per chunk; the key blocks any head allows, from the table
+            self.chunk_q = max(sparse.block_q, chunk_q // sparse.block_q * sparse.block_q)
+            table = sparse.table(Mq, Mkv, self.chunk_q, sparse.block_k, spec.is_causal, union_heads=True,
+                                 edges_masked=False)
+            self.table = (table.offsets[0].tolist(), table.full_start[0].tolist(), table.cols.tolist())
+            self.heads = heads
 
     def query_chunks(self):
         """``(block, q0, q1)``: absolute query ranges, per block."""
@@ -79,6 +91,9 @@ class _Tiles:
         """``(keys, mask or None)`` for the key tiles query rows ``[q0, q1)`` of ``blk`` may see: ``keys`` the
         key rows, a slice (an int64 tensor of physical rows for a paged bias: only the chunk's rows are read
         through the block table, never the whole logical cache)."""
+        if self.spec.block_sparse is not None:
+            yield from self._sparse_key_chunks(q0, q1)
+            return
         index, q_start, _, k_start, k_len, offset = blk
         a, b = q0 - q_start, q1 - q_start
         lo, hi = self.spec.key_range(a, b, k_len, offset)
@@ -94,6 +109,29 @@ class _Tiles:
             else:
                 keys = slice(k_start + c, k_start + d)
             yield keys, mask
+
+    def _sparse_key_chunks(self, q0: int, q1: int):
+        """Block-sparse :meth:`key_chunks`: the key blocks of query chunk ``[q0, q1)``, boundary blocks (masked)
+        then blocks every head allows entirely, gathered ``chunk_k`` keys at a time (a slice when contiguous)."""
+        sparse, dev = self.spec.block_sparse, self.device
+        offsets, full_start, cols = self.table
+        t = q0 // self.chunk_q
+        bk = sparse.block_k
+        per_chunk = max(1, self.chunk_k // bk)
+        for lo, hi, masked in ((offsets[t], full_start[t], True), (full_start[t], offsets[t + 1], False)):
+            for a in range(lo, hi, per_chunk):
+                blocks = cols[a:min(hi, a + per_chunk)]
+                if blocks[-1] - blocks[0] == len(blocks) - 1:
+                    keys = slice(blocks[0] * bk, min(self.Mkv, (blocks[-1] + 1) * bk))
+                    j = torch.arange(keys.start, keys.stop, device=dev)
+                else:
+                    j = (torch.tensor(blocks, device=dev)[:, None] * bk + torch.arange(bk, device=dev)).flatten()
+                    keys = j = j[j < self.Mkv]
+                mask = None
+                if masked:  # [Hl, n, nk] -> broadcast over the batch (and the heads when shared)
+                    ok = sparse.allowed(torch.arange(q0, q1, device=dev), j, self.spec.is_causal)
+                    mask = ok[0] if sparse.num_heads == 1 else ok.view(1, *self.heads, *ok.shape[1:])
+                yield keys, mask
 
 
 def _dropout_scale(seed: int, p: float, L: _layout.Layout5, q0: int, q1: int, keys) -> torch.Tensor:
@@ -155,7 +193,7 @@ def forward(inp: Inputs, seed: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     out5, lse5 = L.to5(out), L.lse5(lse)
     acc_dtype = _acc_dtype(q)
     chunk_q, chunk_k = _chunk_sizes(B * G * Hg, Mq, Mkv)
-    tiles = _Tiles(spec, Mq, Mkv, chunk_q, chunk_k, q.device)
+    tiles = _Tiles(spec, Mq, Mkv, chunk_q, chunk_k, q.device, (G, Hg))
     for blk, q0, q1 in tiles.query_chunks():
         n = q1 - q0
         qf = _fold(_tile(L.q, slice(q0, q1)) * scale, hk)  # [B, G, Hk, rows, K]
@@ -211,7 +249,7 @@ def backward(
         db_shape = [1 if d in reduce_dims else s for d, s in enumerate(L.bias.shape)]
         db5 = torch.zeros(db_shape, dtype=acc_dtype, device=dev)
     chunk_q, chunk_k = _chunk_sizes(B * G * Hg, Mq, Mkv)
-    tiles = _Tiles(spec, Mq, Mkv, chunk_q, chunk_k, dev)
+    tiles = _Tiles(spec, Mq, Mkv, chunk_q, chunk_k, dev, (G, Hg))
     for blk, q0, q1 in tiles.query_chunks():
         qf = _fold(_tile(L.q, slice(q0, q1)), hk)  # [B, G, Hk, rows, K]
         qf_scaled = qf * scale
@@ -267,6 +305,11 @@ class FwOp(AttentionFwOpBase):
     SUPPORTS_OUTPUT_DTYPE = True
     SUPPORTS_PARTIAL = True
     SUPPORTS_QUANTIZED_KV = True  # int4/fp8 caches (forward only: int32 tensors have no gradient)
+    # float64 keeps float32's tolerances: tests written against xFormers compute their reference in float32
+    ERROR_ATOL: ClassVar[dict[torch.dtype, float]] = {
+        **AttentionFwOpBase.ERROR_ATOL, torch.float64: AttentionFwOpBase.ERROR_ATOL[torch.float32]}
+    ERROR_RTOL: ClassVar[dict[torch.dtype, float]] = {
+        **AttentionFwOpBase.ERROR_RTOL, torch.float64: AttentionFwOpBase.ERROR_RTOL[torch.float32]}
 
     @classmethod
     def not_supported_reasons(cls, d: Inputs) -> list[str]:
@@ -276,10 +319,15 @@ class FwOp(AttentionFwOpBase):
     def apply(cls, inp: Inputs, needs_gradient: bool) -> tuple[torch.Tensor, Context | None]:
         rng_state = _rng.draw_seed() if inp.p > 0.0 else None
         seed = None if rng_state is None else int(rng_state[0])
-        out, lse = forward(inp, seed)
-        if not needs_gradient:
-            return out, None
-        return out, Context(out=out, lse=lse, rng_state=rng_state)
+        out_dtype = inp.get_output_dtype()
+        if not needs_gradient or out_dtype.itemsize >= 4:
+            out, lse = forward(inp, seed)
+            return (out, None) if not needs_gradient else (out, Context(out=out, lse=lse, rng_state=rng_state))
+        # The backward's delta_i = rowsum(dO_i * O_i) from a float16/bfloat16 O errs by O's rounding, and dK/dV
+        # sum that error over every query: at Mq = 65537 (bfloat16, Mkv = 4, K = 8) past xFormers' tolerance.
+        # The backward gets the float32 output instead (twice the memory of the saved output).
+        out32, lse = forward(dataclasses.replace(inp, output_dtype=torch.float32), seed)
+        return out32.to(out_dtype), Context(out=out32, lse=lse, rng_state=rng_state)
 
 
 @register_operator
@@ -298,6 +346,10 @@ class BwOp(AttentionBwOpBase):
     SUPPORTS_ATTN_BIAS_GRAD = True
     SUPPORTS_OUTPUT_DTYPE = True
     SUPPORTS_PARTIAL = True
+    ERROR_ATOL: ClassVar[dict[torch.dtype, float]] = {
+        **AttentionBwOpBase.ERROR_ATOL, torch.float64: AttentionBwOpBase.ERROR_ATOL[torch.float32]}
+    ERROR_RTOL: ClassVar[dict[torch.dtype, float]] = {
+        **AttentionBwOpBase.ERROR_RTOL, torch.float64: AttentionBwOpBase.ERROR_RTOL[torch.float32]}
 
     @classmethod
     def apply(cls, ctx: Context, inp: Inputs, grad: torch.Tensor, grad_lse: torch.Tensor | None = None) -> Gradients:

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from triformers.ops.common import BaseOperator
+from triformers.ops.common import BaseOperator, InputError
 from triformers.ops.fmha import attn_bias as ab
 
 _LAYOUTS = "BMK [B, M, K], BMHK [B, M, H, K] or BMGHK [B, M, G, H, K]"
@@ -25,6 +25,24 @@ _LAYOUTS = "BMK [B, M, K], BMHK [B, M, H, K] or BMGHK [B, M, G, H, K]"
 
 def _describe(name: str, x: torch.Tensor) -> str:
     return f"{name}.shape={tuple(x.shape)} ({x.dtype}, {x.device.type})"
+
+
+def _is_bias_type_supported_in_BMK(attn_bias_type: Any) -> bool:
+    """Whether BMK ``[B, M, K]`` inputs may come with a bias of this type (others need BMHK)."""
+    return attn_bias_type in (type(None), ab.LowerTriangularMask, torch.Tensor)
+
+
+def check_lastdim_alignment_stride1(reasons: list[str], name: str, x: torch.Tensor, alignment: int) -> None:
+    """Appends to ``reasons`` why ``x`` does not suit a kernel that reads its rows in vectors of ``alignment``
+    elements: a last dim or row stride that ``alignment`` does not divide, or a last dim that is not contiguous."""
+    if x.shape[-1] % alignment != 0:
+        reasons.append(f"{name}.shape[-1] % {alignment} != 0")
+    elif x.stride(-2) % alignment != 0:
+        reasons.append(
+            f"{name}.stride(-2) % {alignment} != 0 ({name}.stride() = {x.stride()}); pass {name}.contiguous()"
+        )
+    if x.stride(-1) > 1:
+        reasons.append(f"{name}.stride(-1) > 1 ({name}.stride() = {x.stride()}): you should call `.contiguous()`")
 
 
 @dataclass
@@ -76,7 +94,7 @@ class Inputs:
     def normalize_bmhk(self) -> tuple[int, ...]:
         """Turns BMK inputs into BMHK (H = 1) in place; returns the output shape in the caller's layout."""
         if self.query.ndim not in (3, 4, 5):
-            raise ValueError(f"Invalid shape for query: {tuple(self.query.shape)}; expected {_LAYOUTS}")
+            raise InputError(f"Invalid shape for query: {tuple(self.query.shape)}; expected {_LAYOUTS}")
         # a quantized (int32) value holds packed words: the output has the query's head dim
         out_dim = self.query.shape[-1] if self.value.dtype == torch.int32 else self.value.shape[-1]
         output_shape = (*self.query.shape[:-1], out_dim)
@@ -87,57 +105,60 @@ class Inputs:
         return output_shape
 
     def validate_inputs(self) -> None:
-        """Raises ValueError, naming the tensor, its shape, what was expected and how to fix it."""
+        """Raises :class:`~triformers.ops.common.InputError` (a ValueError, and an AssertionError as xFormers'
+        asserts were), naming the tensor, its shape, what was expected and how to fix it."""
         q, k, v = self.query, self.key, self.value
         for name, x in (("query", q), ("key", k), ("value", v)):
             if not isinstance(x, torch.Tensor):
-                raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+                raise InputError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
         if not (q.ndim == k.ndim == v.ndim) or q.ndim not in (3, 4, 5):
-            raise ValueError(
+            raise InputError(
                 "Query/Key/Value should all have BMGHK, BMHK, or BMK shape: got "
                 f"{_describe('query', q)}, {_describe('key', k)}, {_describe('value', v)}; "
                 f"use one layout for all three: {_LAYOUTS}"
             )
         if not (q.device == k.device == v.device):
-            raise ValueError(
+            raise InputError(
                 f"Query/Key/Value should all be on the same device: query on {q.device}, key on {k.device}, "
                 f"value on {v.device}; move them with .to(query.device)"
             )
         if not (q.dtype == k.dtype == v.dtype) and not (k.dtype == v.dtype == torch.int32):
-            raise ValueError(
+            raise InputError(
                 f"Query/Key/Value should all have the same dtype: query {q.dtype}, key {k.dtype}, "
                 f"value {v.dtype}; cast them with .to(query.dtype) (or pass a quantized KV cache: int32 key "
                 "and value, see ops.fmha.quantize)"
             )
         if not q.is_floating_point():
-            raise ValueError(f"query.dtype={q.dtype}; attention needs float16, bfloat16 or float32 inputs")
+            raise InputError(f"query.dtype={q.dtype}; attention needs float16, bfloat16 or float32 inputs")
         bias = self.attn_bias
-        if q.ndim == 3 and type(bias) not in (type(None), ab.LowerTriangularMask, torch.Tensor):
-            raise ValueError(
+        if q.ndim == 3 and not _is_bias_type_supported_in_BMK(type(bias)):
+            raise InputError(
                 f"Please provide inputs in BMHK format rather than BMK when using bias type "
                 f"`{type(bias).__name__}`: query.unsqueeze(2), key.unsqueeze(2), value.unsqueeze(2)"
             )
         if bias is not None and not isinstance(bias, (torch.Tensor, ab.AttentionBias)):
-            raise ValueError(
+            raise InputError(
                 f"attn_bias must be None, a torch.Tensor or an AttentionBias, got {type(bias).__name__}"
             )
         self._validate_shapes()
         self._validate_tensor_bias()
         if isinstance(bias, ab.VARLEN_BIASES):
             self._validate_block_diagonal(bias)
+        if isinstance(bias, ab.BlockSparseMask):
+            bias.check_inputs(q, k)
         if not isinstance(self.p, (int, float)) or not 0.0 <= float(self.p) <= 1.0:
-            raise ValueError(f"Invalid dropout probability: p={self.p!r}; expected 0 <= p <= 1")
+            raise InputError(f"Invalid dropout probability: p={self.p!r}; expected 0 <= p <= 1")
         if self.scale is not None and not (isinstance(self.scale, (int, float)) and math.isfinite(self.scale)):
-            raise ValueError(f"scale must be a finite float or None, got {self.scale!r}")
+            raise InputError(f"scale must be a finite float or None, got {self.scale!r}")
         out_dtype = self.output_dtype
         if out_dtype is not None and not (isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point):
-            raise ValueError(
+            raise InputError(
                 f"output_dtype={out_dtype!r} is not a floating-point torch.dtype; pass e.g. torch.float32, or None "
                 f"for the query's dtype ({q.dtype})"
             )
         for name, x in (("query", q), ("key", k), ("value", v)):
             if x.numel() and x.stride(-1) != 1:
-                raise ValueError(
+                raise InputError(
                     f"{name}.stride(-1)={x.stride(-1)} ({_describe(name, x)}); only the last dimension must "
                     f"be contiguous: pass {name}.contiguous()"
                 )
@@ -146,23 +167,23 @@ class Inputs:
         q, k, v = self.query, self.key, self.value
         hint = "HINT: no broadcasting between query and key/value; use key.expand(...) yourself"
         if q.shape[0] != k.shape[0] or q.shape[0] != v.shape[0]:
-            raise ValueError(
+            raise InputError(
                 f"Incompatible shapes for attention inputs: batch sizes differ: {_describe('query', q)}, "
                 f"{_describe('key', k)}, {_describe('value', v)}. {hint}"
             )
         if k.shape[1] != v.shape[1]:
-            raise ValueError(
+            raise InputError(
                 f"Incompatible shapes for attention inputs: key has {k.shape[1]} positions but value has "
                 f"{v.shape[1]} ({_describe('key', k)}, {_describe('value', v)}); they must match"
             )
         if k.shape[-1] != q.shape[-1] and k.dtype != torch.int32:  # int32: packed words of a quantized cache
-            raise ValueError(
+            raise InputError(
                 f"Incompatible shapes for attention inputs: key.shape[-1]={k.shape[-1]} but "
                 f"query.shape[-1]={q.shape[-1]} ({_describe('query', q)}, {_describe('key', k)}); query and "
                 "key need the same head dim (value may differ)"
             )
         if q.shape[-1] == 0:
-            raise ValueError(f"query.shape[-1]=0 ({_describe('query', q)}): the head dim must be positive")
+            raise InputError(f"query.shape[-1]=0 ({_describe('query', q)}): the head dim must be positive")
         head_dims = slice(2, q.ndim - 1)
         for name, x in (("key", k), ("value", v)):
             if tuple(x.shape[head_dims]) != tuple(q.shape[head_dims]):
@@ -171,7 +192,7 @@ class Inputs:
                     "expand key/value to the query's head count (key.expand(...): no copy) or use the "
                     "BMGHK layout [B, M, G, H, K] for grouped-query attention"
                 )
-                raise ValueError(
+                raise InputError(
                     f"Incompatible shapes for attention inputs: {name} has {what} {tuple(x.shape[head_dims])} "
                     f"but query has {tuple(q.shape[head_dims])} ({_describe(name, x)}, "
                     f"{_describe('query', q)}); {fix}"
@@ -197,30 +218,30 @@ class Inputs:
         except RuntimeError:
             ok = False
         if not ok:
-            raise ValueError(
+            raise InputError(
                 f"Invalid shape for attention bias: {name}.shape={tuple(bias.shape)}, expected {layout} = "
                 f"{expected} or a shape broadcastable to it with the same number of dims (e.g. "
                 f"bias[None, :, None, :] for a per-head, per-key bias; .expand({', '.join(map(str, expected))}) "
                 "makes a view without copying)"
             )
         if bias.dtype != q.dtype:
-            raise ValueError(
+            raise InputError(
                 f"{name}.dtype={bias.dtype} but query.dtype={q.dtype}; cast the bias: {name}.to(query.dtype)"
             )
         if bias.device != q.device:
-            raise ValueError(f"{name} is on {bias.device} but query is on {q.device}; move it with .to()")
+            raise InputError(f"{name} is on {bias.device} but query is on {q.device}; move it with .to()")
 
     def _validate_block_diagonal(self, bias: Any) -> None:
         q, k = self.query, self.key
         kind = type(bias).__name__
         if q.shape[0] != 1:
-            raise ValueError(
+            raise InputError(
                 f"Expected batch_size=1 when using block-diagonal bias {kind}: {_describe('query', q)}; pack "
                 "the sequences along M with BlockDiagonalMask.from_tensor_list (or x.reshape(1, -1, ...))"
             )
         q_total = bias.q_seqinfo.seqstart_py[-1]
         if q.shape[1] != q_total:
-            raise ValueError(
+            raise InputError(
                 f"{kind} describes {q_total} queries in total but query.shape[1]={q.shape[1]} "
                 f"({_describe('query', q)}); build the bias from the same sequence lengths as the packed query"
             )
@@ -229,7 +250,7 @@ class Inputs:
         else:
             k_total = bias.k_seqinfo.seqstart_py[-1]
             if k.shape[1] != k_total:
-                raise ValueError(
+                raise InputError(
                     f"{kind} describes {k_total} key positions in total but key.shape[1]={k.shape[1]} "
                     f"({_describe('key', k)}); build the bias from the same lengths (and padding) as the keys"
                 )
@@ -237,7 +258,7 @@ class Inputs:
             tensors = [bias.q_seqinfo.seqstart, bias.k_seqinfo.seqstart, bias.k_seqinfo.seqlen]
             tensors += [bias.block_tables] if hasattr(bias, "block_tables") else []
             if any(t.device != q.device for t in tensors):
-                raise ValueError(
+                raise InputError(
                     f"{kind}'s tensors are on {sorted({str(t.device) for t in tensors})} but query is on "
                     f"{q.device}; move the bias with attn_bias.to(query.device) (or build it with device=...)"
                 )
@@ -246,12 +267,12 @@ class Inputs:
         """The cache holds whole pages, and every page id of the table (its largest, kept by the bias) is one."""
         k, kind, page_size = self.key, type(bias).__name__, bias.page_size
         if k.shape[1] % page_size:
-            raise ValueError(
+            raise InputError(
                 f"{kind}: key.shape[1]={k.shape[1]} is not a multiple of page_size={page_size} "
                 f"({_describe('key', k)}); the paged cache must hold whole pages [1, num_pages * page_size, ...]"
             )
         if bias._max_page >= k.shape[1] // page_size:
-            raise ValueError(
+            raise InputError(
                 f"{kind}: block_tables refers to page {bias._max_page} but the cache holds "
                 f"{k.shape[1] // page_size} pages of {page_size} keys (key.shape[1]={k.shape[1]}); fix block_tables "
                 f"or pass a cache of at least {(bias._max_page + 1) * page_size} keys"
@@ -312,6 +333,14 @@ class AttentionOpBase(BaseOperator):
     SUPPORTS_PARTIAL: ClassVar[bool] = False  # partial attention: returns (forward) or takes (backward) lse grads
     SUPPORTS_QUANTIZED_KV: ClassVar[bool] = False  # int32 key/value: a quantized cache (ops.fmha.quantize)
     IS_DETERMINISTIC: ClassVar[bool] = True
+    # xFormers' further claims, read by code and tests written against it: the smallest head dim, the newest
+    # GPU (None: any), and the lse layout of block-diagonal biases (ours is always packed, [1, (G,) H, total_Mq])
+    SUPPORTED_MIN_K: ClassVar[int] = 0
+    CUDA_MAXIMUM_COMPUTE_CAPABILITY: ClassVar[tuple[int, int] | None] = None
+    VARLEN_LSE_PACKED: ClassVar[bool] = True
+    # the batch sizes and head dims xFormers' generic operator tests draw their shapes from
+    _TEST_BATCH_SIZES: ClassVar[list[int]] = [1, 300]
+    _TEST_K: ClassVar[list[int]] = [32, 128]
     ERROR_ATOL: ClassVar[dict[torch.dtype, float]] = {}
     ERROR_RTOL: ClassVar[dict[torch.dtype, float]] = {}
 
@@ -370,7 +399,8 @@ class AttentionFwOpBase(AttentionOpBase):
 
     Attributes:
         RETURNS_LSE: the operator computes lse (needed by ``memory_efficient_attention_forward_requires_grad``
-            and by backward operators that recompute from it).
+            and by backward operators that recompute from it), for the inputs ``lse_not_supported_reasons``
+            does not refuse.
         NATIVE_AUTOGRAD: the operator's output carries its own autograd graph (``apply_autograd``), used by
             ``memory_efficient_attention`` unless a backward operator other than ``AUTOGRAD_BW`` is asked for.
     """
@@ -380,6 +410,15 @@ class AttentionFwOpBase(AttentionOpBase):
     AUTOGRAD_BW: ClassVar[type | None] = None  # the backward operator its native autograd runs
     ERROR_ATOL: ClassVar[dict[torch.dtype, float]] = {torch.float: 3e-4, torch.half: 4e-3, torch.bfloat16: 2e-2}
     ERROR_RTOL: ClassVar[dict[torch.dtype, float]] = {torch.float: 2e-5, torch.half: 4e-4, torch.bfloat16: 5e-3}
+
+    @classmethod
+    def lse_not_supported_reasons(cls, d: Inputs) -> list[str]:
+        """Why the operator cannot return the lse of inputs it otherwise supports: the lse is needed by
+        ``memory_efficient_attention_forward_requires_grad``, partial attention, and a backward operator other
+        than the one its native autograd runs."""
+        if cls.RETURNS_LSE:
+            return []
+        return [f"{cls.NAME} does not return the logsumexp (the low-level API and other backward operators need it)"]
 
     @classmethod
     def apply(cls, inp: Inputs, needs_gradient: bool) -> tuple[torch.Tensor, Context | None]:

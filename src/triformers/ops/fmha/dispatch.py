@@ -19,9 +19,16 @@ records are in ``benchmarks/results/cpu/fmha_cpu.json`` and the README):
 2. With gradients, block-diagonal masks whose blocks average fewer than ``CPU_SDPA_MIN_BLOCK_GRAD``
    queries go to ``chunked`` first: per-block autograd graphs made SDPA 1.2x (128-query blocks) to 3.7x
    (32-query blocks) slower there.
-3. ``chunked`` for everything else: bottom-right and local masks, dropout, bias gradients, the low-level API
-   (which needs the lse), and the KV-cache biases (padded, gappy, paged keys), which SDPA cannot express
-   (``chunked`` alone is tried for those).
+3. With gradients, float16/bfloat16 inputs whose longest query block spans so many query blocks of torch's
+   CPU backward kernel that rounding dK and dV once per block (torch adds each block's share into the
+   half-precision gradients) can exceed xFormers' backward tolerance go to ``chunked`` first, which
+   accumulates in float32: ``sdpa.half_backward_reasons`` has the rule (n blocks * unit roundoff > rtol:
+   above 6400 queries in bfloat16, 10240 in float16, whatever Mkv) and the measurements.
+4. ``chunked`` for everything else: bottom-right and local masks, dropout, bias gradients, and the KV-cache
+   biases (padded, gappy, paged keys), which SDPA cannot express (``chunked`` alone is tried for those). The
+   low-level API (which needs the lse) takes ``sdpa`` too: it computes the lse in a separate pass over the
+   scores (a matmul per chunk of queries); with it, the forward still took 0.6x the time of ``chunked``'s
+   (fp32, B=1, M=1024, H=8, K=64, 2 threads).
 
 CUDA (measured with ``python -m triformers.benchmarks.fmha`` on an H100, bf16; records in
 ``benchmarks/results/h100/fmha.json``):
@@ -54,13 +61,15 @@ import os
 import textwrap
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
+from triformers.ops.common import InputError
+from triformers.ops.fmha import _registry, chunked, sdpa
 from triformers.ops.fmha import attn_bias as ab
-from triformers.ops.fmha import chunked, sdpa
 from triformers.ops.fmha._mask import KV_CACHE_BIAS_TYPES, PAGED_BIAS_TYPES
-from triformers.ops.fmha.common import AttentionBwOpBase, AttentionFwOpBase, AttentionOpBase, Inputs
+from triformers.ops.fmha.common import AttentionBwOpBase, AttentionFwOpBase, AttentionOp, AttentionOpBase, Inputs
 
 # Smallest average block (queries per block) for which per-block SDPA with autograd beat the chunked
 # operator on the CPU (fp32, H = 8, K = 64, 4096 tokens): at 128 it was 1.2x slower, at 256 1.6x faster.
@@ -75,20 +84,10 @@ CPU_SDPA_MIN_BLOCK_GRAD = 256
 SPLITK_MAX_Q = 8
 SPLITK_MIN_KEYS = 256
 
-_OP_FAMILIES = {"chunked": (chunked.FwOp, chunked.BwOp), "sdpa": (sdpa.FwOp, sdpa.BwOp)}
-
-
-def register_family(name: str, fw: type[AttentionFwOpBase], bw: type[AttentionBwOpBase]) -> None:
-    """Makes an operator pair selectable by ``TRIFORMERS_FMHA_OP`` (used by the Triton operator)."""
-    _OP_FAMILIES[name] = (fw, bw)
-
-
-def _triton_pair():
-    try:
-        from triformers.ops.fmha import triton as triton_op  # noqa: F401  (registers itself)
-    except ImportError:
-        return None
-    return _OP_FAMILIES.get("triton")
+# The operator modules register themselves into _registry (triton.py, triton_splitk.py); this module reads it.
+register_family = _registry.register_family
+register_family("chunked", chunked.FwOp, chunked.BwOp)
+register_family("sdpa", sdpa.FwOp, sdpa.BwOp)
 
 
 def forced_ops() -> tuple[type[AttentionFwOpBase], type[AttentionBwOpBase]] | None:
@@ -96,14 +95,13 @@ def forced_ops() -> tuple[type[AttentionFwOpBase], type[AttentionBwOpBase]] | No
     name = os.environ.get("TRIFORMERS_FMHA_OP", "").strip()
     if not name or name == "auto":
         return None
-    if name == "triton" or name.startswith("triton"):
-        _triton_pair()
-    for family, (fw, bw) in _OP_FAMILIES.items():
+    families = _registry.families()
+    for family, (fw, bw) in families.items():
         if name in (family, fw.NAME, bw.NAME):
             return fw, bw
     raise ValueError(
         f"TRIFORMERS_FMHA_OP={name!r} names no operator; choose one of "
-        f"{sorted(_OP_FAMILIES)} or 'auto'"
+        f"{sorted(families)} or 'auto'"
     )
 
 
@@ -118,6 +116,8 @@ def _cpu_priority(inp: Inputs, needs_gradient: bool) -> list[type[AttentionFwOpB
         return [chunked.FwOp]
     if needs_gradient and isinstance(bias, ab.BlockDiagonalMask) and _avg_block(bias) < CPU_SDPA_MIN_BLOCK_GRAD:
         return [chunked.FwOp, sdpa.FwOp]
+    if needs_gradient and sdpa.half_backward_reasons(inp):  # rule 3: torch's half-precision dK/dV round per block
+        return [chunked.FwOp, sdpa.FwOp]
     return [sdpa.FwOp, chunked.FwOp]
 
 
@@ -125,7 +125,7 @@ _CUDA_SDPA_FIRST = (type(None), ab.LowerTriangularMask, ab.LowerTriangularFromBo
 
 
 def _cuda_priority(inp: Inputs) -> list[type[AttentionFwOpBase]]:
-    pair = _triton_pair()
+    pair = _registry.family("triton")
     triton_ops = [pair[0]] if pair is not None else []
     if type(inp.attn_bias) in KV_CACHE_BIAS_TYPES:
         return [*triton_ops, chunked.FwOp]
@@ -136,11 +136,7 @@ def _cuda_priority(inp: Inputs) -> list[type[AttentionFwOpBase]]:
 
 def _splitk_op(inp: Inputs) -> type[AttentionFwOpBase] | None:
     """The split-K operator for ``inp`` (for an int4 cache, the one with its number of groups)."""
-    try:
-        from triformers.ops.fmha import triton_splitk
-    except ImportError:
-        return None
-    return triton_splitk.operator_for(inp)
+    return _registry.decoding_operator(inp)
 
 
 def is_decoding(inp: Inputs) -> bool:
@@ -177,7 +173,7 @@ def bw_priority_list(inp: Inputs) -> list[type[AttentionBwOpBase]]:
     """Backward operators to try, best first (they recompute from the lse, which SDPA does not give)."""
     ops: list[type[AttentionBwOpBase]] = []
     if inp.query.device.type == "cuda":
-        pair = _triton_pair()
+        pair = _registry.family("triton")
         if pair is not None:
             ops.append(pair[1])
     return ops + [chunked.BwOp, sdpa.BwOp]
@@ -204,14 +200,20 @@ def _reasons_block(op: type[AttentionOpBase], reasons: Sequence[str]) -> str:
     return f"`{op.NAME}` is not supported because:\n{lines}"
 
 
+def _reasons(op: type[AttentionOpBase], inp: Inputs, needs_lse: bool) -> list[str]:
+    """``op``'s reasons, with those it cannot return the lse for when the call needs it (forward operators)."""
+    reasons = op.not_supported_reasons(inp)
+    if needs_lse and not reasons and hasattr(op, "lse_not_supported_reasons"):
+        reasons = op.lse_not_supported_reasons(inp)
+    return reasons
+
+
 def run_priority_list(name: str, priority_list: Sequence[type[AttentionOpBase]], inp: Inputs, *,
                       needs_lse: bool = False) -> type[AttentionOpBase]:
     """The first operator that supports ``inp``; NotImplementedError with every reason otherwise."""
     blocks = []
     for op in priority_list:
-        reasons = op.not_supported_reasons(inp)
-        if needs_lse and not getattr(op, "RETURNS_LSE", True):
-            reasons = [*reasons, "does not return the logsumexp needed for the backward of the low-level API"]
+        reasons = _reasons(op, inp, needs_lse)
         if not reasons:
             return op
         blocks.append(_reasons_block(op, reasons))
@@ -221,15 +223,14 @@ def run_priority_list(name: str, priority_list: Sequence[type[AttentionOpBase]],
 
 
 def ensure_op_supports(name: str, op: type[AttentionOpBase], inp: Inputs, *, needs_lse: bool = False) -> None:
-    """Raises ValueError with the reasons when an explicitly chosen ``op`` cannot run ``inp``."""
+    """Raises :class:`~triformers.ops.common.InputError` (a ValueError) with the reasons when an explicitly
+    chosen ``op`` cannot run ``inp``."""
     key = _fw_cache_key(inp, None, needs_lse)
     if key is not None and (op, key) in _SUPPORTED:
         return
-    reasons = op.not_supported_reasons(inp)
-    if needs_lse and not getattr(op, "RETURNS_LSE", True):
-        reasons = [*reasons, "does not return the logsumexp needed for the backward of the low-level API"]
+    reasons = _reasons(op, inp, needs_lse)
     if reasons:
-        raise ValueError(
+        raise InputError(
             f"Operator `{name}` does not support inputs:\n{_format_inputs(inp)}\n{_reasons_block(op, reasons)}"
         )
     if key is not None:
@@ -367,3 +368,64 @@ def dispatch_bw(inp: Inputs) -> type[AttentionBwOpBase]:
 
 _WARNED_BW: set[type] = set()
 _WARNED_FW: set[bool] = set()  # the quantized-cache fallback above, warned once
+
+
+# xFormers' private names for the functions above (code and tests written against xFormers import them)
+def _dispatch_fw(inp: Inputs, needs_gradient: bool) -> type[AttentionFwOpBase]:
+    """:func:`dispatch_fw`; with ``needs_gradient`` the operator also returns the lse."""
+    return dispatch_fw(inp, needs_gradient, needs_lse=needs_gradient)
+
+
+def _dispatch_bw(inp: Inputs, varlen_lse_packed: bool | None = None) -> type[AttentionBwOpBase]:
+    """:func:`dispatch_bw`; every operator here packs the lse of block-diagonal biases the same way (``[1,
+    (G,) H, total_Mq]``), so ``varlen_lse_packed`` leaves the choice unchanged."""
+    return dispatch_bw(inp)
+
+
+def _dispatch_fw_priority_list(inp: Inputs, needs_gradient: bool) -> list[type[AttentionFwOpBase]]:
+    """:func:`fw_priority_list`."""
+    return fw_priority_list(inp, needs_gradient)
+
+
+def _ensure_op_supports_or_raise(exc_type: type[Exception], name: str, op: type[AttentionOpBase], inp: Inputs
+                                 ) -> None:
+    """Raises ``exc_type`` with ``op``'s reasons when it cannot run ``inp``."""
+    reasons = op.not_supported_reasons(inp)
+    if reasons:
+        raise exc_type(f"Operator `{name}` does not support inputs:\n{_format_inputs(inp)}\n"
+                       f"{_reasons_block(op, reasons)}")
+
+
+@dataclass
+class AttentionOpDispatch:
+    """xFormers' (deprecated) dispatcher object: ``AttentionOpDispatch.from_arguments(q, k, v, ...).op`` is the
+    ``(FwOp, BwOp)`` pair that ``memory_efficient_attention`` runs for these inputs with gradients (usable as
+    its ``op=``)."""
+
+    op: AttentionOp
+
+    @classmethod
+    def from_arguments(cls, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_bias=None,
+                       p: float = 0.0, scale: float | None = None) -> AttentionOpDispatch:
+        inp = Inputs(query=query, key=key, value=value, attn_bias=attn_bias, p=p, scale=scale)
+        inp.validate_inputs()
+        inp.normalize_bmhk()
+        op_fw = dispatch_fw(inp, needs_gradient=True)
+        native_bw = op_fw.AUTOGRAD_BW if op_fw.NATIVE_AUTOGRAD else None  # its output carries this backward
+        return cls(op=(op_fw, native_bw or dispatch_bw(inp)))
+
+
+def _get_use_fa3() -> bool:
+    """xFormers' FlashAttention-3 switch: False, triformers has no FlashAttention-3 operator."""
+    return False
+
+
+def _set_use_fa3(use_flash_attention3: bool) -> None:
+    """xFormers' FlashAttention-3 switch. triformers has no FlashAttention-3 operator (``fmha.flash3`` names
+    our Triton one), so asking for it changes nothing, with a warning the first time."""
+    if use_flash_attention3 and not _WARNED_FA3:
+        _WARNED_FA3.add(True)
+        warnings.warn("_set_use_fa3(True) has no effect: triformers has no FlashAttention-3 operator", stacklevel=2)
+
+
+_WARNED_FA3: set[bool] = set()

@@ -1,0 +1,1 @@
+"""xFormers' ``helpers`` package path: :mod:`triformers.helpers.hierarchical_configs`."""
