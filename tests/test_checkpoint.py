@@ -365,6 +365,10 @@ def test_gpu_memory_and_recompute(dtype):
     block = Block(dim=dim, heads=heads, op=OPS["triton"]).cuda().to(dtype)
     x = torch.randn(4, 2048, dim, device="cuda", dtype=dtype, requires_grad=True)
     kept, outputs = {}, {}
+    # one warm-up step first: one-time allocations that stay (cuBLAS workspaces) must not count as kept activations
+    block(x).backward(torch.ones_like(x))
+    x.grad = None
+    block.zero_grad(set_to_none=True)
     for name, policy in [("nothing", []), ("attention", [FLASH]), ("default", None), ("eager", "eager")]:
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
@@ -381,8 +385,8 @@ def test_gpu_memory_and_recompute(dtype):
         del y
     # the forward is recomputed bit for bit; the backward accumulates dQ with atomics, in a varying order
     attn_bytes = 4 * 2048 * dim * x.element_size() + 4 * heads * 2048 * 4  # out + float32 lse
-    assert kept["attention"] - kept["nothing"] >= attn_bytes
-    assert kept["nothing"] < kept["attention"] < kept["default"] < kept["eager"]
+    assert kept["attention"] - kept["nothing"] >= attn_bytes, (kept, attn_bytes)
+    assert kept["nothing"] < kept["attention"] < kept["default"] < kept["eager"], kept
     for name in ("nothing", "attention", "default"):
         torch.testing.assert_close(outputs[name][0], outputs["eager"][0], atol=0, rtol=0)
         torch.testing.assert_close(outputs[name][1], outputs["eager"][1], atol=2e-2, rtol=2e-2)

@@ -28,86 +28,31 @@ from __future__ import annotations
 
 import argparse
 import math
-import random
 import statistics
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from triformers.benchmarks._harness import env_info, geomean, load_results, write_results
+from triformers.benchmarks._fmha_cases import TOKENS, WINDOW, Case, cases  # noqa: F401  (re-exported)
+from triformers.benchmarks._fmha_summary import (  # noqa: F401  (re-exported: the summary, plot and labels)
+    PROVIDERS,
+    _fmt,
+    _index,
+    _label,
+    acceptance,
+    markdown_summary,
+    plot,
+)
+from triformers.benchmarks._harness import env_info, load_results, write_results
 from triformers.ops import fmha
 from triformers.ops.fmha import attn_bias as ab
 from triformers.ops.fmha.reference import ref_attention
 
-PROVIDERS = ["triformers", "triformers_triton", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "flex", "eager"]
-TOKENS = 16384
-WINDOW = 1024
 ROUNDS = 5  # interleaved timing rounds per record (see run)
 REP_MS = 40  # do_bench repetition time per provider and round
 EAGER_MAX_BYTES = 3 << 30  # the naive path keeps several [B, H, N, N] tensors alive (x4 with backward)
-
-
-@dataclass
-class Case:
-    case: str
-    B: int
-    N: int
-    H: int
-    D: int
-    causal: bool
-    Hkv: int | None = None
-    docs: list[int] = field(default_factory=list)
-
-    def record(self) -> dict:
-        rec = {"case": self.case, "B": self.B, "N": self.N, "H": self.H, "D": self.D, "causal": self.causal}
-        if self.Hkv:
-            rec["Hkv"] = self.Hkv
-        if self.docs:
-            rec["docs"] = len(self.docs)
-        if self.case == "window":
-            rec["window"] = WINDOW
-        return rec
-
-    def allowed_pairs(self) -> float:
-        """Pairs (query, key) the mask allows, summed over the batch."""
-        if self.case == "varlen":
-            return float(sum(s * (s + 1) // 2 for s in self.docs))
-        if self.case == "window":
-            n = self.N
-            return float(sum(min(i + 1, WINDOW) for i in range(n)))
-        per = self.N * (self.N + 1) / 2 if self.causal else float(self.N * self.N)
-        return self.B * per
-
-    def fw_flops(self) -> float:
-        return 4.0 * self.H * self.D * self.allowed_pairs()
-
-
-def cases(selected: set[str], quick: bool) -> list[Case]:
-    out = []
-    if "dense" in selected:
-        for D in (64, 128):
-            for N in ((1024, 4096) if quick else (1024, 4096, 16384)):
-                for causal in (False, True):
-                    out.append(Case("dense", TOKENS // N, N, 2048 // D, D, causal))
-    if "varlen" in selected:
-        rng = random.Random(0)
-        docs, total = [], 0
-        while total < TOKENS:
-            s = min(rng.randint(64, 4096), TOKENS - total)
-            docs.append(s)
-            total += s
-        for D in (64, 128):
-            out.append(Case("varlen", 1, TOKENS, 2048 // D, D, True, docs=docs))
-    if "window" in selected:
-        out.append(Case("window", 1, TOKENS, 16, 128, True))
-    if "bias" in selected:
-        out.append(Case("bias", TOKENS // 2048, 2048, 16, 128, False))
-    if "gqa" in selected:
-        out.append(Case("gqa", TOKENS // 4096, 4096, 32, 128, True, Hkv=8))
-    return out
 
 
 class Inputs:
@@ -382,116 +327,9 @@ def run(selected: set[str], providers: list[str], quick: bool = False, flex_dens
     return records
 
 
-def _label(r: dict) -> str:
-    extra = {"dense": "causal" if r["causal"] else "full", "varlen": f"{r.get('docs')} docs",
-             "window": f"w={r.get('window')}", "bias": "bias", "gqa": f"Hkv={r.get('Hkv')}"}[r["case"]]
-    return f"{r['case']} D={r['D']} N={r['N']} {extra}"
-
-
-def _fmt(r: dict) -> str:
-    res = f"{r['tflops']:7.1f} TFLOP/s ({r['ms']:.3f} ms)" if "tflops" in r else f"error: {r['error']}"
-    return f"{_label(r):32s} {r['mode']:4s} {r['provider']:18s} {res}"
-
-
 # ----------------------------------------------------------------------------------------------------
 # acceptance ratios, README table, plot: all computed from the JSON
 # ----------------------------------------------------------------------------------------------------
-
-
-def _index(records):
-    table = {}
-    for r in records:
-        if "tflops" in r:
-            table[(_label(r), r["mode"], r["provider"])] = r["tflops"]
-    return table
-
-
-def acceptance(doc: dict) -> dict:
-    recs = doc["records"]
-    t = _index(recs)
-    keys = sorted({(_label(r), r["mode"]) for r in recs})
-
-    def ratios(case, mode, ours, theirs):
-        out = []
-        for label, m in keys:
-            if m == mode and label.startswith(case + " "):
-                a, b = t.get((label, m, ours)), t.get((label, m, theirs))
-                if a and b:
-                    out.append(a / b)
-        return out
-
-    res = {
-        "dense fw triton/flash (geomean)": geomean(ratios("dense", "fw", "triformers_triton", "sdpa_flash")),
-        "dense fw triton/cudnn (geomean)": geomean(ratios("dense", "fw", "triformers_triton", "sdpa_cudnn")),
-        "dense fwbw triton/flash (geomean)": geomean(ratios("dense", "fwbw", "triformers_triton", "sdpa_flash")),
-        "dense fwbw triton/cudnn (geomean)": geomean(ratios("dense", "fwbw", "triformers_triton", "sdpa_cudnn")),
-    }
-    for label, m in keys:
-        if label.startswith("varlen") and m == "fwbw":
-            a, b = t.get((label, m, "triformers_triton")), t.get((label, m, "flex"))
-            res[f"{label} fwbw triton/flex"] = a / b if a and b else float("nan")
-    worst = (float("inf"), None)
-    for label, m in keys:
-        ours = t.get((label, m, "triformers"))
-        others = [v for (lab, mm, p), v in t.items() if lab == label and mm == m and p != "triformers"]
-        if ours and others:
-            worst = min(worst, (ours / max(others), f"{label} {m}"))
-    res["auto / best other provider (minimum over records)"] = worst[0]
-    res["auto worst record"] = worst[1]
-    return res
-
-
-def markdown_summary(doc: dict) -> str:
-    """README table: TFLOP/s per record and provider, then the acceptance ratios."""
-    recs = doc["records"]
-    t = _index(recs)
-    keys = []
-    for r in recs:
-        key = (_label(r), r["mode"])
-        if key not in keys:
-            keys.append(key)
-    env = doc["env"]
-    lines = [
-        f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}, commit {env['commit']}; bf16, TFLOP/s "
-        "(higher is better; '-' = provider has no such support or errored, see the JSON).",
-        "",
-        "| case | mode | " + " | ".join(PROVIDERS) + " |",
-        "| --- | --- | " + " | ".join("---:" for _ in PROVIDERS) + " |",
-    ]
-    for label, mode in keys:
-        cells = [f"{t[(label, mode, p)]:.0f}" if (label, mode, p) in t else "-" for p in PROVIDERS]
-        lines.append(f"| {label} | {mode} | " + " | ".join(cells) + " |")
-    lines += ["", "| ratio | value |", "| --- | ---: |"]
-    for k, v in acceptance(doc).items():
-        lines.append(f"| {k} | {v if isinstance(v, str) or v is None else f'{v:.2f}'} |")
-    return "\n".join(lines)
-
-
-def plot(doc: dict, path: str | Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    t = _index(doc["records"])
-    keys = []
-    for r in doc["records"]:
-        key = (_label(r), r["mode"])
-        if key not in keys:
-            keys.append(key)
-    fig, axes = plt.subplots(2, 1, figsize=(max(12, len(keys) * 0.6), 10))
-    for ax, mode in zip(axes, ("fw", "fwbw")):
-        labels = [lab for lab, m in keys if m == mode]
-        width = 0.8 / len(PROVIDERS)
-        for i, p in enumerate(PROVIDERS):
-            vals = [t.get((lab, mode, p), 0.0) for lab in labels]
-            ax.bar([x + i * width for x in range(len(labels))], vals, width, label=p)
-        ax.set_xticks([x + 0.4 for x in range(len(labels))], labels, rotation=60, ha="right", fontsize=7)
-        ax.set_ylabel("TFLOP/s")
-        ax.set_title(f"{mode} — {doc['env']['gpu']}, bf16")
-        ax.legend(fontsize=7, ncol=4)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,12 +19,10 @@ Equivalent PyTorch::
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
-from torch.autograd.function import once_differentiable
 
 from triformers.ops.fmha import attn_bias, chunked, common, dispatch, merge, sdpa, triton, triton_splitk
+from triformers.ops.fmha._autograd import _fMHA, _with_tensor  # noqa: F401  (xFormers' private names)
 from triformers.ops.fmha.attn_bias import AttentionBias, BlockDiagonalMask, LowerTriangularMask
 from triformers.ops.fmha.common import (
     AttentionBwOpBase,
@@ -36,6 +34,7 @@ from triformers.ops.fmha.common import (
     Inputs,
     bmk2bmhk,
 )
+from triformers.ops.fmha.dispatch import AttentionOpDispatch, _get_use_fa3, _set_use_fa3
 from triformers.ops.fmha.merge import (
     Partial,
     memory_efficient_attention_partial_autograd,
@@ -56,6 +55,19 @@ MemoryEfficientAttentionCutlassOp = TritonFlashAttentionOp
 MemoryEfficientAttentionCutlassFwdFlashBwOp = TritonFlashAttentionOp
 MemoryEfficientAttentionTritonFwdFlashBwOp = TritonFlashAttentionOp
 MemoryEfficientAttentionOp = MemoryEfficientAttentionChunkedOp
+# newer xFormers pairs: Blackwell cutlass and ROCm's composable-kernel (ck) operators -> our Triton kernels; the
+# decoding ones (decoder, ck_decoder, ck_splitk: forward only) -> split-K, paired with our Triton backward
+MemoryEfficientAttentionCutlassBlackwellOp = TritonFlashAttentionOp
+MemoryEfficientAttentionCkOp = TritonFlashAttentionOp
+MemoryEfficientAttentionDecoderOp = (triton_splitk.FwOp, triton.BwOp)
+MemoryEfficientAttentionCkDecoderOp = MemoryEfficientAttentionDecoderOp
+MemoryEfficientAttentionSplitKCkOp = MemoryEfficientAttentionDecoderOp
+# xFormers' operator modules under their names (`from xformers.ops.fmha import flash`, `fmha.cutlass.FwOp`),
+# the same mapping as the pairs above; docs/differences-from-xformers.md has the table
+flash = flash3 = cutlass = cutlass_blackwell = ck = triton
+small_k = chunked
+decoder = ck_decoder = ck_splitk = triton_splitk
+merge_training = merge  # memory_efficient_attention_partial_autograd, merge_attentions_autograd
 ALL_FW_OPS: list[type[AttentionFwOpBase]] = [triton.FwOp, sdpa.FwOp, chunked.FwOp, triton_splitk.FwOp]
 ALL_BW_OPS: list[type[AttentionBwOpBase]] = [triton.BwOp, chunked.BwOp, sdpa.BwOp]
 
@@ -99,6 +111,24 @@ __all__ = [
     "MemoryEfficientAttentionCutlassFwdFlashBwOp",
     "MemoryEfficientAttentionTritonFwdFlashBwOp",
     "MemoryEfficientAttentionOp",
+    "MemoryEfficientAttentionCutlassBlackwellOp",
+    "MemoryEfficientAttentionCkOp",
+    "MemoryEfficientAttentionDecoderOp",
+    "MemoryEfficientAttentionCkDecoderOp",
+    "MemoryEfficientAttentionSplitKCkOp",
+    "flash",
+    "flash3",
+    "cutlass",
+    "cutlass_blackwell",
+    "ck",
+    "small_k",
+    "decoder",
+    "ck_decoder",
+    "ck_splitk",
+    "merge_training",
+    "AttentionOpDispatch",
+    "_get_use_fa3",
+    "_set_use_fa3",
 ]
 
 _DROPOUT_LOW_LEVEL = (
@@ -114,16 +144,6 @@ def _needs_grad(inp: Inputs) -> bool:
     return any(x.requires_grad for x in (inp.query, inp.key, inp.value)) or (
         bias is not None and bias.requires_grad
     )
-
-
-def _with_tensor(bias: Any, tensor: torch.Tensor | None) -> Any:
-    """The bias object with its tensor swapped for ``tensor`` (the one autograd tracks); a tensor bias is
-    passed as the class ``torch.Tensor`` (the same tensor given twice would confuse torch.compile)."""
-    if bias is torch.Tensor or isinstance(bias, torch.Tensor):
-        return tensor
-    if isinstance(bias, attn_bias.LowerTriangularMaskWithTensorBias):
-        return attn_bias.LowerTriangularMaskWithTensorBias(tensor)
-    return bias
 
 
 def memory_efficient_attention(
@@ -172,7 +192,8 @@ def memory_efficient_attention(
     """
     inp = Inputs(query=query, key=key, value=value, attn_bias=attn_bias, p=p, scale=scale, output_dtype=output_dtype)
     inp.validate_inputs()
-    if not _needs_grad(inp):
+    # torch.jit.trace records one graph whatever the grad mode (its check reruns the call without gradients)
+    if not _needs_grad(inp) and not torch.jit.is_tracing():
         return _forward(inp, None if op is None else op[0], "memory_efficient_attention", False)[0]
     return _autograd(inp, op, "memory_efficient_attention")[0]
 
@@ -209,49 +230,6 @@ def _autograd(inp: Inputs, op: AttentionOp | None, name: str) -> tuple[torch.Ten
         tensor,
     )
     return out.reshape(output_shape), lse
-
-
-class _fMHA(torch.autograd.Function):
-    """Autograd glue: the forward operator keeps (out, lse, seed); the backward operator recomputes. Returns
-    ``(out, lse)``; the lse has a gradient (partial attention) only when ``is_partial``."""
-
-    @staticmethod
-    def forward(ctx, op_fw, op_bw, bias, p, scale, output_dtype, is_partial, query, key, value, bias_tensor):  # noqa: D401
-        inp = Inputs(query, key, value, _with_tensor(bias, bias_tensor), p, scale, output_dtype, is_partial)
-        out, op_ctx = op_fw.apply(inp, needs_gradient=True)
-        ctx.save_for_backward(query, key, value, op_ctx.out, op_ctx.lse, bias_tensor)
-        ctx.bias, ctx.p, ctx.scale, ctx.output_dtype, ctx.is_partial = bias, p, scale, output_dtype, is_partial
-        ctx.rng_state = op_ctx.rng_state
-        ctx.op_bw = op_ctx.op_bw if op_ctx.op_bw is not None else op_bw
-        if op_ctx.op_bw is not None and op_bw is not None and op_bw is not op_ctx.op_bw:
-            raise ValueError(
-                f"Specified op_bw={op_bw.NAME}, but forward op can only run with op_bw={op_ctx.op_bw.NAME}. "
-                "Please set op_bw=None."
-            )
-        if not is_partial:
-            ctx.mark_non_differentiable(op_ctx.lse)
-        ctx.set_materialize_grads(False)
-        return out, op_ctx.lse
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad, grad_lse):
-        query, key, value, out, lse, bias_tensor = ctx.saved_tensors
-        inp = Inputs(
-            query, key, value, _with_tensor(ctx.bias, bias_tensor), ctx.p, ctx.scale, ctx.output_dtype, ctx.is_partial
-        )
-        op_bw = ctx.op_bw
-        if op_bw is None:
-            op_bw = dispatch.dispatch_bw(inp)
-        else:
-            dispatch.ensure_op_supports("memory_efficient_attention_backward", op_bw, inp)
-        if grad is None:  # only the lse was used
-            grad = torch.zeros_like(out)
-        op_ctx = Context(lse=lse, out=out, rng_state=ctx.rng_state)
-        # operators without SUPPORTS_PARTIAL (never given partial inputs) keep xFormers' 3-argument apply
-        grads = op_bw.apply(op_ctx, inp, grad) if grad_lse is None else op_bw.apply(op_ctx, inp, grad, grad_lse)
-        db = grads.db if ctx.needs_input_grad[10] else None
-        return None, None, None, None, None, None, None, grads.dq, grads.dk, grads.dv, db
 
 
 def _forward(inp: Inputs, op: type[AttentionFwOpBase] | None, name: str, needs_gradient: bool

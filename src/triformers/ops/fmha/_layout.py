@@ -166,7 +166,7 @@ def bias_reduce_dims(bias: torch.Tensor, layout: Layout5, is_leaf: bool | None =
 # How the summed gradient of a broadcast input is handed to autograd, whose broadcast backward (``expand``'s:
 # a sum over the broadcast dims) reads it in full. Written into the first position of zeros, that sum is
 # fast; as a stride-0 view it is not (torch reduces over the stride-0 dim as its innermost one). H100,
-# bf16, K/V gradient [4, 4096, 8, 1, 128] over 4 heads (scripts/expand_grad_probe.py): zeros 0.168 ms,
+# bf16, K/V gradient [4, 4096, 8, 1, 128] over 4 heads (benchmarks/NOTES.md, "GQA gradients"): zeros 0.168 ms,
 # divided and expanded 0.426 ms. The zero fill is used up to these bounds, the view beyond them.
 ZERO_FILL_MAX_READERS = 64
 ZERO_FILL_MAX_BYTES = 512 << 20

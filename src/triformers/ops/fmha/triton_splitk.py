@@ -33,7 +33,7 @@ import torch
 
 from triformers._triton import interpret_mode, is_triton_available, triton_unavailable_reason
 from triformers.ops.common import register_operator
-from triformers.ops.fmha import _layout, dispatch, quantize
+from triformers.ops.fmha import _layout, _registry, quantize
 from triformers.ops.fmha import attn_bias as ab
 from triformers.ops.fmha import triton as triton_op
 from triformers.ops.fmha._mask import KV_CACHE_BIAS_TYPES
@@ -261,7 +261,8 @@ def operator_for(inp: Inputs) -> type[FwOp]:
 
 
 # TRIFORMERS_FMHA_OP=triton_splitk: this forward, and the Triton backward (which recomputes from the lse)
-dispatch.register_family("triton_splitk", FwOp, triton_op.BwOp)
+_registry.register_family("triton_splitk", FwOp, triton_op.BwOp)
+_registry.register_decoding("triton_splitk", operator_for)  # the dispatcher's decoding rule
 
 
 def get_split_k(B: int, G: int, H: int, Mk: int, Mq: int, page_size: int = 0, is_paged: bool = False) -> int:

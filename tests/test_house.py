@@ -1,0 +1,178 @@
+"""Checks a newcomer can rely on: no import circle inside triformers, no oversized source file.
+
+The import graph is built with ``ast`` from every ``import`` statement in ``src/triformers``, at module level or
+inside a function (a deferred import still ties the two modules together): ``from triformers.a import b`` is an
+edge to the module ``triformers.a.b`` when that module exists, else to the package ``triformers.a`` (whose
+``__init__`` defines ``b``). Importing a submodule runs its parent packages' ``__init__`` first, but that is not
+an edge: a package that imports its own submodules would otherwise always be a circle.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+PACKAGE = SRC / "triformers"
+
+# Largest source file, in lines (style.md: "Keep files under ~400 lines").
+MAX_LINES = 400
+# Files allowed past MAX_LINES, each with its reason. Keep this short: split a file rather than list it.
+LONG_FILES_ALLOWED: dict[str, str] = {
+    "ops/fmha/attn_bias.py": "every AttentionBias class of xFormers' attn_bias module, one public import path; "
+    "to split: the base classes and sequence descriptors into a private module (see KNOWN_CYCLES)",
+    "ops/fmha/common.py": "Inputs, validation and the operator base classes; to split: validation into a module",
+    "ops/fmha/triton.py": "the Triton operator, being extended for block-sparse masks; to split: the custom ops "
+    "and autograd Functions into a private module",
+    "ops/fmha/dispatch.py": "the dispatcher and xFormers' private dispatch names; to split: the latter",
+}
+
+
+# Circles that exist today, each with why it is there and what would break it. The test fails on any other circle
+# and on an entry here that no longer is one. Registration circles (a package's __init__ imports the modules that
+# register into it) go away when the registry moves into its own module, as ops/fmha/_registry.py did for dispatch.
+KNOWN_CYCLES: dict[frozenset[str], str] = {
+    frozenset({"triformers.ops.fmha.attn_bias", "triformers.ops.fmha.attn_bias_kv",
+               "triformers.ops.fmha.attn_bias_paged", "triformers.ops.fmha._kv_seqinfo"}):
+        "attn_bias re-exports the KV-cache and paged biases (xFormers' `attn_bias.<name>`), which subclass its "
+        "base classes; moving those base classes into a private module would break it",
+    frozenset({"triformers.ops.fmha", "triformers.ops.fmha.merge"}):
+        "merge.memory_efficient_attention_partial_autograd calls the package's memory_efficient_attention_partial; "
+        "moving the public functions out of ops/fmha/__init__.py would break it",
+    frozenset({"triformers.components.attention", *(f"triformers.components.attention.{m}" for m in (
+        "blocksparse", "compositional", "favor", "fourier_mix", "global_tokens", "lambda_layer", "linformer",
+        "local", "nystrom", "ortho", "pooling", "random", "scaled_dot_product", "visual"))}):
+        "registration: each attention imports register_attention from the package, which imports them all",
+    frozenset({"triformers.components.feedforward", *(f"triformers.components.feedforward.{m}" for m in (
+        "conv_mlp", "fused_mlp", "mixture_of_experts", "mlp"))}):
+        "registration, as for the attentions",
+    frozenset({"triformers.components.positional_embedding", *(
+        f"triformers.components.positional_embedding.{m}" for m in ("param", "sine", "vocab"))}):
+        "registration, as for the attentions",
+}
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(SRC).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _modules() -> dict[str, Path]:
+    return {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+
+
+def _targets(node: ast.AST, module: str, is_package: bool, modules: dict[str, Path]) -> list[str]:
+    """The triformers modules an import statement ``node`` of ``module`` loads."""
+    if isinstance(node, ast.Import):
+        return [alias.name for alias in node.names if alias.name in modules]
+    if not isinstance(node, ast.ImportFrom):
+        return []
+    if node.level:  # relative: resolve against this module's package
+        base = module.split(".") if is_package else module.split(".")[:-1]
+        base = base[: len(base) - (node.level - 1)]
+        source = ".".join(base + ([node.module] if node.module else []))
+    else:
+        source = node.module or ""
+    if source not in modules:
+        return []
+    return [f"{source}.{a.name}" if f"{source}.{a.name}" in modules else source for a in node.names]
+
+
+def import_graph() -> dict[str, set[str]]:
+    modules = _modules()
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text(), str(path))
+        is_package = path.name == "__init__.py"
+        edges = {t for node in ast.walk(tree) for t in _targets(node, name, is_package, modules)}
+        edges.discard(name)
+        graph[name] = edges
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan's algorithm)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_import_graph_sees_imports():
+    """The graph builder finds known edges (module level, function level, and `from package import module`),
+    so an empty cycle list below means something."""
+    graph = import_graph()
+    assert "triformers.ops.fmha._registry" in graph["triformers.ops.fmha.dispatch"]
+    assert "triformers.ops.fmha.triton" in graph["triformers.ops.fmha"]
+    assert "triformers.ops.fmha._triton.launch" in graph["triformers.ops.fmha.triton"]  # inside try/except
+    assert "triformers.ops.fmha._triton.merge" in graph["triformers.ops.fmha.merge"]  # inside a function
+
+
+def test_cycle_finder_finds_a_cycle():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert _cycles(graph) == [["a", "b", "c"]]
+
+
+def test_no_new_import_circles():
+    cycles = {frozenset(c) for c in _cycles(import_graph())}
+    new = cycles - set(KNOWN_CYCLES)
+    assert not new, "import circles (break them with a registry or by moving shared code down):\n" + "\n".join(
+        " <-> ".join(sorted(c)) for c in new
+    )
+    gone = set(KNOWN_CYCLES) - cycles
+    assert not gone, "KNOWN_CYCLES lists circles that are gone or changed; update it:\n" + "\n".join(
+        " <-> ".join(sorted(c)) for c in gone
+    )
+
+
+def test_operators_and_dispatch_out_of_every_circle():
+    """The fmha dispatcher, the operators and the autograd glue take part in no circle."""
+    in_cycles = set().union(*_cycles(import_graph()))
+    core = {f"triformers.ops.fmha.{m}" for m in ("dispatch", "triton", "triton_splitk", "chunked", "sdpa",
+                                                  "common", "_registry", "_autograd", "_mask")}
+    assert not core & in_cycles
+
+
+def test_dispatch_never_imports_the_triton_operators():
+    """The operators register themselves into ``_registry``; the dispatcher reads it and imports neither."""
+    edges = import_graph()["triformers.ops.fmha.dispatch"]
+    assert not edges & {"triformers.ops.fmha.triton", "triformers.ops.fmha.triton_splitk", "triformers.ops.fmha"}
+
+
+def test_no_source_file_over_max_lines():
+    long = {
+        str(p.relative_to(PACKAGE)): n
+        for p in PACKAGE.rglob("*.py")
+        if (n := len(p.read_text().splitlines())) > MAX_LINES
+    }
+    unexpected = {f: n for f, n in long.items() if f not in LONG_FILES_ALLOWED}
+    assert not unexpected, f"files over {MAX_LINES} lines (split them into private modules): {unexpected}"
+    stale = sorted(set(LONG_FILES_ALLOWED) - set(long))
+    assert not stale, f"LONG_FILES_ALLOWED lists files that are short now; remove them: {stale}"
