@@ -62,7 +62,7 @@ class PyTorchProfiler:
         if self.cuda:
             csv = self.main_profiler._create_output_filename("kernels.csv")
             rows = ["kernel name,duration_us"] + [
-                f'"{e.name}",{e.device_time_total:.3f}' for e in events if e.device_time_total > 0
+                f'"{e.key}",{e.device_time_total:.3f}' for e in events if e.device_time_total > 0
             ]
             csv.write_text("\n".join(rows) + "\n")
         flops = sum(e.flops for e in events if e.flops)

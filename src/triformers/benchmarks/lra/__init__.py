@@ -133,3 +133,21 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def markdown_summary(doc: dict) -> str:
+    """Accuracy per task and attention (majority-class rate beside it), for the README."""
+    env, records = doc["env"], doc["records"]
+    lines = [
+        f"{env.get('gpu')}, torch {env.get('torch')}, commit {env.get('commit')}; preset {env.get('preset')}: "
+        f"{env.get('schedule')}.",
+        "",
+        "| task | attention | steps | accuracy | majority class | tokens/s | peak MB |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in records:
+        lines.append(f"| {r['task']} | {r['attention']} | {r['steps']} | {r['accuracy']:.3f} | "
+                     f"{r['majority_class']:.3f} | {r['tokens_per_s'] or 0:,.0f} | {r['peak_memory_mb'] or 0:,.0f} |")
+    if env.get("run_note"):
+        lines.append(f"\nRun: {env['run_note']}.")
+    return "\n".join(lines)

@@ -135,7 +135,8 @@ class _Plan:
         if q.ndim == 3:  # BMK [B*H, M, K], asked before normalize_bmhk: as BMHK with one head
             q, k, v = q.unsqueeze(2), k.unsqueeze(2), v.unsqueeze(2)
             bias = bias.unsqueeze(1) if isinstance(bias, torch.Tensor) and bias.ndim == 3 else bias
-        self.empty = q.shape[1] == 0 or k.shape[1] == 0
+        # B = 0 too: torch's CUDA SDPA returns None for an empty batch (torch 2.11)
+        self.empty = q.shape[0] == 0 or q.shape[1] == 0 or k.shape[1] == 0
         if q.ndim == 5:
             B, M, G, H = q.shape[:4]
             q4 = self._fold_heads("query", q)
@@ -249,7 +250,8 @@ class _Plan:
         return tuple(x[:, :, None].expand(B, Hk, groups, Mkv, x.shape[-1]).flatten(1, 2) for x in (k, v))
 
     def _run_empty(self, inp: Inputs) -> torch.Tensor:
-        """``Mq = 0`` or ``Mkv = 0``: softmax(q k^T) v as matmuls of empty tensors (zeros; gradients zero)."""
+        """``B = 0``, ``Mq = 0`` or ``Mkv = 0``: softmax(q k^T) v as matmuls of empty tensors (zeros, zero
+        gradients)."""
         k, v = self._heads_kv()
         scores = self.q @ k.transpose(-1, -2) * inp.scale_float  # [B, H', Mq, Mkv], one of them 0
         if self.mask is not None:
