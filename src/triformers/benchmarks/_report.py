@@ -25,6 +25,8 @@ SECTIONS: dict[str, tuple[str | None, tuple[str, ...]]] = {
     "fmha-h100": ("triformers.benchmarks.fmha", ("h100/fmha.json",)),
     "layers-h100": ("triformers.benchmarks.layers", ("h100/layers.json",)),
     "fmha-cpu": ("triformers.benchmarks.fmha_cpu", ("cpu/fmha_cpu.json",)),
+    "sparse-h200": ("triformers.benchmarks.sparse", ("h200/sparse.json",)),
+    "lra-h200": ("triformers.benchmarks.lra", ("h200/lra.json",)),
 }
 DEFAULT_DOCS = ("README.md", "docs/performance.md")
 

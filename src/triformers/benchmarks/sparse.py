@@ -326,3 +326,34 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def markdown_summary(doc: dict) -> str:
+    """Block-sparse attention against flex and dense cuDNN (ms), and the targets, for the README."""
+    env, records = doc["env"], doc["records"]
+    att = [r for r in records if r.get("kind") == "attention" and "ms" in r]
+    by = {(r["pattern"], r["target_sparsity"], r["N"], r["D"], r["mode"], r["provider"]): r["ms"] for r in att}
+    lines = [
+        f"{env.get('gpu')}, torch {env.get('torch')}, triton {env.get('triton')}, commit {env.get('commit')}; "
+        "bf16, B = 1, 16 heads, blocks of 128; ms per call (flex: compiled, the same block mask).",
+        "",
+        "| pattern | sparsity | N | D | mode | triformers | flex | cuDNN dense | vs flex | vs dense |",
+        "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for (pat, s, N, D, mode, provider), ms in by.items():
+        if provider != "triformers":
+            continue
+        flex, dense = by.get((pat, s, N, D, mode, "flex")), by.get(("dense", 0.0, N, D, mode, "sdpa_cudnn"))
+        cells = [f"{x:.3f}" if x else "-" for x in (flex, dense)]
+        ratios = [f"{x / ms:.2f}x" if x else "-" for x in (flex, dense)]
+        lines.append(f"| {pat} | {s:.0%} | {N} | {D} | {mode} | {ms:.3f} | {' | '.join(cells)} | "
+                     f"{' | '.join(ratios)} |")
+    acc = acceptance(records)
+    lines.append("")
+    lines.append("; ".join(
+        f"{mode}: geomean {a['geomean_vs_flex']:.2f}x flex (target >= 1.2), lowest {a['min_vs_dense_from_75']:.2f}x "
+        f"dense cuDNN from 75 % (target > 1), time per non-zero block varies {a['max_linearity']:.2f}x (target "
+        "<= 1.3)" for mode, a in acc.items()))
+    if env.get("run_note"):
+        lines.append(f"\nRun: {env['run_note']}.")
+    return "\n".join(lines)
