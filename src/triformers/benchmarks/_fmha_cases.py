@@ -6,16 +6,6 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from triformers.benchmarks._fmha_summary import (  # noqa: F401  (re-exported: the summary, plot and labels)
-    PROVIDERS,
-    _fmt,
-    _index,
-    _label,
-    acceptance,
-    markdown_summary,
-    plot,
-)
-
 TOKENS = 16384
 
 
