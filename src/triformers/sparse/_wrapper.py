@@ -4,8 +4,9 @@ A subclass stores its non-zeros in ``values`` (a plain tensor, the leaf autograd
 pattern object (look-up tables, built once and shared). This base class forwards the tensor plumbing to
 ``values``: ``.grad``, ``requires_grad_``, ``detach``, ``clone``, ``copy_``, ``equal``, ``to(device)``,
 ``deepcopy``, dropout and scaling; tensor metadata (``shape``, ``dtype``, ``dim()``, ...) is the wrapper's own.
-Subclasses define ``_wrap(values, pattern)``, ``_pattern``, ``_same_pattern(other)`` and ``_handle(func, args,
-kwargs)`` for their own operations (return ``NotImplemented`` to fall through to the shared ones).
+Subclasses define ``_wrap(values, pattern)``, ``_pattern``, ``_same_pattern(other)``, ``_product(a, b)``,
+``_masked_product(a, b, mask)`` and, for operations of their own, ``_handle(func, args, kwargs)`` (return
+``NotImplemented`` to fall through to the shared ones).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from triformers.ops.common import InputError
+from triformers.sparse._masked_matmul import masked_matmul
 
 _METADATA = {
     torch.Tensor.dim, torch.Tensor.ndimension, torch.Tensor.size, torch.Tensor.numel, torch.Tensor.nelement,
@@ -28,6 +30,9 @@ _DIVS = {torch.div, torch.Tensor.div, torch.Tensor.__truediv__}
 _ADDS = {torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__}
 _DROPOUTS = {F.dropout, torch.dropout, torch.nn.functional.dropout}
 _EQUALS = {torch.equal, torch.Tensor.equal}
+_MATMULS = {torch.matmul, torch.bmm, torch.Tensor.matmul, torch.Tensor.bmm, torch.Tensor.__matmul__}
+_SOFTMAXES = {torch.softmax, torch.Tensor.softmax, F.softmax}
+_TRANSPOSES = {torch.transpose, torch.Tensor.transpose}
 
 
 class SparseWrapper(torch.Tensor):
@@ -102,6 +107,11 @@ class SparseWrapper(torch.Tensor):
         return f"{type(self).__name__}(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device})"
 
     @classmethod
+    def _handle(cls, func, args, kwargs):  # noqa: ARG003
+        """A subclass's own operations (before the shared ones); NotImplemented for the others."""
+        return NotImplemented
+
+    @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         # below, our own code reads .shape, .dtype, ... of the wrappers directly (a __torch_function__ round
@@ -114,6 +124,19 @@ class SparseWrapper(torch.Tensor):
         out = cls._handle(func, args, kwargs)
         if out is not NotImplemented:
             return out
+        if func in _MATMULS:
+            return cls._product(*args)
+        if func is torch.Tensor.__rmatmul__:
+            return cls._product(args[1], args[0])
+        if func is masked_matmul:
+            return cls._masked_product(*args, **kwargs)
+        if func in _SOFTMAXES:
+            dim = kwargs.pop("dim", args[1] if len(args) > 1 else None)
+            if dim is None:
+                raise InputError(f"softmax of a {cls.__name__} needs dim=-1")
+            return args[0].softmax(dim, kwargs.get("dtype"))
+        if func in _TRANSPOSES:
+            return args[0].transpose(*args[1:], **kwargs)
         if func in _METADATA or getattr(func, "__name__", None) == "__get__":  # shape, dtype, device, dim(), ...
             return func(*args, **kwargs)
         if func in _DROPOUTS:

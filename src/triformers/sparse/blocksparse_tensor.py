@@ -10,19 +10,14 @@ kernels on CUDA and torch on the CPU (:mod:`triformers.sparse._blocksparse_ops`)
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from triformers.ops.common import InputError
 from triformers.sparse import _blocksparse_ops as ops
 from triformers.sparse._blocksparse_layout import BlockLayout, check_layout
-from triformers.sparse._masked_matmul import masked_matmul
 from triformers.sparse._wrapper import SparseWrapper
 
 __all__ = ["BlockSparseTensor"]
 
-_MATMULS = {torch.matmul, torch.bmm, torch.Tensor.matmul, torch.Tensor.bmm, torch.Tensor.__matmul__}
-_SOFTMAXES = {torch.softmax, torch.Tensor.softmax, F.softmax}
-_TRANSPOSES = {torch.transpose, torch.Tensor.transpose}
 
 
 class BlockSparseTensor(SparseWrapper):
@@ -151,22 +146,13 @@ class BlockSparseTensor(SparseWrapper):
     def mT(self) -> BlockSparseTensor:  # noqa: N802
         return self.transpose(-2, -1)
 
-    @classmethod
-    def _handle(cls, func, args, kwargs):
-        if func in _MATMULS:
-            return _matmul(*args)
-        if func is torch.Tensor.__rmatmul__:
-            return _matmul(args[1], args[0])
-        if func is masked_matmul:
-            return _masked_matmul(*args, **kwargs)
-        if func in _SOFTMAXES:
-            dim = kwargs.pop("dim", args[1] if len(args) > 1 else None)
-            if dim is None:
-                raise InputError("softmax of a BlockSparseTensor needs dim=-1")
-            return args[0].softmax(dim, kwargs.get("dtype"))
-        if func in _TRANSPOSES:
-            return args[0].transpose(*args[1:], **kwargs)
-        return NotImplemented
+    @staticmethod
+    def _product(a, b):
+        return _matmul(a, b)
+
+    @staticmethod
+    def _masked_product(a, b, mask):
+        return _masked_matmul(a, b, mask)
 
 
 def info_blocks(dense: torch.Tensor, info: BlockLayout) -> torch.Tensor:

@@ -9,18 +9,13 @@ Every operation is differentiable with respect to ``values`` and the dense opera
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from triformers.ops.common import InputError
 from triformers.sparse import _csr_ops as ops
-from triformers.sparse._masked_matmul import masked_matmul
-from triformers.sparse._wrapper import SparseWrapper
+from triformers.sparse._wrapper import _TRANSPOSES, SparseWrapper
 
 __all__ = ["SparseCSRTensor"]
 
-_MATMULS = {torch.matmul, torch.bmm, torch.Tensor.matmul, torch.Tensor.bmm, torch.Tensor.__matmul__}
-_SOFTMAXES = {torch.softmax, torch.Tensor.softmax, F.softmax}
-_TRANSPOSES = {torch.transpose, torch.Tensor.transpose}
 _LOGICAL_AND = {torch.logical_and, torch.Tensor.logical_and, torch.Tensor.__and__}
 
 
@@ -150,23 +145,18 @@ class SparseCSRTensor(SparseWrapper):
     def t(self) -> SparseCSRTensor:
         return self.transpose(1, 2)
 
+    @staticmethod
+    def _product(a, b):
+        return _matmul(a, b)
+
+    @staticmethod
+    def _masked_product(a, b, mask):
+        return _masked_matmul(a, b, mask)
+
     @classmethod
     def _handle(cls, func, args, kwargs):
-        if func in _MATMULS:
-            return _matmul(*args)
-        if func is torch.Tensor.__rmatmul__:
-            return _matmul(args[1], args[0])
-        if func is masked_matmul:
-            return _masked_matmul(*args, **kwargs)
-        if func in _SOFTMAXES:
-            dim = kwargs.pop("dim", args[1] if len(args) > 1 else None)
-            if dim is None:
-                raise InputError("softmax of a SparseCSRTensor needs dim=-1")
-            return args[0].softmax(dim, kwargs.get("dtype"))
-        if func in _TRANSPOSES:
-            if kwargs:
-                raise InputError("SparseCSRTensor.transpose takes positional dims only")
-            return args[0].transpose(*args[1:])
+        if func in _TRANSPOSES and kwargs:
+            raise InputError("SparseCSRTensor.transpose takes positional dims only")
         if func in _LOGICAL_AND:
             a, b = args
             return cls.from_dense(torch.logical_and(_dense(a), _dense(b)).to(a.dtype))
