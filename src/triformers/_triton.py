@@ -56,6 +56,18 @@ def can_run_triton(*tensors: torch.Tensor) -> bool:
     return triton_unavailable_reason(*tensors) is None
 
 
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def device_capability(device: torch.device | None = None) -> tuple[int, int]:
+    """``torch.cuda.get_device_capability`` of a CUDA device (default: the current one), kept per device:
+    torch's own call costs tens of microseconds, more than a kernel launch."""
+    index = device.index if device is not None and device.index is not None else torch.cuda.current_device()
+    return _capability(index)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Launching. ``kernel[grid](*args, **meta)`` costs ~10-20 µs of Python per call in Triton 3.x (binding every
 # argument, the cache key, scratch allocation), which is as long as a memory-bound kernel on a 32 MB tensor

@@ -18,8 +18,9 @@ import pytest
 from triformers.distributed.testing import DistributedWorkers
 
 WORLD_SIZES = (2, 4)
-# a run is a handful of small collectives and matmuls; a minute means something hangs
-RUN_TIMEOUT_S = 60
+# A run is a handful of small collectives and matmuls, seconds on an idle machine; the limit only has to catch a
+# hang. On a loaded 2-core machine 4 ranks of the ring attention took over a minute, so it is five.
+RUN_TIMEOUT_S = 300
 # Forked ranks start in milliseconds with this process's modules already imported; spawned ones take seconds
 # each to import torch and triformers (tests/distributed/test_testing.py covers spawn). Like DataLoader
 # workers, the ranks run on one intra-op thread, set before any op, so the parent's OpenMP pool is not needed.

@@ -34,6 +34,11 @@ SHAPES = [
     (2, 20, 7, 2, 40, 8),
 ]
 
+# The Triton operator under the interpreter takes most of this file's time: BMHK and BMGHK reach its kernels
+# through one canonical layout, so they share the shapes out between them (each shape, with and without GQA,
+# still runs for every bias type); BMK runs them all.
+TRITON_SHAPES = {"BMK": range(len(SHAPES)), "BMHK": (0, 1, 2), "BMGHK": (3, 4)}
+
 BMK_BIASES = (type(None), ab.LowerTriangularMask, torch.Tensor)
 
 
@@ -105,6 +110,8 @@ def _check(op, bias_type, fmt, shape, dtype, gqa, seed):
 def test_forward_backward_fp32(op_name, fmt, bias_type):
     seed = hash((op_name, fmt, bias_name(bias_type))) % 1000
     for i, shape in enumerate(SHAPES):
+        if op_name == "triton" and i not in TRITON_SHAPES[fmt]:
+            continue
         _check(OPS[op_name], bias_type, fmt, shape, torch.float32, gqa=(i % 2 == 1), seed=seed + i)
 
 

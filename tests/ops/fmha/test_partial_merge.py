@@ -184,10 +184,10 @@ def case_shared_prefix(n, dtype, rng):
 
 
 CASES = {
-    "dense": (case_dense, (1, 5)),
+    "dense": (case_dense, (1, 4)),
     "gqa": (case_gqa, (2, 3)),
-    "causal_bottom_right": (case_causal, (3, 5)),
-    "tensor_bias": (case_tensor_bias, (2, 5)),
+    "causal_bottom_right": (case_causal, (4,)),
+    "tensor_bias": (case_tensor_bias, (3,)),
     "block_diagonal": (case_block_diagonal, (2, 3)),
     "kv_cache": (case_kv_cache, (1, 3)),
     "padded_prefix": (case_padded_prefix, (1, 3)),
@@ -380,7 +380,7 @@ def test_compile_fullgraph_partial_merge(op_name):
         out, lse = fmha.merge_attentions([p[0] for p in parts], [p[1] for p in parts])
         return out, lse
 
-    compiled = torch.compile(f, fullgraph=True)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")  # capture + fake tracing; GPU test: Inductor
     for (a_out, a_lse), (b_out, b_lse) in [(compiled(q, k, v), f(q, k, v))]:
         torch.testing.assert_close(a_out, b_out)
         torch.testing.assert_close(a_lse, b_lse)

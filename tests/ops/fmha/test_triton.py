@@ -42,7 +42,7 @@ def test_multi_tile_odd_sizes(bias_type, dtype):
 @pytest.mark.parametrize("gqa", [False, True])
 def test_dropout_identical_to_chunked(bias_type, gqa):
     """Both operators draw the same Philox stream: same seed, same dropped entries, same gradients."""
-    inp = create_inputs(bias_type, batch_size=2, q_len=37, kv_len=37, num_heads=3, k=16, fmt="BMGHK",
+    inp = create_inputs(bias_type, batch_size=1, q_len=37, kv_len=37, num_heads=2, k=16, fmt="BMGHK",
                         num_groups=2, requires_grad=True, seed=5, gqa=gqa)
     q, k, v, bias = inp.query, inp.key, inp.value, inp.attn_bias
     torch.manual_seed(123)
@@ -92,8 +92,10 @@ def test_compile_fullgraph(op_name):
     for bias in (ab.LowerTriangularMask(), bias_base, ab.BlockDiagonalMask.from_seqlens([30, 50]).make_causal()):
         args = (q, k, v) if not isinstance(bias, ab.BlockDiagonalMask) else tuple(x.reshape(1, 80, 4, 16)
                                                                                    for x in (q, k, v))
+        # aot_eager: Dynamo's capture and AOT autograd's trace through the custom ops' fake implementations,
+        # which is what could break; Inductor's code generation is torch's (the GPU test compiles with it)
         fn = torch.compile(lambda a, b, c, bias=bias: fmha.memory_efficient_attention(a, b, c, bias, op=op),
-                           fullgraph=True)
+                           fullgraph=True, backend="aot_eager")
         out = fn(*args)
         ref = fmha.memory_efficient_attention(*args, bias, op=op)
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)

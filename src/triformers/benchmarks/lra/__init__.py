@@ -25,17 +25,22 @@ from triformers.benchmarks.lra.run import DEFAULT_ATTENTIONS, DEFAULT_TASKS, PRE
 __all__ = ["PRESETS", "main", "plot", "run"]
 
 
-def run(tasks, attentions, preset: str, *, data_dir=None, device=None, bf16=False, seed=0, steps=None,
+def run(tasks, attentions, preset: str, *, data_dir=None, device=None, bf16=False, seed=0, steps=None, lr=None,
         progress=True, on_record=None) -> list[dict]:  # fmt: skip
-    """Records of every (task, attention) of ``preset`` (``steps`` overrides the preset's); ``on_record(records)``
-    is called after each one (the command line rewrites its JSON, so that a run cut short keeps what it did)."""
+    """Records of every (task, attention) of ``preset`` (``steps`` and ``lr`` override the preset's);
+    ``on_record(records)`` is called after each one (the command line rewrites its JSON, so that a run cut short
+    keeps what it did)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     specs = []
     for task in tasks:
         if task not in PRESETS[preset]:
             raise ValueError(f"task {task!r} is not in preset {preset!r}; choose from {sorted(PRESETS[preset])}")
         spec = PRESETS[preset][task]
-        specs.append(spec if steps is None else dataclasses.replace(spec, steps=steps))
+        if steps is not None:
+            spec = dataclasses.replace(spec, steps=steps)
+        if lr is not None:
+            spec = dataclasses.replace(spec, lr=lr)
+        specs.append(spec)
     # every split before any training: the generators fork worker processes, which must not follow CUDA's start
     splits = [load_task(spec, data_dir, seed) for spec in specs]
     records = []
@@ -96,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", type=Path, help="CIFAR-10 python batches, aclImdb, new_aan_pairs.*.tsv")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/lra"), help="folder for lra.json/.png")
     parser.add_argument("--steps", type=int, help="training steps (overrides the preset)")
+    parser.add_argument("--lr", type=float, help="peak learning rate (overrides the preset's)")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA; on by default with --preset gpu)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; --quick: 1, its 32-wide "
@@ -121,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         records = run(tasks, attentions, preset, data_dir=args.data_dir, device=args.device,
                       bf16=args.bf16 or preset == "gpu", seed=args.seed, steps=args.steps,
-                      progress=not args.no_progress,
+                      lr=args.lr, progress=not args.no_progress,
                       on_record=lambda done: write_results(args.out / "lra.json", done, env))  # fmt: skip
     finally:
         torch.set_num_threads(previous_threads)
@@ -142,11 +148,12 @@ def markdown_summary(doc: dict) -> str:
         f"{env.get('gpu')}, torch {env.get('torch')}, commit {env.get('commit')}; preset {env.get('preset')}: "
         f"{env.get('schedule')}.",
         "",
-        "| task | attention | steps | accuracy | majority class | tokens/s | peak MB |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| task | attention | steps | lr | accuracy | majority class | tokens/s | peak MB |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in records:
-        lines.append(f"| {r['task']} | {r['attention']} | {r['steps']} | {r['accuracy']:.3f} | "
+        lr = f"{r['lr']:g}" if "lr" in r else "-"
+        lines.append(f"| {r['task']} | {r['attention']} | {r['steps']} | {lr} | {r['accuracy']:.3f} | "
                      f"{r['majority_class']:.3f} | {r['tokens_per_s'] or 0:,.0f} | {r['peak_memory_mb'] or 0:,.0f} |")
     if env.get("run_note"):
         lines.append(f"\nRun: {env['run_note']}.")

@@ -185,7 +185,8 @@ def train_one(
     return {
         "task": spec.name, "attention": attention, "accuracy": accuracy,
         "majority_class": float(counts.max()) / max(1, len(test)), "final_loss": loss_value,
-        "steps": spec.steps, "batch": spec.batch, "seq_len": spec.seq_len, "n_train": len(train), "n_test": len(test),
+        "steps": spec.steps, "lr": spec.lr, "batch": spec.batch, "seq_len": spec.seq_len, "n_train": len(train),
+        "n_test": len(test),
         "tokens_per_s": tokens_per_step * (spec.steps - 1) / steady if spec.steps > 1 and steady > 0 else None,
         "train_seconds": train_seconds,
         "peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,

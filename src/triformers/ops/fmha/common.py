@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from triformers._triton import device_capability
 from triformers.ops.common import BaseOperator, InputError
 from triformers.ops.fmha import attn_bias as ab
 
@@ -360,10 +361,10 @@ class AttentionOpBase(BaseOperator):
         device_type = q.device.type
         if device_type not in cls.SUPPORTED_DEVICES:
             reasons.append(f"device={device_type} (supported: {', '.join(sorted(cls.SUPPORTED_DEVICES))})")
-        elif device_type == "cuda" and torch.cuda.get_device_capability(q.device) < cls.CUDA_MINIMUM_COMPUTE_CAPABILITY:
+        elif device_type == "cuda" and device_capability(q.device) < cls.CUDA_MINIMUM_COMPUTE_CAPABILITY:
             reasons.append(
                 f"requires a GPU with compute capability >= {cls.CUDA_MINIMUM_COMPUTE_CAPABILITY}, this one has "
-                f"{torch.cuda.get_device_capability(q.device)}"
+                f"{device_capability(q.device)}"
             )
         if q.dtype not in cls.SUPPORTED_DTYPES:
             supported = ", ".join(sorted(str(t).replace("torch.", "") for t in cls.SUPPORTED_DTYPES))

@@ -31,7 +31,7 @@ from typing import ClassVar
 
 import torch
 
-from triformers._triton import interpret_mode, is_triton_available, triton_unavailable_reason
+from triformers._triton import device_capability, interpret_mode, is_triton_available, triton_unavailable_reason
 from triformers.ops.common import register_operator
 from triformers.ops.fmha import _layout, _registry, quantize
 from triformers.ops.fmha import attn_bias as ab
@@ -154,7 +154,7 @@ class FwOp(AttentionFwOpBase):
             reasons.append(why)
         if q.device.type == "cpu" and q.dtype == torch.bfloat16 and interpret_mode():
             reasons.append("bf16 under Triton's interpreter is unreliable (its tl.dot mishandles bf16 operands)")
-        if quantize.is_fp8(d) and q.device.type == "cuda" and torch.cuda.get_device_capability(q.device) < (8, 9):
+        if quantize.is_fp8(d) and q.device.type == "cuda" and device_capability(q.device) < (8, 9):
             reasons.append("fp8 caches need a GPU with compute capability >= 8.9 (fp8 conversions)")
         if type(d.attn_bias) in cls.SUPPORTED_ATTN_BIAS_TYPES:
             reasons += input_errors(d, cls.NUM_GROUPS)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from triformers._triton import interpret_mode
+from triformers._triton import device_capability, interpret_mode
 
 
 @dataclass(frozen=True)
@@ -27,10 +27,10 @@ class Config:
     num_stages: int
 
 
-def _arch() -> str:
-    if not torch.cuda.is_available():
+def _arch(device: torch.device | None = None) -> str:
+    if (device is not None and device.type != "cuda") or not torch.cuda.is_available():
         return "cpu"
-    major, _ = torch.cuda.get_device_capability()
+    major, _ = device_capability(device)
     return "sm90" if major >= 9 else "sm80"
 
 
@@ -114,11 +114,12 @@ def _table_config(call, direction: str) -> Config:
     if interpret_mode() and call.device.type == "cpu":
         return _INTERPRETER[direction]
     bucket = _d_bucket(max(call.K, call.Kv))
-    cfg = _TABLE[(_arch(), direction, bucket)]
+    arch = _arch(call.device)
+    cfg = _TABLE[(arch, direction, bucket)]
     kind = _kind(call)
-    if kind == "local" and (_arch(), direction, bucket, kind) not in _BY_KIND:
+    if kind == "local" and (arch, direction, bucket, kind) not in _BY_KIND:
         kind = "masked"
-    cfg = _BY_KIND.get((_arch(), direction, bucket, kind), cfg)
+    cfg = _BY_KIND.get((arch, direction, bucket, kind), cfg)
     m = call.m
     if direction == "fwd" and m.block_tables is not None and not (m.k_start is None and m.page_size % cfg.block_n == 0):
         cfg = _PAGED_GATHER.get(bucket, cfg)
@@ -160,7 +161,7 @@ def _get(call, direction: str, run=None) -> Config:
         return _OVERRIDE[direction]
     if os.environ.get("TRIFORMERS_AUTOTUNE", "0") != "1" or run is None or call.device.type != "cuda":
         return _table_config(call, direction)
-    key = (direction, _arch(), call.dtype, call.K, call.Kv, call.kind, call.flags["HAS_BIAS"],
+    key = (direction, _arch(call.device), call.dtype, call.K, call.Kv, call.kind, call.flags["HAS_BIAS"],
            call.flags["IS_VARLEN"], call.flags["HAS_DROPOUT"], 1 << max(0, call.m.max_q - 1).bit_length())
     if key not in _TUNED:
         import triton.testing
