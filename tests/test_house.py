@@ -39,16 +39,6 @@ KNOWN_CYCLES: dict[frozenset[str], str] = {
     frozenset({"triformers.ops.fmha", "triformers.ops.fmha.merge"}):
         "merge.memory_efficient_attention_partial_autograd calls the package's memory_efficient_attention_partial; "
         "moving the public functions out of ops/fmha/__init__.py would break it",
-    frozenset({"triformers.components.attention", *(f"triformers.components.attention.{m}" for m in (
-        "blocksparse", "compositional", "favor", "fourier_mix", "global_tokens", "lambda_layer", "linformer",
-        "local", "nystrom", "ortho", "pooling", "random", "scaled_dot_product", "visual"))}):
-        "registration: each attention imports register_attention from the package, which imports them all",
-    frozenset({"triformers.components.feedforward", *(f"triformers.components.feedforward.{m}" for m in (
-        "conv_mlp", "fused_mlp", "mixture_of_experts", "mlp"))}):
-        "registration, as for the attentions",
-    frozenset({"triformers.components.positional_embedding", *(
-        f"triformers.components.positional_embedding.{m}" for m in ("param", "sine", "vocab"))}):
-        "registration, as for the attentions",
 }
 
 
