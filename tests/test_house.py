@@ -36,9 +36,6 @@ KNOWN_CYCLES: dict[frozenset[str], str] = {
                "triformers.ops.fmha.attn_bias_paged", "triformers.ops.fmha._kv_seqinfo"}):
         "attn_bias re-exports the KV-cache and paged biases (xFormers' `attn_bias.<name>`), which subclass its "
         "base classes; moving those base classes into a private module would break it",
-    frozenset({"triformers.ops.fmha", "triformers.ops.fmha.merge"}):
-        "merge.memory_efficient_attention_partial_autograd calls the package's memory_efficient_attention_partial; "
-        "moving the public functions out of ops/fmha/__init__.py would break it",
 }
 
 
