@@ -40,6 +40,10 @@ operators apply; ``from_seqlens_inplace``/``from_seqlens_padded_inplace`` overwr
 captured CUDA graph replays with the new lengths. ``from_seqlens(..., device=None)`` puts the tensors on the
 GPU when there is one (xFormers' default), ``to(device)`` returns a copy elsewhere. This module is pure
 PyTorch and holds no kernel code: ``materialize`` exists for debugging and tests.
+
+Every class above is importable from here. ``AttentionBias`` and ``_SeqLenInfo`` are defined in
+``_attn_bias_base``, the block-diagonal family in ``_attn_bias_blockdiag``, the KV-cache biases in
+``attn_bias_kv`` and ``attn_bias_paged``; those modules build on each other without importing this one.
 """
 
 from __future__ import annotations
