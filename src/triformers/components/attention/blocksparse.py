@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from triformers.components.attention import register_attention
+from triformers.components.attention._registry import register_attention
 from triformers.components.attention.base import Attention, AttentionConfig
 
 if TYPE_CHECKING:

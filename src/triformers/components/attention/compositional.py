@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from triformers.components.attention import register_attention
+from triformers.components.attention._registry import register_attention
 from triformers.components.attention.attention_mask import AttentionMask
 from triformers.components.attention.base import Attention, AttentionConfig
 from triformers.components.attention.utils import bool_mask_to_additive

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from triformers.components.attention import register_attention
+from triformers.components.attention._registry import register_attention
 from triformers.components.attention.base import Attention, AttentionConfig
 from triformers.components.attention.feature_maps import FeatureMapType, SMHyperbolic, SMOrf, SMReg
 

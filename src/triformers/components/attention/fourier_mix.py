@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from triformers.components.attention import register_attention
+from triformers.components.attention._registry import register_attention
 from triformers.components.attention.base import Attention, AttentionConfig
 
 

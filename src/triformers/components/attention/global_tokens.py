@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from triformers.components.attention import register_attention
+from triformers.components.attention._registry import register_attention
 from triformers.components.attention.attention_mask import AttentionMask
 from triformers.components.attention.attention_patterns import causal_1d_pattern, global_token_pattern
 from triformers.components.attention.base import Attention, AttentionConfig

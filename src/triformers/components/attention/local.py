@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from triformers import ops
-from triformers.components.attention import register_attention
+from triformers.components.attention._registry import register_attention
 from triformers.components.attention.attention_mask import AttentionMask
 from triformers.components.attention.attention_patterns import causal_1d_pattern, local_1d_pattern
 from triformers.components.attention.base import Attention, AttentionConfig

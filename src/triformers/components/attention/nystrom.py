@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from triformers.components.attention import register_attention
+from triformers.components.attention._registry import register_attention
 from triformers.components.attention.base import Attention, AttentionConfig
 from triformers.components.attention.core import scaled_dot_product_attention, scaled_query_key_softmax
 from triformers.components.attention.utils import (

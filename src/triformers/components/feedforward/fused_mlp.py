@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from triformers.components.feedforward import register_feedforward
+from triformers.components.feedforward._registry import register_feedforward
 from triformers.components.feedforward.base import Feedforward, FeedforwardConfig
 
 

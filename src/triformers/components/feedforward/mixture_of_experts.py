@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from triformers.components.feedforward import register_feedforward
+from triformers.components.feedforward._registry import register_feedforward
 from triformers.components.feedforward.base import Feedforward, FeedforwardConfig
 from triformers.components.feedforward.mlp import MLP
 

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from triformers.components.positional_embedding import register_positional_embedding
+from triformers.components.positional_embedding._registry import register_positional_embedding
 from triformers.components.positional_embedding.base import PositionEmbedding, PositionEmbeddingConfig
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from triformers.components.positional_embedding import register_positional_embedding
+from triformers.components.positional_embedding._registry import register_positional_embedding
 from triformers.components.positional_embedding.base import PositionEmbedding, PositionEmbeddingConfig
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from triformers.ops.fmha.attn_bias import (
+from triformers.ops.fmha._attn_bias_base import (
     _as_int_list,
     _default_device,
     _int_tensor,

@@ -1,4 +1,5 @@
-"""KV-cache attention biases: padded, gappy and paged keys (part of :mod:`attn_bias`'s namespace).
+"""KV-cache attention biases: padded and gappy keys, and their paged versions' key layout (part of
+:mod:`attn_bias`'s namespace; the paged classes live in ``attn_bias_paged``).
 
 Queries are packed without padding (``q`` ``[1, sum(q_seqlen), ...]``); block ``b``'s keys are
 
@@ -24,16 +25,8 @@ from typing import Any
 
 import torch
 
-from triformers.ops.fmha._kv_seqinfo import (  # noqa: F401  (re-exported)
-    _check_block_count,
-    _check_lengths_fit,
-    _GappySeqInfo,
-    _PaddedSeqLenInfo,
-    _seqinfos,
-)
-from triformers.ops.fmha.attn_bias import (
+from triformers.ops.fmha._attn_bias_base import (
     AttentionBias,
-    BlockDiagonalMask,
     _check_window,
     _default_device,
     _materialize_blocks,
@@ -41,6 +34,14 @@ from triformers.ops.fmha.attn_bias import (
     _materialize_local_mask,
     _SeqLenInfo,
 )
+from triformers.ops.fmha._kv_seqinfo import (  # noqa: F401  (re-exported)
+    _check_block_count,
+    _check_lengths_fit,
+    _GappySeqInfo,
+    _PaddedSeqLenInfo,
+    _seqinfos,
+)
+from triformers.ops.fmha._paged_table import _check_block_tables, _check_paged_type, _extra_fields
 
 # --------------------------------------------------------------------------------------------------
 # Padded keys
@@ -322,27 +323,6 @@ class BlockDiagonalLocalAttentionFromBottomRightGappyKeysMask(BlockDiagonalGappy
         )
 
 
-# The paged classes live in attn_bias_paged (they need the unpaged ones above).
-from triformers.ops.fmha.attn_bias_paged import (  # noqa: E402
-    PagedBlockDiagonalCausalLocalPaddedKeysMask,
-    PagedBlockDiagonalCausalWithOffsetGappyKeysMask,
-    PagedBlockDiagonalCausalWithOffsetPaddedKeysMask,
-    PagedBlockDiagonalGappyKeysMask,
-    PagedBlockDiagonalPaddedKeysMask,
-    _check_block_tables,
-    _check_paged_type,
-    _extra_fields,
-)
-
-#: The biases whose operators pack every sequence into one batch (isinstance: subclasses included).
-VARLEN_BIASES: tuple[type, ...] = (
-    BlockDiagonalMask,
-    BlockDiagonalGappyKeysMask,
-    BlockDiagonalPaddedKeysMask,
-    PagedBlockDiagonalPaddedKeysMask,
-    PagedBlockDiagonalGappyKeysMask,
-)
-
 __all__ = [
     "BlockDiagonalPaddedKeysMask",
     "BlockDiagonalCausalWithOffsetPaddedKeysMask",
@@ -351,10 +331,4 @@ __all__ = [
     "BlockDiagonalGappyKeysMask",
     "BlockDiagonalCausalWithOffsetGappyKeysMask",
     "BlockDiagonalLocalAttentionFromBottomRightGappyKeysMask",
-    "PagedBlockDiagonalPaddedKeysMask",
-    "PagedBlockDiagonalCausalWithOffsetPaddedKeysMask",
-    "PagedBlockDiagonalCausalLocalPaddedKeysMask",
-    "PagedBlockDiagonalGappyKeysMask",
-    "PagedBlockDiagonalCausalWithOffsetGappyKeysMask",
-    "VARLEN_BIASES",
 ]

@@ -68,7 +68,8 @@ import torch
 from triformers.ops.common import InputError
 from triformers.ops.fmha import _registry, chunked, sdpa
 from triformers.ops.fmha import attn_bias as ab
-from triformers.ops.fmha._mask import KV_CACHE_BIAS_TYPES, PAGED_BIAS_TYPES
+from triformers.ops.fmha._dispatch_key import fw_cache_key
+from triformers.ops.fmha._mask import KV_CACHE_BIAS_TYPES
 from triformers.ops.fmha.common import AttentionBwOpBase, AttentionFwOpBase, AttentionOp, AttentionOpBase, Inputs
 
 # Smallest average block (queries per block) for which per-block SDPA with autograd beat the chunked
@@ -225,7 +226,7 @@ def run_priority_list(name: str, priority_list: Sequence[type[AttentionOpBase]],
 def ensure_op_supports(name: str, op: type[AttentionOpBase], inp: Inputs, *, needs_lse: bool = False) -> None:
     """Raises :class:`~triformers.ops.common.InputError` (a ValueError) with the reasons when an explicitly
     chosen ``op`` cannot run ``inp``."""
-    key = _fw_cache_key(inp, None, needs_lse)
+    key = fw_cache_key(inp, None, needs_lse)
     if key is not None and (op, key) in _SUPPORTED:
         return
     reasons = _reasons(op, inp, needs_lse)
@@ -240,86 +241,12 @@ def ensure_op_supports(name: str, op: type[AttentionOpBase], inp: Inputs, *, nee
 
 
 # Decisions of dispatch_fw (and checks of an explicitly chosen operator) for inputs that differ only in their
-# values: the choice is a pure function of shapes, strides, dtypes, devices, gradient flags, the bias's type
-# and parameters (a block-diagonal bias's sequence boundaries included), p, scale, output dtype, partial or not,
-# torch's determinism and SDPA backend switches, all in the key. It saves the ~20 us of reasons per call that
-# showed on small kernels (D=128, N=1024 causal forward: 0.25 ms per call instead of the kernel's 0.16).
+# values, under the key of _dispatch_key.fw_cache_key (everything the choice depends on). It saves the ~20 us of
+# reasons per call that showed on small kernels (D=128, N=1024 causal forward: 0.25 ms per call instead of the
+# kernel's 0.16).
 _FW_CACHE: dict[tuple, type[AttentionFwOpBase]] = {}
 _SUPPORTED: set[tuple] = set()  # (operator, key) pairs an explicitly chosen operator was found to support
 _FW_CACHE_MAX = 4096
-_CACHEABLE_BIAS = (type(None), torch.Tensor, ab.LowerTriangularMask, ab.LowerTriangularFromBottomRightMask,
-                   ab.LowerTriangularFromBottomRightLocalAttentionMask, ab.LocalAttentionFromBottomRightMask)
-
-
-def _tensor_key(x: torch.Tensor) -> tuple:
-    return (tuple(x.shape), x.stride(), x.dtype, x.device, x.requires_grad, x.is_leaf, x.data_ptr() % 16)
-
-
-def _block_diagonal_key(bias) -> tuple:
-    """The parameters of a block-diagonal bias (its type, window and sequence boundaries), computed once per
-    bias object."""
-    key = bias.__dict__.get("_triformers_key")
-    if key is None:
-        key = (type(bias), getattr(bias, "_window_size", None), tuple(bias.q_seqinfo.seqstart_py),
-               tuple(bias.k_seqinfo.seqstart_py), tuple(getattr(bias.k_seqinfo, "seqlen_py", ())))
-        object.__setattr__(bias, "_triformers_key", key)
-    return key
-
-
-def _kv_cache_key(bias) -> tuple:
-    """The parameters of a KV-cache bias that operators' support may depend on, computed once per bias object.
-    Key lengths are left out where they change in place between calls (padded, paged: decoding steps), and
-    kept for gappy keys (the Triton backward refuses overlapping segments); a paged bias adds its page size
-    and its table's shape, address and largest page id."""
-    key = bias.__dict__.get("_triformers_key")
-    if key is None:
-        q, k = bias.q_seqinfo, bias.k_seqinfo
-        key = (
-            type(bias),
-            getattr(bias, "_window_size", None),
-            getattr(bias, "window_left", None),
-            getattr(bias, "window_right", None),
-            len(q.seqstart_py),
-            q.seqstart_py[-1],
-            q.max_seqlen,
-            getattr(k, "padding", None),
-        )
-        if type(bias) in PAGED_BIAS_TYPES:
-            key += (bias.page_size, tuple(bias.block_tables.shape), bias.block_tables.data_ptr(), bias._max_page)
-        elif isinstance(bias, ab.BlockDiagonalGappyKeysMask):
-            key += (tuple(k.seqstart_py), tuple(k.seqlen_py))
-        object.__setattr__(bias, "_triformers_key", key)
-    return key
-
-
-def _fw_cache_key(inp: Inputs, needs_gradient: bool | None, needs_lse: bool) -> tuple | None:
-    bias = inp.attn_bias
-    if torch.compiler.is_compiling():
-        return None
-    if isinstance(bias, torch.Tensor):
-        bias_key = _tensor_key(bias)
-    elif type(bias) in _CACHEABLE_BIAS:
-        bias_key = (
-            type(bias), getattr(bias, "_window_size", None), getattr(bias, "window_left", None),
-            getattr(bias, "window_right", None),
-        )
-    elif type(bias) in KV_CACHE_BIAS_TYPES:
-        bias_key = _kv_cache_key(bias)
-    elif hasattr(bias, "q_seqinfo") and hasattr(bias, "k_seqinfo"):
-        bias_key = _block_diagonal_key(bias)
-    else:
-        return None
-    backends = ()
-    if inp.query.device.type == "cuda":
-        b = torch.backends.cuda
-        backends = (
-            b.flash_sdp_enabled(), b.mem_efficient_sdp_enabled(), b.cudnn_sdp_enabled(), b.math_sdp_enabled(),
-            b.matmul.allow_tf32,
-        )
-    return (
-        needs_gradient, needs_lse, _tensor_key(inp.query), _tensor_key(inp.key), _tensor_key(inp.value), bias_key,
-        inp.p, inp.scale, inp.output_dtype, inp.is_partial, torch.are_deterministic_algorithms_enabled(), backends,
-    )
 
 
 def dispatch_fw(inp: Inputs, needs_gradient: bool, *, needs_lse: bool = False) -> type[AttentionFwOpBase]:
@@ -328,7 +255,7 @@ def dispatch_fw(inp: Inputs, needs_gradient: bool, *, needs_lse: bool = False) -
     if forced is not None:
         ensure_op_supports("memory_efficient_attention_forward", forced[0], inp, needs_lse=needs_lse)
         return forced[0]
-    key = _fw_cache_key(inp, needs_gradient, needs_lse)
+    key = fw_cache_key(inp, needs_gradient, needs_lse)
     if key is not None and key in _FW_CACHE:
         return _FW_CACHE[key]
     op = run_priority_list(

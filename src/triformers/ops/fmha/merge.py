@@ -34,7 +34,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from triformers._triton import triton_unavailable_reason
-from triformers.ops import fmha as _fmha
+from triformers.ops.fmha import _api
 from triformers.ops.fmha.attn_bias import AttentionBias
 from triformers.ops.fmha.common import AttentionFwOpBase, AttentionOp
 from triformers.triton._common import warn_once
@@ -376,7 +376,7 @@ def memory_efficient_attention_partial_autograd(
     """:func:`~triformers.ops.fmha.memory_efficient_attention_partial` as a :class:`Partial` (same arguments);
     gradients flow through :func:`merge_attentions_autograd` to query, key and value."""
     return Partial(
-        *_fmha.memory_efficient_attention_partial(
+        *_api.memory_efficient_attention_partial(
             query, key, value, attn_bias, p, scale, op=op, output_dtype=output_dtype
         )
     )
