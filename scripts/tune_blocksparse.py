@@ -110,10 +110,10 @@ def run(shapes, sparsities, sweep: bool) -> list[dict]:
                                                                                      op=fmha.triton.FwOp)
                 g = torch.randn_like(out)
 
-                def fw():
+                def fw(q=q, k=k, v=v, mask=mask):
                     return fmha.memory_efficient_attention_forward(q, k, v, mask, op=fmha.triton.FwOp)
 
-                def bw():
+                def bw(g=g, out=out, lse=lse, q=q, k=k, v=v, mask=mask):
                     return fmha.memory_efficient_attention_backward(g, out, lse, q, k, v, mask, op=fmha.triton.BwOp)
 
                 rec["sweep_fwd"] = _sweep("fwd", FWD, fw)

@@ -103,6 +103,28 @@ def test_model_runs_every_attention(attention):
     assert model.embed.weight.grad[1:].abs().sum() > 0
 
 
+@pytest.mark.parametrize("attention, masks", [("dense", True), ("nystrom", True), ("blocksparse", False),
+                                               ("linformer", False)])  # fmt: skip
+def test_padding_keys_are_masked_where_the_attention_can(attention, masks):
+    # what padding positions hold (their position embeddings) reaches the non-padding outputs only through
+    # attention to padding keys: masked, the logits do not move when it changes
+    torch.manual_seed(0)
+    model = LRAClassifier(attention, vocab=16, seq_len=64, num_classes=10, dim=16, heads=2, layers=2, dim_mlp=32,
+                          block_size=16).double()  # fmt: skip
+    assert model.masks_padding is masks
+    ids = torch.randint(1, 16, (2, 64))
+    ids[0, 37:] = 0
+    ids[1, 50:] = 0
+    before = model(ids)
+    with torch.no_grad():
+        model.pos[50:] += torch.randn(14, 16, dtype=torch.float64)  # padding in both sequences
+    moved = (model(ids) - before).abs().max().item()
+    if masks:
+        assert moved < 1e-10, moved
+    else:
+        assert moved > 1e-4, moved
+
+
 def test_dual_model_for_retrieval():
     model = LRAClassifier("dense", vocab=257, seq_len=32, num_classes=2, dim=16, heads=2, layers=1, dual=True)
     a, b = torch.randint(1, 257, (2, 4, 32))

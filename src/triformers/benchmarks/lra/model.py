@@ -44,15 +44,18 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, dim_mlp), nn.GELU(), nn.Linear(dim_mlp, dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         h = self.norm1(x)
-        x = x + self.attention(h, h, h)
+        x = x + self.attention(h, h, h, key_padding_mask=key_padding_mask)
         return x + self.mlp(self.norm2(x))
 
 
 class LRAClassifier(nn.Module):
     """Token + learned position embeddings, ``layers`` blocks, final norm, mean over non-padding tokens,
     ``Linear -> ReLU -> Linear``. ``dual``: two documents encoded alike, the head reads ``[a, b, a * b, a - b]``.
+    Padding keys are masked out of the attention where the attention takes a mask (as LRA's models do; dense
+    and Nystrom here), and attended like any token where it cannot (blocksparse, linformer):
+    ``masks_padding`` says which.
 
     Args:
         attention: a registered attention name (``dense`` = ``scaled_dot_product``).
@@ -70,6 +73,8 @@ class LRAClassifier(nn.Module):
             Block(build_attention(attention_config(attention, seq_len, dim, heads, block_size)), dim, heads, dim_mlp)
             for _ in range(layers)
         )
+        first = self.blocks[0].attention.attention
+        self.masks_padding = bool(first.supports_key_padding_mask or first.supports_attention_mask)
         self.norm = nn.LayerNorm(dim)
         self.dual = dual
         self.head = nn.Sequential(nn.Linear(4 * dim if dual else dim, dim_mlp), nn.ReLU(),
@@ -78,8 +83,9 @@ class LRAClassifier(nn.Module):
     def encode(self, ids: torch.Tensor) -> torch.Tensor:
         keep = (ids != 0).unsqueeze(-1)  # [B, L, 1]
         x = self.embed(ids) + self.pos[: ids.shape[1]]
+        mask = keep.squeeze(-1) if self.masks_padding else None  # [B, L] bool, True = attend
         for block in self.blocks:
-            x = block(x)
+            x = block(x, mask)
         x = self.norm(x) * keep
         return x.sum(1) / keep.sum(1).clamp(min=1)  # [B, dim]
 
