@@ -119,6 +119,22 @@ def test_masks_match_dense_reference(spy, kind):
     assert bias.shape[-2:] == (S, S)
 
 
+@pytest.mark.parametrize("dtype", [torch.bool, torch.float32])
+def test_key_padding_mask_reaches_the_kernel_unmaterialized(spy, dtype):
+    # a [B, Sk] padding mask is one row per sample: the kernel's bias is that row broadcast over the queries
+    # (stride 0), not a [B, Sq, Sk] copy
+    B, S, H = 2, 13, 3
+    mha = _mha(heads=H)
+    x = torch.randn(B, S, 42)
+    keep = torch.ones(B, S, dtype=torch.bool)
+    keep[0, 9:] = False
+    mask = keep if dtype == torch.bool else torch.zeros(B, S).masked_fill(~keep, float("-inf"))
+    expected = dense_mha_reference(mha, x, x, x, keep[:, None, :].expand(B, S, S))
+    torch.testing.assert_close(mha(x, key_padding_mask=mask), expected, atol=ATOL, rtol=RTOL)
+    bias = spy.calls[0]["bias"]
+    assert isinstance(bias, torch.Tensor) and bias.shape[-2:] == (S, S) and bias.stride(-2) == 0
+
+
 def test_causal_attention_mask_uses_the_kernel_mask(spy):
     mha = _mha()
     x = torch.randn(2, 9, 42)

@@ -78,8 +78,9 @@ def _to_additive(att_mask, dtype: torch.dtype, sq: int, sk: int, causal: bool) -
         att_mask = att_mask.unsqueeze(0)
     if att_mask.ndim != 3:
         raise ValueError(f"att_mask must be [Sq, Sk] or [b, Sq, Sk], got shape={tuple(att_mask.shape)}")
-    att_mask = _crop(att_mask, sq, sk)
+    # converted before _crop broadcasts a key padding row over the queries, so that it stays a stride-0 view
     additive = bool_mask_to_additive(att_mask, dtype) if att_mask.dtype == torch.bool else att_mask.to(dtype)
+    additive = _crop(additive, sq, sk)
     if causal:
         upper = torch.ones(sq, sk, dtype=torch.bool, device=additive.device).triu(1)
         additive = additive.masked_fill(upper, float("-inf"))
