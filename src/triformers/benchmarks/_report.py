@@ -27,6 +27,7 @@ SECTIONS: dict[str, tuple[str | None, tuple[str, ...]]] = {
     "fmha-cpu": ("triformers.benchmarks.fmha_cpu", ("cpu/fmha_cpu.json",)),
     "sparse-h200": ("triformers.benchmarks.sparse", ("h200/sparse.json",)),
     "lra-h200": ("triformers.benchmarks.lra", ("h200/lra.json",)),
+    "lra-paper-h200": ("triformers.benchmarks.lra", ("h200/lra_paper.json",)),
 }
 DEFAULT_DOCS = ("README.md", "docs/performance.md")
 

@@ -152,12 +152,13 @@ def markdown_summary(doc: dict) -> str:
         f"{env.get('gpu')}, torch {env.get('torch')}, commit {env.get('commit')}; preset {env.get('preset')}: "
         f"{env.get('schedule')}.",
         "",
-        "| task | attention | steps | lr | accuracy | majority class | tokens/s | peak MB |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| task | attention | padding masked | steps | lr | accuracy | majority class | tokens/s | peak MB |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in records:
         lr = f"{r['lr']:g}" if "lr" in r else "-"
-        lines.append(f"| {r['task']} | {r['attention']} | {r['steps']} | {lr} | {r['accuracy']:.3f} | "
+        masked = "yes" if r.get("masks_padding") else "no"
+        lines.append(f"| {r['task']} | {r['attention']} | {masked} | {r['steps']} | {lr} | {r['accuracy']:.3f} | "
                      f"{r['majority_class']:.3f} | {r['tokens_per_s'] or 0:,.0f} | {r['peak_memory_mb'] or 0:,.0f} |")
     if env.get("run_note"):
         lines.append(f"\nRun: {env['run_note']}.")
