@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import pickle
+import sys
 
 import numpy as np
 import pytest
@@ -165,3 +166,58 @@ def test_cli_writes_json_and_plot(tmp_path, capsys):
     assert (tmp_path / "lra.png").stat().st_size > 0
     with pytest.raises(ValueError, match="not in preset"):
         lra.main(["--quick", "--tasks", "image", "--out", str(tmp_path)])
+
+
+class _Clock:
+    """A clock that jumps past any deadline after ``ticks`` readings (one per step with a checkpoint)."""
+
+    def __init__(self, ticks: int) -> None:
+        self.ticks = ticks
+
+    def __call__(self) -> float:
+        self.ticks -= 1
+        return 0.0 if self.ticks >= 0 else 1e9
+
+
+def test_training_stopped_at_a_deadline_resumes_to_the_same_model(tmp_path, monkeypatch, one_thread):
+    lra_run = sys.modules["triformers.benchmarks.lra.run"]  # the package's `run` is the function
+
+    spec = dataclasses.replace(PRESETS["quick"]["listops"], steps=24, n_train=256, n_test=64)
+    train, test = load_task(spec, None, seed=0)
+    cpu = torch.device("cpu")
+    whole = train_one(spec, "dense", train, test, cpu, False, 0, False, checkpoint=tmp_path / "whole.pt")
+    monkeypatch.setattr(lra_run, "_now", _Clock(ticks=9))  # 10 steps (one reading after each), then late
+    cut = tmp_path / "cut.pt"
+    assert train_one(spec, "dense", train, test, cpu, False, 0, False, checkpoint=cut, deadline=1.0) is None
+    assert torch.load(cut, weights_only=False)["state"]["step"] == 10
+    monkeypatch.setattr(lra_run, "_now", _Clock(ticks=10**6))
+    resumed = train_one(spec, "dense", train, test, cpu, False, 0, False, checkpoint=cut, deadline=1.0,
+                        checkpoint_every=7)  # fmt: skip
+    a, b = (torch.load(p, weights_only=False) for p in (tmp_path / "whole.pt", cut))
+    assert a["state"]["step"] == b["state"]["step"] == 24
+    for name, value in a["model"].items():
+        assert torch.equal(value, b["model"][name]), name
+    assert (resumed["accuracy"], resumed["final_loss"]) == (whole["accuracy"], whole["final_loss"])
+    assert (whole["jobs"], resumed["jobs"]) == (1, 2)
+    with pytest.raises(ValueError, match="checkpoint .* is of listops/dense"):
+        train_one(spec, "linformer", train, test, cpu, False, 0, False, checkpoint=cut)
+
+
+def test_cli_time_limit_stops_and_the_same_command_goes_on(tmp_path, monkeypatch, capsys):
+    lra_run = sys.modules["triformers.benchmarks.lra.run"]  # the package's `run` is the function
+
+    PRESETS["quick"]["tiny"] = dataclasses.replace(PRESETS["quick"]["listops"], steps=4, n_train=64, n_test=32)
+    argv = ["--quick", "--tasks", "tiny", "--attentions", "dense,linformer", "--out", str(tmp_path), "--no-progress",
+            "--checkpoint-dir", str(tmp_path / "ck"), "--time-limit", "10"]  # fmt: skip
+    try:
+        with pytest.raises(SystemExit):
+            lra.main([*argv[:-4], "--time-limit", "10"])
+        monkeypatch.setattr(lra_run, "_now", _Clock(ticks=1 + 3 + 2))  # deadline; dense's 3 checks; 2 more
+        assert lra.main(argv) == 3
+        assert [r["attention"] for r in json.loads((tmp_path / "lra.json").read_text())["records"]] == ["dense"]
+        monkeypatch.setattr(lra_run, "_now", _Clock(ticks=10**6))
+        assert lra.main(argv) == 0
+    finally:
+        del PRESETS["quick"]["tiny"]
+    records = json.loads((tmp_path / "lra.json").read_text())["records"]
+    assert [(r["attention"], r["jobs"]) for r in records] == [("dense", 1), ("linformer", 2)]

@@ -4,6 +4,8 @@
     python -m triformers.benchmarks.lra --preset cpu                   # ListOps, Pathfinder-16, 4 attentions
     python -m triformers.benchmarks.lra --preset gpu                   # LRA's ListOps and Pathfinder-32, bf16
     python -m triformers.benchmarks.lra --preset paper                 # the same at LRA's schedule (ListOps)
+    python -m triformers.benchmarks.lra --preset paper --tasks pathfinder32 --checkpoint-dir ck --time-limit 500
+                                        # a long schedule in jobs of a few minutes: repeat until it exits 0
     python -m triformers.benchmarks.lra --tasks image --data-dir ~/data --attentions dense,nystrom
 
 ListOps and Pathfinder are generated (seeded); Image (CIFAR-10 python batches), Text (aclImdb) and Retrieval
@@ -21,16 +23,19 @@ from pathlib import Path
 
 import torch
 
-from triformers.benchmarks.lra.run import DEFAULT_ATTENTIONS, DEFAULT_TASKS, PRESETS, load_task, train_one
+from triformers.benchmarks.lra.run import DEFAULT_ATTENTIONS, DEFAULT_TASKS, PRESETS, clock, load_task, train_one
 
 __all__ = ["PRESETS", "main", "plot", "run"]
 
 
 def run(tasks, attentions, preset: str, *, data_dir=None, device=None, bf16=False, seed=0, steps=None, lr=None,
-        progress=True, on_record=None) -> list[dict]:  # fmt: skip
+        progress=True, on_record=None, checkpoint_dir=None, deadline=None) -> list[dict]:  # fmt: skip
     """Records of every (task, attention) of ``preset`` (``steps`` and ``lr`` override the preset's);
     ``on_record(records)`` is called after each one (the command line rewrites its JSON, so that a run cut short
-    keeps what it did)."""
+    keeps what it did). With ``checkpoint_dir``, each (task, attention) trains from and saves to its own
+    checkpoint there, and when ``run.train_one``'s clock passes ``deadline`` the run stops (saved) and returns
+    the records finished so far; run it again with the same folder to go on (finished ones are re-evaluated
+    from their final checkpoint, not trained again)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     specs = []
     for task in tasks:
@@ -48,7 +53,12 @@ def run(tasks, attentions, preset: str, *, data_dir=None, device=None, bf16=Fals
     for spec, (train, test) in zip(specs, splits):
         task = spec.name
         for attention in attentions:
-            record = train_one(spec, attention, train, test, device, bf16, seed, progress)
+            checkpoint = Path(checkpoint_dir) / f"{task}-{attention}.pt" if checkpoint_dir is not None else None
+            record = train_one(spec, attention, train, test, device, bf16, seed, progress, checkpoint=checkpoint,
+                               deadline=deadline)  # fmt: skip
+            if record is None:
+                print(f"{task:>12} {attention:>20}: stopped at the time limit, saved to {checkpoint}", flush=True)
+                return records
             print(
                 f"{task:>12} {attention:>20}: accuracy {record['accuracy']:.3f} (majority class "
                 f"{record['majority_class']:.3f}), {record['tokens_per_s'] or 0:,.0f} tokens/s",
@@ -107,9 +117,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA; on by default with --preset gpu)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; --quick: 1, its 32-wide "
                         "model ran 10x faster on one thread than on two of a busy 2-core machine)")  # fmt: skip
+    parser.add_argument("--checkpoint-dir", type=Path, help="resume from and save to checkpoints here (one per "
+                        "task and attention), for schedules longer than one job")  # fmt: skip
+    parser.add_argument("--time-limit", type=float, help="with --checkpoint-dir: stop and save after this many "
+                        "seconds of training (exit code 3: run again to go on)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
+    if args.time_limit is not None and args.checkpoint_dir is None:
+        parser.error("--time-limit needs --checkpoint-dir (where the stopped run is saved)")
+    deadline = clock() + args.time_limit if args.time_limit is not None else None
     preset = "quick" if args.quick else args.preset or ("gpu" if torch.cuda.is_available() else "cpu")
     threads = args.threads or (1 if preset == "quick" else None)
     tasks = args.tasks.split(",") if args.tasks else DEFAULT_TASKS[preset]
@@ -131,13 +148,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         records = run(tasks, attentions, preset, data_dir=args.data_dir, device=args.device,
                       bf16=args.bf16 or preset in ("gpu", "paper"), seed=args.seed, steps=args.steps,
-                      lr=args.lr, progress=not args.no_progress,
+                      lr=args.lr, progress=not args.no_progress, checkpoint_dir=args.checkpoint_dir,
+                      deadline=deadline,
                       on_record=lambda done: write_results(args.out / "lra.json", done, env))  # fmt: skip
     finally:
         torch.set_num_threads(previous_threads)
     doc = write_results(args.out / "lra.json", records, env)
     plot(doc, args.out / "lra.png")
     print(f"wrote {args.out / 'lra.json'} and {args.out / 'lra.png'}")
+    if len(records) < len(tasks) * len(attentions):
+        print(f"stopped at --time-limit with {len(records)} of {len(tasks) * len(attentions)} runs finished; run the "
+              f"same command again to go on from {args.checkpoint_dir}")  # fmt: skip
+        return 3
     return 0
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -147,10 +148,26 @@ def evaluate(model, split: lra_data.Split, batch: int, device, autocast) -> floa
     return correct / max(1, len(split))
 
 
+# the clock of ``deadline`` (a module attribute, so that tests can move time)
+_now = time.monotonic
+
+
+def clock() -> float:
+    """Seconds on the clock ``train_one`` compares its ``deadline`` with."""
+    return _now()
+
+
 def train_one(
-    spec: TaskSpec, attention: str, train, test, device, bf16: bool, seed: int, progress: bool = True
-) -> dict:
-    """Trains and evaluates one attention on one task; the record."""
+    spec: TaskSpec, attention: str, train, test, device, bf16: bool, seed: int, progress: bool = True,
+    checkpoint: Path | None = None, deadline: float | None = None, checkpoint_every: int = 500,
+) -> dict | None:  # fmt: skip
+    """Trains and evaluates one attention on one task; the record.
+
+    With ``checkpoint`` (a file), training resumes from it when it exists and saves to it every
+    ``checkpoint_every`` steps; when ``_now()`` passes ``deadline`` it saves and returns None, and a later call
+    with the same file continues where it stopped, on the same batches (the sampler's state is saved), so that a
+    schedule longer than one job's time limit runs in several.
+    """
     torch.manual_seed(seed)
     model = LRAClassifier(attention, spec.vocab, spec.seq_len, spec.num_classes, spec.dim, spec.heads, spec.layers,
                           spec.dim_mlp, spec.dual, spec.block_size).to(device)  # fmt: skip
@@ -163,11 +180,40 @@ def train_one(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     gen = torch.Generator().manual_seed(seed)
+    # resumable state: next step, seconds and steps timed after each segment's first step, total seconds, jobs
+    state = {"step": 0, "timed_seconds": 0.0, "timed_steps": 0, "train_seconds": 0.0, "segments": 0,
+             "loss": float("nan"), "peak_memory_mb": 0.0}  # fmt: skip
+    if checkpoint is not None and Path(checkpoint).exists():
+        saved = torch.load(checkpoint, map_location=device, weights_only=False)
+        if (saved["task"], saved["attention"], saved["steps"]) != (spec.name, attention, spec.steps):
+            raise ValueError(
+                f"checkpoint {str(checkpoint)!r} is of {saved['task']}/{saved['attention']} with "
+                f"{saved['steps']} steps, not {spec.name}/{attention} with {spec.steps}; use another "
+                "--checkpoint-dir or delete it"
+            )
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        gen.set_state(saved["sampler"])
+        state = saved["state"]
+
+    def save() -> None:
+        Path(checkpoint).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(str(checkpoint) + ".tmp")
+        torch.save({"task": spec.name, "attention": attention, "steps": spec.steps, "model": model.state_dict(),
+                    "optimizer": opt.state_dict(), "sampler": gen.get_state(), "state": state}, tmp)  # fmt: skip
+        tmp.replace(checkpoint)  # a job killed while saving leaves the previous checkpoint whole
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     tokens_per_step = spec.batch * spec.seq_len * (2 if spec.dual else 1)
-    bar = tqdm(range(spec.steps), desc=f"{spec.name} {attention}", dynamic_ncols=True, mininterval=1.0,
-               disable=not progress)  # fmt: skip
+    first = state["step"]
+    bar = tqdm(range(first, spec.steps), desc=f"{spec.name} {attention}", dynamic_ncols=True, mininterval=1.0,
+               disable=not progress, initial=first, total=spec.steps)  # fmt: skip
+    state["segments"] += first < spec.steps
     start = warm = time.perf_counter()
-    loss_value = float("nan")
+    stopped = False
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = _lr(step, spec.steps, spec.lr)
@@ -180,26 +226,50 @@ def train_one(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         if step == 0 or step % 20 == 0 or step == spec.steps - 1:
-            loss_value = loss.item()
-            bar.set_postfix(loss=f"{loss_value:.3f}")
-        if step == 0:
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            state["loss"] = loss.item()
+            bar.set_postfix(loss=f"{state['loss']:.3f}")
+        if step == first:  # the segment's first step compiles kernels: not timed
+            sync()
             warm = time.perf_counter()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    steady = time.perf_counter() - warm
-    train_seconds = time.perf_counter() - start
+        state["step"] = step + 1
+        if checkpoint is not None and step + 1 < spec.steps:
+            stopped = deadline is not None and _now() >= deadline
+            if stopped or (step + 1) % checkpoint_every == 0:
+                sync()
+                _account(state, start, warm, first, device)
+                save()
+                if stopped:
+                    break
+                start = warm = time.perf_counter()
+                first = step + 1
+    bar.close()
+    if stopped:
+        return None
+    sync()
+    _account(state, start, warm, first, device)
+    if checkpoint is not None:
+        save()
     accuracy = evaluate(model, test, max(spec.batch, 64), device, autocast)
     counts = torch.bincount(test.labels, minlength=spec.num_classes)
+    timed = state["timed_steps"] > 0 and state["timed_seconds"] > 0
     return {
         "task": spec.name, "attention": attention, "accuracy": accuracy,
-        "majority_class": float(counts.max()) / max(1, len(test)), "final_loss": loss_value,
+        "majority_class": float(counts.max()) / max(1, len(test)), "final_loss": state["loss"],
         "steps": spec.steps, "lr": spec.lr, "batch": spec.batch, "seq_len": spec.seq_len, "n_train": len(train),
         "n_test": len(test),
-        "tokens_per_s": tokens_per_step * (spec.steps - 1) / steady if spec.steps > 1 and steady > 0 else None,
-        "train_seconds": train_seconds,
-        "peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
+        "tokens_per_s": tokens_per_step * state["timed_steps"] / state["timed_seconds"] if timed else None,
+        "train_seconds": state["train_seconds"], "jobs": state["segments"],
+        "peak_memory_mb": state["peak_memory_mb"] if device.type == "cuda" else None,
         "params": sum(p.numel() for p in model.parameters()), "bf16": use_bf16, "masks_padding": model.masks_padding,
         "model": {"dim": spec.dim, "heads": spec.heads, "layers": spec.layers, "dim_mlp": spec.dim_mlp},
     }  # fmt: skip
+
+
+def _account(state: dict, start: float, warm: float, first: int, device) -> None:
+    """Adds the segment that began at ``start`` (its first step done at ``warm``) to ``state``'s totals."""
+    now = time.perf_counter()
+    state["train_seconds"] += now - start
+    state["timed_seconds"] += now - warm
+    state["timed_steps"] += max(0, state["step"] - first - 1)
+    if device.type == "cuda":
+        state["peak_memory_mb"] = max(state["peak_memory_mb"], torch.cuda.max_memory_allocated(device) / 2**20)
