@@ -130,9 +130,19 @@ def _lr(step: int, steps: int, base: float) -> float:
     return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
 
+def on_device(split: lra_data.Split, device) -> lra_data.Split:
+    """``split`` on ``device``, token ids as int16 (vocabularies are below 2**15), so that batches are drawn there
+    without a host-to-device copy per step (a copy from pageable memory waits for the GPU to go idle)."""
+    if device.type == "cpu":
+        return split
+    ids2 = split.ids2.to(device, torch.int16) if split.ids2 is not None else None
+    return lra_data.Split(split.ids.to(device, torch.int16), split.labels.to(device), ids2)
+
+
 def _batch(split: lra_data.Split, index: torch.Tensor, device) -> tuple:
-    second = split.ids2[index].to(device) if split.ids2 is not None else None
-    return split.ids[index].to(device), second, split.labels[index].to(device)
+    index = index.to(split.ids.device, non_blocking=True)
+    second = split.ids2[index].to(device, torch.int64) if split.ids2 is not None else None
+    return split.ids[index].to(device, torch.int64), second, split.labels[index].to(device)
 
 
 @torch.no_grad()
@@ -165,7 +175,7 @@ def train_one(
 
     With ``checkpoint`` (a file), training resumes from it when it exists and saves to it every
     ``checkpoint_every`` steps; when ``_now()`` passes ``deadline`` it saves and returns None, and a later call
-    with the same file continues where it stopped, on the same batches (the sampler's state is saved), so that a
+    with the same file continues where it stopped, on the same batches (drawn up front from ``seed``), so that a
     schedule longer than one job's time limit runs in several.
     """
     torch.manual_seed(seed)
@@ -179,7 +189,10 @@ def train_one(
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    gen = torch.Generator().manual_seed(seed)
+    # every step's sample indices, drawn up front (step i always trains on the same batch, resumed or not)
+    order = torch.randint(len(train), (spec.steps, spec.batch), generator=torch.Generator().manual_seed(seed))
+    train, test = on_device(train, device), on_device(test, device)
+    order = order.to(train.ids.device)
     # resumable state: next step, seconds and steps timed after each segment's first step, total seconds, jobs
     state = {"step": 0, "timed_seconds": 0.0, "timed_steps": 0, "train_seconds": 0.0, "segments": 0,
              "loss": float("nan"), "peak_memory_mb": 0.0}  # fmt: skip
@@ -193,14 +206,13 @@ def train_one(
             )
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])
-        gen.set_state(saved["sampler"])
         state = saved["state"]
 
     def save() -> None:
         Path(checkpoint).parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(str(checkpoint) + ".tmp")
         torch.save({"task": spec.name, "attention": attention, "steps": spec.steps, "model": model.state_dict(),
-                    "optimizer": opt.state_dict(), "sampler": gen.get_state(), "state": state}, tmp)  # fmt: skip
+                    "optimizer": opt.state_dict(), "state": state}, tmp)  # fmt: skip
         tmp.replace(checkpoint)  # a job killed while saving leaves the previous checkpoint whole
 
     def sync() -> None:
@@ -217,7 +229,7 @@ def train_one(
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = _lr(step, spec.steps, spec.lr)
-        ids, ids2, labels = _batch(train, torch.randint(len(train), (spec.batch,), generator=gen), device)
+        ids, ids2, labels = _batch(train, order[step], device)
         with autocast():
             logits = model(ids, ids2)
         loss = torch.nn.functional.cross_entropy(logits.float(), labels)
