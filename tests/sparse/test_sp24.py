@@ -61,6 +61,62 @@ def test_linear_matmul_and_gradients(gradient):
         torch.testing.assert_close(a, b, **TOL)
 
 
+def _masked_2of4(x: torch.Tensor) -> torch.Tensor:
+    """Independent 2:4 mask: the two largest magnitudes of each group of 4 (ties: the first ones)."""
+    groups = x.abs().unflatten(-1, (-1, 4))
+    top = groups.topk(2, -1).indices
+    return torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, top, True).flatten(-2)
+
+
+@pytest.mark.parametrize("block", ["gelu", "relu", "swiglu", "swiglu-dense-gate"])
+def test_mlp_with_sparse_activations_matches_masked_dense(block):
+    # xFormers' MLPs on 2:4 activations: the hidden activations sparsified, the pointwise ops on the kept
+    # entries, the second product Sparse @ dense; outputs and every gradient against the masked dense MLP
+    torch.manual_seed(0)
+    x = torch.randn(8, 16, dtype=torch.float64, requires_grad=True)
+    w1, w2 = (torch.randn(16, 24, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    w3 = torch.randn(24, 12, dtype=torch.float64, requires_grad=True)
+    leaves = [x, w1, w2, w3] if block.startswith("swiglu") else [x, w1, w3]
+    ref = [t.detach().clone().requires_grad_() for t in leaves]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the CPU's dense fallback warns once
+        h1 = sparsify24(x @ w1, gradient="24dense")
+        if block == "gelu":
+            a = F.gelu(h1)
+        elif block == "relu":
+            a = h1.relu()
+        elif block == "swiglu":
+            a = F.silu(h1) * sparsify24_like(x @ w2, h1, gradient="24dense")
+        else:
+            a = F.silu(h1) * (x @ w2)
+        assert isinstance(a, Sparse24Tensor) and torch.equal(a.threads_masks, h1.threads_masks)
+        out = a @ w3
+    rx, rw1 = ref[0], ref[1]
+    m = _masked_2of4((rx @ rw1).detach())
+    h = (rx @ rw1) * m
+    if block == "gelu":
+        a_ref = F.gelu(h)
+    elif block == "relu":
+        a_ref = F.relu(h)
+    else:
+        a_ref = F.silu(h) * ((rx @ ref[2]) * m)
+    out_ref = a_ref @ ref[-1]
+    torch.testing.assert_close(out, out_ref, **TOL)
+    g = torch.randn_like(out_ref)
+    for got, want in zip(torch.autograd.grad(out, leaves, g), torch.autograd.grad(out_ref, ref, g)):
+        torch.testing.assert_close(got, want, **TOL)
+
+
+def test_pointwise_ops_that_would_fill_the_pattern_are_refused():
+    s = sparsify24(torch.randn(4, 8, dtype=torch.float64))
+    with pytest.raises(NotImplementedError):
+        torch.sigmoid(s)  # sigmoid(0) = 0.5
+    with pytest.raises(NotImplementedError):
+        s + torch.randn(4, 8, dtype=torch.float64)
+    with pytest.raises(InputError, match="shapes must be equal"):
+        s * torch.randn(1, 8, dtype=torch.float64)
+
+
 def test_ste_scales_and_like():
     w = torch.randn(8, 8, dtype=torch.float64, requires_grad=True)
     s = sparsify24_ste(w, bw_mul0=0.5, bw_mul1=2.0)

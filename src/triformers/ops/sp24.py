@@ -7,6 +7,11 @@ otherwise multiply the masked dense matrix, with a one-time warning saying why. 
 ``gradient`` argument: ``"24sparse"`` and ``"24dense"`` keep the pattern (pruned entries get zero gradient),
 ``"ste"`` passes the gradient straight through.
 
+Pointwise: ``relu``, ``gelu``, ``silu`` keep the pattern; ``*`` with a Sparse24Tensor of the same pattern or
+with a dense matrix of the same shape (sparsified like the pattern), ``+`` with the same pattern, scaling by a
+number. So xFormers' sparse-activation MLPs run as written: ``F.gelu(sparsify24(x @ w1)) @ w2`` and
+``(F.silu(h1) * sparsify24_like(h2, h1)) @ w3``.
+
 Storage differs from xFormers: ``packed`` holds the masked dense matrix (zeros at pruned entries) and
 ``threads_masks`` the kept-entry mask; the compressed form the GPU kernels read (values + metadata) is torch's
 ``SparseSemiStructuredTensor``, built on first use and kept. ``meta``, ``packed_t`` and ``meta_t`` are None.
@@ -151,7 +156,23 @@ class Sparse24Tensor(SparseWrapper):
             return args[0].t()
         if func in (torch.transpose, torch.Tensor.transpose):
             return args[0].transpose(*args[1:])
+        if func in _ACTIVATIONS:  # f(0) = 0: the pattern holds
+            x, *rest = args
+            return x._rewrap(_ACTIVATIONS[func](x.values(), *rest, **kwargs))
+        if func in (torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__):
+            a, b = args
+            x, other = (a, b) if isinstance(a, Sparse24Tensor) else (b, a)
+            if isinstance(other, torch.Tensor) and not isinstance(other, Sparse24Tensor) and other.dim() > 0:
+                if tuple(other.shape) != tuple(x.shape):
+                    raise InputError(f"Sparse24Tensor {tuple(x.shape)} * dense {tuple(other.shape)}: the shapes "
+                                     "must be equal (broadcasting is not implemented)")  # fmt: skip
+                return x._rewrap(x.values() * other)  # the dense factor sparsified like the pattern
         return NotImplemented
+
+
+# pointwise functions with f(0) = 0 that apply to the kept entries (xFormers' CUTLASS tensor has relu, gelu,
+# silu); their gradients are autograd's on the values
+_ACTIVATIONS = {F.relu: F.relu, torch.relu: F.relu, torch.Tensor.relu: F.relu, F.gelu: F.gelu, F.silu: F.silu}
 
 
 class _Pattern:
