@@ -221,3 +221,20 @@ def test_cli_time_limit_stops_and_the_same_command_goes_on(tmp_path, monkeypatch
         del PRESETS["quick"]["tiny"]
     records = json.loads((tmp_path / "lra.json").read_text())["records"]
     assert [(r["attention"], r["jobs"]) for r in records] == [("dense", 1), ("linformer", 2)]
+
+
+def test_compiled_training_matches_eager(one_thread):
+    # torch.compile with the aot_eager backend traces the model (attention included) into one graph and runs it
+    # with the same kernels: the same losses and accuracy as eager
+    spec = dataclasses.replace(PRESETS["quick"]["listops"], steps=6, n_train=128, n_test=64)
+    train, test = load_task(spec, None, seed=0)
+    cpu = torch.device("cpu")
+    eager = train_one(spec, "dense", train, test, cpu, False, 0, False)
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    compiled = train_one(spec, "dense", train, test, cpu, False, 0, False, compile_backend="aot_eager")
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]  # one graph, no break
+    assert compiled["compile"] == "aot_eager" and eager["compile"] is None
+    assert compiled["accuracy"] == eager["accuracy"]
+    assert compiled["final_loss"] == pytest.approx(eager["final_loss"], rel=1e-5)
+

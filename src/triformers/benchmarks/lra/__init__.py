@@ -5,6 +5,7 @@
     python -m triformers.benchmarks.lra --preset gpu                   # LRA's ListOps and Pathfinder-32, bf16
     python -m triformers.benchmarks.lra --preset paper                 # the same at LRA's schedule (ListOps)
     python -m triformers.benchmarks.lra --preset paper --tasks pathfinder32 --checkpoint-dir ck --time-limit 500
+    python -m triformers.benchmarks.lra --preset paper --compile          # train through torch.compile
                                         # a long schedule in jobs of a few minutes: repeat until it exits 0
     python -m triformers.benchmarks.lra --tasks image --data-dir ~/data --attentions dense,nystrom
 
@@ -28,14 +29,16 @@ from triformers.benchmarks.lra.run import DEFAULT_ATTENTIONS, DEFAULT_TASKS, PRE
 __all__ = ["PRESETS", "main", "plot", "run"]
 
 
-def run(tasks, attentions, preset: str, *, data_dir=None, device=None, bf16=False, seed=0, steps=None, lr=None,
-        progress=True, on_record=None, checkpoint_dir=None, deadline=None) -> list[dict]:  # fmt: skip
+def run(
+    tasks, attentions, preset: str, *, data_dir=None, device=None, bf16=False, seed=0, steps=None, lr=None,
+    progress=True, on_record=None, checkpoint_dir=None, deadline=None, compile_backend=None,
+) -> list[dict]:  # fmt: skip
     """Records of every (task, attention) of ``preset`` (``steps`` and ``lr`` override the preset's);
     ``on_record(records)`` is called after each one (the command line rewrites its JSON, so that a run cut short
     keeps what it did). With ``checkpoint_dir``, each (task, attention) trains from and saves to its own
     checkpoint there, and when ``run.train_one``'s clock passes ``deadline`` the run stops (saved) and returns
     the records finished so far; run it again with the same folder to go on (finished ones are re-evaluated
-    from their final checkpoint, not trained again)."""
+    from their final checkpoint, not trained again). ``compile_backend``: train through ``torch.compile``."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     specs = []
     for task in tasks:
@@ -55,7 +58,7 @@ def run(tasks, attentions, preset: str, *, data_dir=None, device=None, bf16=Fals
         for attention in attentions:
             checkpoint = Path(checkpoint_dir) / f"{task}-{attention}.pt" if checkpoint_dir is not None else None
             record = train_one(spec, attention, train, test, device, bf16, seed, progress, checkpoint=checkpoint,
-                               deadline=deadline)  # fmt: skip
+                               deadline=deadline, compile_backend=compile_backend)  # fmt: skip
             if record is None:
                 print(f"{task:>12} {attention:>20}: stopped at the time limit, saved to {checkpoint}", flush=True)
                 return records
@@ -121,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
                         "task and attention), for schedules longer than one job")  # fmt: skip
     parser.add_argument("--time-limit", type=float, help="with --checkpoint-dir: stop and save after this many "
                         "seconds of training (exit code 3: run again to go on)")  # fmt: skip
+    parser.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                        help="train through torch.compile (backend: inductor unless given)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
@@ -149,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         records = run(tasks, attentions, preset, data_dir=args.data_dir, device=args.device,
                       bf16=args.bf16 or preset in ("gpu", "paper"), seed=args.seed, steps=args.steps,
                       lr=args.lr, progress=not args.no_progress, checkpoint_dir=args.checkpoint_dir,
-                      deadline=deadline,
+                      deadline=deadline, compile_backend=args.compile,
                       on_record=lambda done: write_results(args.out / "lra.json", done, env))  # fmt: skip
     finally:
         torch.set_num_threads(previous_threads)

@@ -170,19 +170,22 @@ def clock() -> float:
 def train_one(
     spec: TaskSpec, attention: str, train, test, device, bf16: bool, seed: int, progress: bool = True,
     checkpoint: Path | None = None, deadline: float | None = None, checkpoint_every: int = 500,
+    compile_backend: str | None = None,
 ) -> dict | None:  # fmt: skip
     """Trains and evaluates one attention on one task; the record.
 
     With ``checkpoint`` (a file), training resumes from it when it exists and saves to it every
     ``checkpoint_every`` steps; when ``_now()`` passes ``deadline`` it saves and returns None, and a later call
     with the same file continues where it stopped, on the same batches (drawn up front from ``seed``), so that a
-    schedule longer than one job's time limit runs in several.
+    schedule longer than one job's time limit runs in several. ``compile_backend`` (e.g. ``"inductor"``) trains
+    through ``torch.compile(model, backend=...)``; the first step of each job then includes the compilation.
     """
     torch.manual_seed(seed)
     model = LRAClassifier(attention, spec.vocab, spec.seq_len, spec.num_classes, spec.dim, spec.heads, spec.layers,
                           spec.dim_mlp, spec.dual, spec.block_size).to(device)  # fmt: skip
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01)
     use_bf16 = bf16 and device.type == "cuda"
+    forward = torch.compile(model, backend=compile_backend) if compile_backend else model
 
     def autocast():
         return torch.autocast("cuda", torch.bfloat16, enabled=use_bf16)
@@ -231,7 +234,7 @@ def train_one(
             group["lr"] = _lr(step, spec.steps, spec.lr)
         ids, ids2, labels = _batch(train, order[step], device)
         with autocast():
-            logits = model(ids, ids2)
+            logits = forward(ids, ids2)
         loss = torch.nn.functional.cross_entropy(logits.float(), labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -272,7 +275,8 @@ def train_one(
         "tokens_per_s": tokens_per_step * state["timed_steps"] / state["timed_seconds"] if timed else None,
         "train_seconds": state["train_seconds"], "jobs": state["segments"],
         "peak_memory_mb": state["peak_memory_mb"] if device.type == "cuda" else None,
-        "params": sum(p.numel() for p in model.parameters()), "bf16": use_bf16, "masks_padding": model.masks_padding,
+        "compile": compile_backend, "params": sum(p.numel() for p in model.parameters()), "bf16": use_bf16,
+        "masks_padding": model.masks_padding,
         "model": {"dim": spec.dim, "heads": spec.heads, "layers": spec.layers, "dim_mlp": spec.dim_mlp},
     }  # fmt: skip
 
