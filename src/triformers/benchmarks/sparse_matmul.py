@@ -8,7 +8,8 @@ sparsities 50/75/90/95 %: ``sdd`` (``masked_matmul``: dense ``[M, K] @ [K, N]`` 
 dense ``torch.matmul`` of the same operands (``dense``). CUDA defaults: B·H = 16 (one batch, 16 heads),
 M = N = 4096, K = 64, blocks of 64, float16; the CPU runs tiny sizes. Then ``F.linear`` with a 2:4 weight
 (``ops.sp24.sparsify24``, pre-sparsified as in inference) against the dense weight. Each provider's output is
-checked against the dense reference before it is timed (``max_rel_err``). TFLOP/s count the work each provider
+checked against the dense reference before it is timed (``max_rel_err``); the providers of a case are timed in
+interleaved rounds (``ms`` is the median, ``ms_rounds`` lists the rounds). TFLOP/s count the work each provider
 does (the sparse ones: stored blocks only; dense: everything); ``speedup`` = dense ms / provider ms. On CUDA each
 provider is also timed replaying a CUDA graph of it (``graph_ms``, ``graph_speedup``): the GPU time alone, without
 the host time of the Python calls, which at these sizes (tens of microseconds) can exceed the kernels' own.
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import warnings
 from contextlib import contextmanager
@@ -37,6 +39,7 @@ OPS = ("sdd", "dsd", "dds")
 PROVIDERS = ("triformers", "torch", "dense")
 # (tokens, in_features, out_features): the LLaMA-7B MLP and attention projections at 16k tokens
 SP24_SHAPES = ((16384, 4096, 11008), (16384, 11008, 4096), (16384, 4096, 4096))
+ROUNDS = 5  # interleaved timing rounds per case on CUDA
 CHECK_TOL = 2e-2  # relative max error vs the dense reference; fp16 rounding of K = 64 sums gives ~1e-3
 
 
@@ -44,9 +47,9 @@ def defaults(cuda: bool) -> dict:
     """The sizes run on CUDA, and tiny ones for the CPU."""
     if cuda:
         return dict(heads=16, seq=4096, head_dim=64, block=64, dtype="float16", sparsities=SPARSITIES, ops=OPS,
-                    providers=PROVIDERS, sp24_shapes=SP24_SHAPES)
+                    providers=PROVIDERS, sp24_shapes=SP24_SHAPES, rounds=ROUNDS)
     return dict(heads=2, seq=512, head_dim=64, block=32, dtype="float32", sparsities=SPARSITIES, ops=OPS,
-                providers=("torch", "dense"), sp24_shapes=((256, 256, 256),))
+                providers=("torch", "dense"), sp24_shapes=((256, 256, 256),), rounds=3)
 
 
 def _opts(args) -> dict:
@@ -89,6 +92,25 @@ def _bench_graph(fn) -> float | None:
 
     with torch.cuda.stream(torch.cuda.Stream()):  # graphs are captured off the default stream
         return float(triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median"))
+
+
+def _interleaved(fns: dict, rounds: int) -> dict[str, list[float] | str]:
+    """Each provider's ``do_bench`` milliseconds over ``rounds`` rounds, every round timing every provider once
+    in an order rotated by one from the previous round, so that a slow spell of the machine lands on all of them
+    alike; a provider that fails while timed gets its error message instead."""
+    times: dict[str, list[float] | str] = {name: [] for name in fns}
+    order = list(fns)
+    for r in range(rounds):
+        shift = r % max(1, len(order))
+        for name in order[shift:] + order[:shift]:
+            if isinstance(times[name], str):
+                continue
+            try:
+                with _backend(name):
+                    times[name].append(do_bench(fns[name]))
+            except Exception as e:
+                times[name] = f"{type(e).__name__}: {e}"
+    return times
 
 
 def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -136,9 +158,9 @@ def matmul_records(args) -> list[dict]:
             shape = dict(batch=1, heads=o["heads"], M=o["seq"], N=o["seq"], K=o["head_dim"], block=o["block"],
                          dtype=o["dtype"], nnz_blocks=nnz)
             want = mask_ref(dense_fn())
-            times = {}
+            times, fns, recs = {}, {}, {}
             for provider in o["providers"]:
-                rec = dict(op=op, sparsity=sparsity, provider=provider, **shape)
+                rec = recs[provider] = dict(op=op, sparsity=sparsity, provider=provider, **shape)
                 try:
                     if provider == "dense":
                         fn, flops = dense_fn, f_dense
@@ -149,16 +171,25 @@ def matmul_records(args) -> list[dict]:
                             err = _rel_err(to_ref(fn()), want)
                     if err > CHECK_TOL:
                         raise AssertionError(f"max relative error {err:.3g} vs the dense reference")
-                    with _backend(provider):
-                        ms = do_bench(fn)
-                        graph_ms = _bench_graph(fn)
-                    times[provider] = ms
-                    rec.update(ms=ms, tflops=flops / ms / 1e9, max_rel_err=err)
-                    if graph_ms is not None:
-                        times[provider + "_graph"] = graph_ms
-                        rec["graph_ms"] = graph_ms
+                    rec.update(max_rel_err=err, flops=flops)
+                    fns[provider] = fn
                 except Exception as e:  # a failing provider becomes an error record; the others still run
                     rec["error"] = f"{type(e).__name__}: {e}"
+            for provider, rounds in _interleaved(fns, o["rounds"]).items():
+                rec = recs[provider]
+                if isinstance(rounds, str):
+                    rec["error"] = rounds
+                    continue
+                ms = statistics.median(rounds)
+                times[provider] = ms
+                rec.update(ms=ms, tflops=rec["flops"] / ms / 1e9, ms_rounds=[round(t, 5) for t in rounds])
+                with _backend(provider):
+                    graph_ms = _bench_graph(fns[provider])
+                if graph_ms is not None:
+                    times[provider + "_graph"] = graph_ms
+                    rec["graph_ms"] = graph_ms
+            for rec in recs.values():
+                rec.pop("flops", None)
                 records.append(rec)
             for rec in records[-len(o["providers"]):]:
                 if "ms" in rec and "dense" in times:
@@ -229,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sparsities", type=_csv(float))
     ap.add_argument("--ops", type=_csv(str))
     ap.add_argument("--providers", type=_csv(str))
+    ap.add_argument("--rounds", type=int, help=f"interleaved timing rounds per case (default {ROUNDS} on CUDA)")
     ap.add_argument("--no-sp24", action="store_true", help="skip the 2:4 linear")
     args = ap.parse_args(argv)
     records = matmul_records(args) + ([] if args.no_sp24 else sp24_records(args))
