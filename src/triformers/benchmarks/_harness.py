@@ -6,6 +6,7 @@ Every benchmark measures triformers and its peers side by side in one run and wr
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import math
@@ -98,6 +99,42 @@ def bench_interleaved(fns: dict[str, Callable[[], object]], rounds: int = 7, bud
         if r >= 2 and time.perf_counter() - start > budget_s:
             break
     return {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
+
+
+def rounds_of(fns: dict[str, Callable[[], object]], rounds: int, context=None, **bench_kwargs
+              ) -> dict[str, list[float] | str]:  # fmt: skip
+    """Each function's :func:`do_bench` milliseconds over ``rounds`` rounds, every round timing every function
+    once in an order rotated by one from the previous round, so that a slow spell of the machine lands on all of
+    them alike; a function that fails while timed gets its error message (one line) instead. ``context(name)``
+    (optional): a context manager entered around each of ``name``'s timings, outside the timed calls."""
+    times: dict[str, list[float] | str] = {name: [] for name in fns}
+    order = list(fns)
+    for r in range(rounds):
+        shift = r % max(1, len(order))
+        for name in order[shift:] + order[:shift]:
+            if isinstance(times[name], str):
+                continue
+            try:
+                with context(name) if context is not None else contextlib.nullcontext():
+                    times[name].append(do_bench(fns[name], **bench_kwargs))
+            except Exception as e:  # recorded by the caller, not hidden
+                msg = str(e).strip().splitlines()
+                times[name] = f"{type(e).__name__}: {msg[0][:300] if msg else ''}"
+    return times
+
+
+def kernel_ms(fn: Callable[[], object], iters: int = 10) -> float:
+    """GPU milliseconds per call of the kernels ``fn`` launches (torch profiler): the call without its host
+    time, which for small calls can exceed the kernels' own. CUDA only."""
+    fn()
+    torch.cuda.synchronize()
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    device_us = sum(e.device_time_total for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    return device_us / iters / 1000.0
 
 
 def geomean(values: Iterable[float]) -> float:

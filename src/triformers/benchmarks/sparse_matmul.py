@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from triformers.benchmarks._harness import do_bench, env_info, write_results
+from triformers.benchmarks._harness import do_bench, env_info, rounds_of, write_results
 
 DEFAULT_OUT = "benchmarks/results/h200/sparse_matmul.json"
 SPARSITIES = (0.5, 0.75, 0.9, 0.95)
@@ -92,25 +92,6 @@ def _bench_graph(fn) -> float | None:
 
     with torch.cuda.stream(torch.cuda.Stream()):  # graphs are captured off the default stream
         return float(triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median"))
-
-
-def _interleaved(fns: dict, rounds: int) -> dict[str, list[float] | str]:
-    """Each provider's ``do_bench`` milliseconds over ``rounds`` rounds, every round timing every provider once
-    in an order rotated by one from the previous round, so that a slow spell of the machine lands on all of them
-    alike; a provider that fails while timed gets its error message instead."""
-    times: dict[str, list[float] | str] = {name: [] for name in fns}
-    order = list(fns)
-    for r in range(rounds):
-        shift = r % max(1, len(order))
-        for name in order[shift:] + order[:shift]:
-            if isinstance(times[name], str):
-                continue
-            try:
-                with _backend(name):
-                    times[name].append(do_bench(fns[name]))
-            except Exception as e:
-                times[name] = f"{type(e).__name__}: {e}"
-    return times
 
 
 def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -175,7 +156,7 @@ def matmul_records(args) -> list[dict]:
                     fns[provider] = fn
                 except Exception as e:  # a failing provider becomes an error record; the others still run
                     rec["error"] = f"{type(e).__name__}: {e}"
-            for provider, rounds in _interleaved(fns, o["rounds"]).items():
+            for provider, rounds in rounds_of(fns, o["rounds"], context=_backend).items():
                 rec = recs[provider]
                 if isinstance(rounds, str):
                     rec["error"] = rounds

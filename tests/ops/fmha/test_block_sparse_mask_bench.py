@@ -32,3 +32,38 @@ def test_layouts_hit_their_sparsity():
             if pattern != "fixed":
                 assert abs(got[-1] - target) < 0.05, (pattern, target, got[-1])
         assert got[1] > got[0]
+
+
+def test_acceptance_on_wall_and_kernel_times():
+    def rec(pattern, s, provider, ms, kernel, nnz, mode="fw"):
+        return dict(kind="attention", pattern=pattern, target_sparsity=s, N=4096, D=64, mode=mode,
+                    provider=provider, ms=ms, kernel_ms=kernel, nnz_blocks=nnz)  # fmt: skip
+
+    records = [rec("random", 0.75, "triformers", 2.0, 1.0, 100), rec("random", 0.75, "flex", 3.0, 1.5, 100),
+               rec("random", 0.9, "triformers", 2.0, 0.5, 40), rec("random", 0.9, "flex", 2.0, 0.8, 40),
+               rec("dense", 0.0, "sdpa_cudnn", 4.0, 3.0, 400)]  # fmt: skip
+    a = sparse.acceptance(records)["fw"]
+    assert a["geomean_vs_flex"] == (1.5 * 1.0) ** 0.5 and a["geomean_vs_flex_kernel"] == (1.5 * 1.6) ** 0.5
+    assert a["min_vs_dense_from_75"] == 2.0 and a["min_vs_dense_from_75_kernel"] == 3.0
+    assert a["max_linearity"] == (2.0 / 40) / (2.0 / 100) and a["max_linearity_kernel"] == (0.5 / 40) / (1.0 / 100)
+    cpu = sparse.acceptance([{k: v for k, v in r.items() if k != "kernel_ms"} for r in records])["fw"]
+    assert "geomean_vs_flex_kernel" not in cpu and cpu["geomean_vs_flex"] == a["geomean_vs_flex"]
+
+
+def test_rounds_rotate_the_order_and_keep_errors(monkeypatch):
+    from triformers.benchmarks import _harness
+
+    calls = []
+
+    def bench(fn, **kwargs):
+        calls.append(fn())
+        return float(len(calls))
+
+    def fails():
+        raise RuntimeError("no kernel\nfor this")
+
+    monkeypatch.setattr(_harness, "do_bench", bench)
+    times = _harness.rounds_of({"a": lambda: "a", "b": lambda: "b", "c": lambda: "c"}, 3)
+    assert calls == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert times == {"a": [1.0, 6.0, 8.0], "b": [2.0, 4.0, 9.0], "c": [3.0, 5.0, 7.0]}
+    assert _harness.rounds_of({"x": fails}, 2) == {"x": "RuntimeError: no kernel"}
