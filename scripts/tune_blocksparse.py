@@ -14,13 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections import defaultdict
 from pathlib import Path
 
 import torch
 import triton.testing
 
-from triformers.benchmarks._harness import env_info
+from triformers.benchmarks._harness import env_info, kernel_us
 from triformers.benchmarks.sparse import BLOCK, _provider, make_layout
 from triformers.ops import fmha
 from triformers.ops.fmha._triton import configs
@@ -57,22 +56,6 @@ def _graph_ms(fn) -> float | str:
         return f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
 
 
-def _kernels(fn, iters: int = 10) -> dict[str, float]:
-    """Device microseconds per call of each kernel ``fn`` launches."""
-    fn()
-    torch.cuda.synchronize()
-    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-    with torch.profiler.profile(activities=acts) as prof:
-        for _ in range(iters):
-            fn()
-        torch.cuda.synchronize()
-    out: dict[str, float] = defaultdict(float)
-    for evt in prof.events():
-        if evt.device_type == torch.autograd.DeviceType.CUDA:
-            out[evt.name[:60]] += evt.device_time_total / iters
-    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
-
-
 def _sweep(direction: str, cands, fn) -> list[dict]:
     rows = []
     for cfg in cands:
@@ -102,7 +85,7 @@ def run(shapes, sparsities, sweep: bool) -> list[dict]:
                     fn = _provider(name, q, k, v, layout, mode, BLOCK)
                     rec[f"{name}_{mode}_ms"] = _bench(fn)
                     rec[f"{name}_{mode}_graph_ms"] = _graph_ms(fn) if mode == "fw" else None
-            rec["kernels_fwbw_us"] = _kernels(_provider("triformers", q, k, v, layout, "fwbw", BLOCK))
+            rec["kernels_fwbw_us"] = kernel_us(_provider("triformers", q, k, v, layout, "fwbw", BLOCK))
             if sweep and s in (0.75, 0.9):
                 mask = fmha.attn_bias.BlockSparseMask(layout, BLOCK)
                 with torch.no_grad():
@@ -142,7 +125,7 @@ def _print(r: dict) -> None:
     print(f"{head} fw {ours_f:.3f} (graph {gs}) flex {flex_f:.3f} = {flex_f / ours_f:.2f}x | "
           f"fwbw {ours_b:.3f} flex {flex_b:.3f} = {flex_b / ours_b:.2f}x", flush=True)
     top = list(r["kernels_fwbw_us"].items())[:5]
-    print("   kernels (us/call): " + "; ".join(f"{n} {t:.0f}" for n, t in top), flush=True)
+    print("   kernels (us/call): " + "; ".join(f"{n[:60]} {t:.0f}" for n, t in top), flush=True)
     for key in ("sweep_fwd", "sweep_bwd", "sweep_dq_deterministic"):
         if key in r:
             b = _best(r[key])

@@ -177,6 +177,13 @@ def test_transpose_scale_add_dropout_roundtrip():
     torch.testing.assert_close((2 * x).to_dense(), 2 * dense)
     torch.testing.assert_close((x / 4).to_dense(), dense / 4)
     torch.testing.assert_close((x + x * 2).to_dense(), 3 * dense)
+    d = torch.randn(dense.shape, dtype=torch.float64, requires_grad=True)
+    prod = d * x  # a dense factor is read at the stored entries: the masked elementwise product
+    assert isinstance(prod, BlockSparseTensor)
+    torch.testing.assert_close(prod.to_dense(), dense * d.detach())
+    g = torch.randn(prod.values().shape, dtype=torch.float64)
+    (gd,) = torch.autograd.grad(prod.values(), d, g)
+    torch.testing.assert_close(gd, BlockSparseTensor(g, layout).to_dense() * dense)
     torch.testing.assert_close(BlockSparseTensor.from_dense(dense, layout).values(), x.values())
     y = torch.nn.functional.dropout(x, p=0.5, training=True)
     kept = y.values() != 0

@@ -123,9 +123,8 @@ def rounds_of(fns: dict[str, Callable[[], object]], rounds: int, context=None, *
     return times
 
 
-def kernel_ms(fn: Callable[[], object], iters: int = 10) -> float:
-    """GPU milliseconds per call of the kernels ``fn`` launches (torch profiler): the call without its host
-    time, which for small calls can exceed the kernels' own. CUDA only."""
+def kernel_us(fn: Callable[[], object], iters: int = 10) -> dict[str, float]:
+    """GPU microseconds per call of each kernel ``fn`` launches (torch profiler), longest first. CUDA only."""
     fn()
     torch.cuda.synchronize()
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
@@ -133,8 +132,17 @@ def kernel_ms(fn: Callable[[], object], iters: int = 10) -> float:
         for _ in range(iters):
             fn()
         torch.cuda.synchronize()
-    device_us = sum(e.device_time_total for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
-    return device_us / iters / 1000.0
+    out: dict[str, float] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            out[e.name] = out.get(e.name, 0.0) + e.device_time_total / iters
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+def kernel_ms(fn: Callable[[], object], iters: int = 10) -> float:
+    """GPU milliseconds per call of the kernels ``fn`` launches: the call without its host time, which for small
+    calls can exceed the kernels' own. CUDA only."""
+    return sum(kernel_us(fn, iters).values()) / 1000.0
 
 
 def geomean(values: Iterable[float]) -> float:

@@ -121,6 +121,9 @@ class Sparse24Tensor(SparseWrapper):
         return self.values()
 
     def _from_dense_values(self, dense: torch.Tensor) -> torch.Tensor:
+        if tuple(dense.shape) != tuple(self.shape):
+            raise InputError(f"dense.shape={tuple(dense.shape)} differs from the Sparse24Tensor's {tuple(self.shape)} "
+                             "(broadcasting is not implemented)")  # fmt: skip
         return dense * self._pattern.mask
 
     def _same_pattern(self, other: Sparse24Tensor) -> bool:
@@ -159,14 +162,6 @@ class Sparse24Tensor(SparseWrapper):
         if func in _ACTIVATIONS:  # f(0) = 0: the pattern holds
             x, *rest = args
             return x._rewrap(_ACTIVATIONS[func](x.values(), *rest, **kwargs))
-        if func in (torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__):
-            a, b = args
-            x, other = (a, b) if isinstance(a, Sparse24Tensor) else (b, a)
-            if isinstance(other, torch.Tensor) and not isinstance(other, Sparse24Tensor) and other.dim() > 0:
-                if tuple(other.shape) != tuple(x.shape):
-                    raise InputError(f"Sparse24Tensor {tuple(x.shape)} * dense {tuple(other.shape)}: the shapes "
-                                     "must be equal (broadcasting is not implemented)")  # fmt: skip
-                return x._rewrap(x.values() * other)  # the dense factor sparsified like the pattern
         return NotImplemented
 
 

@@ -183,7 +183,9 @@ def _elementwise(func, a, b, *rest, **kwargs):
     if isinstance(other, SparseWrapper) and func not in _DIVS:
         op = torch.add if func in _ADDS else torch.mul
         return x._rewrap(op(x.values(), x._values_of(other), *rest, **kwargs))
+    if isinstance(other, torch.Tensor) and func in _SCALES:  # the dense factor read at the stored entries
+        return x._rewrap(x.values() * x._values_of(other))
     raise NotImplementedError(
-        f"{type(x).__name__} supports scaling by a number, and + and * with the same pattern "
-        f"(got {type(other).__name__}); use .to_dense()"
+        f"{type(x).__name__} supports scaling by a number, * with a dense tensor of its shape, and + and * with "
+        f"the same pattern (got {type(other).__name__}); use .to_dense()"
     )

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from triformers.benchmarks import sparse
@@ -67,3 +68,17 @@ def test_rounds_rotate_the_order_and_keep_errors(monkeypatch):
     assert calls == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
     assert times == {"a": [1.0, 6.0, 8.0], "b": [2.0, 4.0, 9.0], "c": [3.0, 5.0, 7.0]}
     assert _harness.rounds_of({"x": fails}, 2) == {"x": "RuntimeError: no kernel"}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_kernel_times_of_a_matmul():
+    from triformers.benchmarks import _harness
+
+    a = torch.randn(2048, 2048, device="cuda")
+    per_kernel = _harness.kernel_us(lambda: a @ a, iters=3)
+    assert per_kernel and all(t > 0 for t in per_kernel.values())
+    assert list(per_kernel.values()) == sorted(per_kernel.values(), reverse=True)
+    total = _harness.kernel_ms(lambda: a @ a, iters=3)
+    assert 0.2 * sum(per_kernel.values()) / 1000 < total < 5 * sum(per_kernel.values()) / 1000
+

@@ -5,8 +5,8 @@
     python -m triformers.benchmarks.lra --preset gpu                   # LRA's ListOps and Pathfinder-32, bf16
     python -m triformers.benchmarks.lra --preset paper                 # the same at LRA's schedule (ListOps)
     python -m triformers.benchmarks.lra --preset paper --tasks pathfinder32 --checkpoint-dir ck --time-limit 500
-    python -m triformers.benchmarks.lra --preset paper --compile          # train through torch.compile
                                         # a long schedule in jobs of a few minutes: repeat until it exits 0
+    python -m triformers.benchmarks.lra --preset paper --compile       # train through torch.compile
     python -m triformers.benchmarks.lra --tasks image --data-dir ~/data --attentions dense,nystrom
 
 ListOps and Pathfinder are generated (seeded); Image (CIFAR-10 python batches), Text (aclImdb) and Retrieval
