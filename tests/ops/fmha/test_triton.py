@@ -182,3 +182,27 @@ def test_scale_of_any_sign(scale, bias_type):
     for a, b in zip(_grads(out, tensors, g), _grads(ref, tensors, g.double())):
         torch.testing.assert_close(a.double(), b.double(), atol=2e-4, rtol=2e-4)
 
+
+
+@pytest.mark.parametrize("layout", ["bmhk", "bhmk_transposed"])
+def test_custom_ops_fake_outputs_match_the_kernels(layout):
+    """The fake implementations of ``triformers::flash_fwd``/``flash_bwd`` give the sizes and strides the kernels
+    return, also for q/k/v that are transposed views (what a multi-head layer hands over): Inductor checks the
+    real outputs against them, and ``dq`` was once faked with q's strides while the kernel writes it dense."""
+    from triformers.ops.fmha import _flash_ops
+
+    gen = torch.Generator().manual_seed(3)
+
+    def make(m):
+        x = torch.randn(2, 3, m, 16, generator=gen)  # [B, H, M, K]
+        return x.transpose(1, 2) if layout == "bhmk_transposed" else x.transpose(1, 2).contiguous()
+
+    q, k, v = make(20), make(24), make(24)
+    args = _flash_ops._call_args(fmha.Inputs(q, k, v), None)
+    fwd = torch.ops.triformers.flash_fwd.default
+    torch.library.opcheck(fwd, args, test_utils=("test_schema", "test_faketensor"))
+    out, lse = fwd(*args)
+    grad = torch.randn(out.shape, generator=gen).transpose(1, 2).contiguous().transpose(1, 2)
+    bwd_args = (grad, q, k, v, out, lse, None, -1, *args[4:14], None, args[15], args[16], False, None)
+    torch.library.opcheck(torch.ops.triformers.flash_bwd.default, bwd_args, test_utils=("test_schema",
+                                                                                     "test_faketensor"))

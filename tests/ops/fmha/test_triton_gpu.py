@@ -163,6 +163,16 @@ def test_torch_compile_fullgraph(op_name):
         g = torch.randn_like(out)
         for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
             torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
+    # q/k/v as transposed views of [B, H, M, K] (a multi-head layer's), through Inductor's stride checks
+    qt, kt, vt = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))
+    fn = torch.compile(lambda a, b, c: fmha.memory_efficient_attention(a.transpose(1, 2), b.transpose(1, 2),
+                                                                       c.transpose(1, 2), op=op), fullgraph=True)
+    out = fn(qt, kt, vt)
+    ref = fmha.memory_efficient_attention(qt.transpose(1, 2), kt.transpose(1, 2), vt.transpose(1, 2), op=op)
+    torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (qt, kt, vt), g), torch.autograd.grad(ref, (qt, kt, vt), g)):
+        torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
 
 
 def test_batch_times_heads_beyond_grid_limit():

@@ -111,7 +111,8 @@ def _flash_bwd_fake(
     dv5 = v.new_empty(launch.kv_grad_shape(q, v, share_kv, v.shape[-1]))
     db_shape = launch.db_buffer_shape(q, k, bias, share_kv, db_reduce_mask) if (
         db_reduce_mask >= 0 and bias is not None) else (0,)
-    return torch.empty_like(q), dk5, dv5, q.new_empty(db_shape, dtype=torch.float32)
+    # dq is dense whatever q's strides (the kernels write it so; empty_like would copy a transposed q's strides)
+    return q.new_empty(q.shape), dk5, dv5, q.new_empty(db_shape, dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output):
