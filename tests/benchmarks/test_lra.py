@@ -238,3 +238,19 @@ def test_compiled_training_matches_eager(one_thread):
     assert compiled["accuracy"] == eager["accuracy"]
     assert compiled["final_loss"] == pytest.approx(eager["final_loss"], rel=1e-5)
 
+
+
+def test_tasks_without_padding_are_not_masked():
+    """Pathfinder has no padding token, so its all-true mask is left out (same logits, less work) and its
+    records say the task has no padding."""
+    spec = PRESETS["quick"]["pathfinder16"]
+    train, _ = load_task(spec, None, 0)
+    assert not spec.padded and bool((train.ids != 0).all())
+    models = []
+    for mask_padding in (True, False):
+        torch.manual_seed(0)
+        models.append(LRAClassifier("dense", vocab=257, seq_len=256, num_classes=2, dim=16, heads=2, layers=1,
+                                    mask_padding=mask_padding).double())  # fmt: skip
+    assert models[0].masks_padding and not models[1].masks_padding
+    torch.testing.assert_close(models[0](train.ids[:4]), models[1](train.ids[:4]))
+    assert PRESETS["quick"]["listops"].padded and not PRESETS["gpu"]["image"].padded

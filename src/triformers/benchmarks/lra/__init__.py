@@ -184,7 +184,7 @@ def markdown_summary(doc: dict) -> str:
     ]
     for r in records:
         lr = f"{r['lr']:g}" if "lr" in r else "-"
-        masked = "yes" if r.get("masks_padding") else "no"
+        masked = {True: "yes", False: "no", None: "no padding"}[r.get("masks_padding", False)]
         lines.append(f"| {r['task']} | {r['attention']} | {masked} | {r['steps']} | {lr} | {r['accuracy']:.3f} | "
                      f"{r['majority_class']:.3f} | {r['tokens_per_s'] or 0:,.0f} | {r['peak_memory_mb'] or 0:,.0f} |")
     if env.get("run_note"):

@@ -43,6 +43,7 @@ class TaskSpec:
     dim_mlp: int = 128
     block_size: int = 32
     dual: bool = False
+    padded: bool = True  # sequences end in padding (id 0); Pathfinder and Image never do, so nothing is masked
     options: dict = field(default_factory=dict)  # generator settings (ListOpsConfig / PathfinderConfig fields)
 
 
@@ -51,7 +52,7 @@ def _listops(n_train, n_test, seq_len, steps, batch, **options) -> TaskSpec:
 
 
 def _pathfinder(size, n_train, n_test, steps, batch, **options) -> TaskSpec:
-    return TaskSpec(f"pathfinder{size}", size * size, 2, 257, n_train, n_test, steps, batch,
+    return TaskSpec(f"pathfinder{size}", size * size, 2, 257, n_train, n_test, steps, batch, padded=False,
                     options={"size": size, **options})  # fmt: skip
 
 
@@ -77,13 +78,13 @@ PRESETS: dict[str, dict[str, TaskSpec]] = {
     "cpu": {
         "listops": _listops(8192, 1024, 128, 600, 32, max_depth=3, max_args=5, min_length=16, max_length=128),
         "pathfinder16": replace(_pathfinder(16, 8192, 1024, 600, 32, path_length=12, distractors=1), block_size=16),
-        "image": TaskSpec("image", 1024, 10, 257, 10000, 2000, 300, 32),
+        "image": TaskSpec("image", 1024, 10, 257, 10000, 2000, 300, 32, padded=False),
     },
     # ~6 minutes for 4 attentions on an H200 (bf16): LRA's ListOps (lengths 500-2000, seq 2048) and Pathfinder-32
     "gpu": {
         "listops": _listops(16384, 2048, 2048, 1200, 32),
         "pathfinder32": _pathfinder(32, 50000, 4000, 1600, 128),
-        "image": TaskSpec("image", 1024, 10, 257, 50000, 10000, 2000, 128),
+        "image": TaskSpec("image", 1024, 10, 257, 50000, 10000, 2000, 128, padded=False),
         "text": TaskSpec("text", 4096, 2, 257, 25000, 5000, 1000, 32),
         "retrieval": TaskSpec("retrieval", 4096, 2, 257, 20000, 5000, 1000, 16, dual=True),
     },
@@ -182,7 +183,7 @@ def train_one(
     """
     torch.manual_seed(seed)
     model = LRAClassifier(attention, spec.vocab, spec.seq_len, spec.num_classes, spec.dim, spec.heads, spec.layers,
-                          spec.dim_mlp, spec.dual, spec.block_size).to(device)  # fmt: skip
+                          spec.dim_mlp, spec.dual, spec.block_size, mask_padding=spec.padded).to(device)  # fmt: skip
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01)
     use_bf16 = bf16 and device.type == "cuda"
     forward = torch.compile(model, backend=compile_backend) if compile_backend else model
@@ -276,7 +277,7 @@ def train_one(
         "train_seconds": state["train_seconds"], "jobs": state["segments"],
         "peak_memory_mb": state["peak_memory_mb"] if device.type == "cuda" else None,
         "compile": compile_backend, "params": sum(p.numel() for p in model.parameters()), "bf16": use_bf16,
-        "masks_padding": model.masks_padding,
+        "masks_padding": model.masks_padding if spec.padded else None,  # None: the task has no padding
         "model": {"dim": spec.dim, "heads": spec.heads, "layers": spec.layers, "dim_mlp": spec.dim_mlp},
     }  # fmt: skip
 
