@@ -239,7 +239,6 @@ def test_compiled_training_matches_eager(one_thread):
     assert compiled["final_loss"] == pytest.approx(eager["final_loss"], rel=1e-5)
 
 
-
 def test_tasks_without_padding_are_not_masked():
     """Pathfinder has no padding token, so its all-true mask is left out (same logits, less work) and its
     records say the task has no padding."""
@@ -254,3 +253,6 @@ def test_tasks_without_padding_are_not_masked():
     assert models[0].masks_padding and not models[1].masks_padding
     torch.testing.assert_close(models[0](train.ids[:4]), models[1](train.ids[:4]))
     assert PRESETS["quick"]["listops"].padded and not PRESETS["gpu"]["image"].padded
+    record = {"task": spec.name, "attention": "dense", "masks_padding": None, "steps": 1, "accuracy": 0.5,
+              "majority_class": 0.5, "tokens_per_s": None, "peak_memory_mb": None}  # fmt: skip
+    assert "| pathfinder16 | dense | no padding |" in lra.markdown_summary({"env": {}, "records": [record]})

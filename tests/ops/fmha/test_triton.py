@@ -183,7 +183,6 @@ def test_scale_of_any_sign(scale, bias_type):
         torch.testing.assert_close(a.double(), b.double(), atol=2e-4, rtol=2e-4)
 
 
-
 @pytest.mark.parametrize("layout", ["bmhk", "bhmk_transposed"])
 def test_custom_ops_fake_outputs_match_the_kernels(layout):
     """The fake implementations of ``triformers::flash_fwd``/``flash_bwd`` give the sizes and strides the kernels
