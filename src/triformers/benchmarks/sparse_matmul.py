@@ -2,17 +2,17 @@
 
     python -m triformers.benchmarks.sparse_matmul [--out benchmarks/results/h200/sparse_matmul.json]
 
-Block-sparse products of :class:`~triformers.sparse.BlockSparseTensor` (random layouts, one per head) at
-sparsities 50/75/90/95 %: ``sdd`` (``masked_matmul``: dense ``[M, K] @ [K, N]`` kept at the layout), ``dsd``
-(``S @ D``) and ``dds`` (``D @ S``), by our Triton kernels (``triformers``), the torch path (``torch``) and a
-dense ``torch.matmul`` of the same operands (``dense``). CUDA defaults: B·H = 16 (one batch, 16 heads),
-M = N = 4096, K = 64, blocks of 64, float16; the CPU runs tiny sizes. Then ``F.linear`` with a 2:4 weight
-(``ops.sp24.sparsify24``, pre-sparsified as in inference) against the dense weight. Each provider's output is
-checked against the dense reference before it is timed (``max_rel_err``); the providers of a case are timed in
-interleaved rounds (``ms`` is the median, ``ms_rounds`` lists the rounds). TFLOP/s count the work each provider
-does (the sparse ones: stored blocks only; dense: everything); ``speedup`` = dense ms / provider ms. On CUDA each
-provider is also timed replaying a CUDA graph of it (``graph_ms``, ``graph_speedup``): the GPU time alone, without
-the host time of the Python calls, which at these sizes (tens of microseconds) can exceed the kernels' own.
+Block-sparse products of :class:`~triformers.sparse.BlockSparseTensor` (random layouts, one per head) at sparsities
+50/75/90/95 %: ``sdd`` (``masked_matmul``: dense ``[M, K] @ [K, N]`` kept at the layout), ``dsd`` (``S @ D``) and
+``dds`` (``D @ S``), by our Triton kernels (``triformers``), the torch path (``torch``) and a dense ``torch.matmul``
+of the same operands (``dense``). CUDA defaults: B·H = 16 (one batch, 16 heads), M = N = 4096, K = 64, blocks of 64,
+float16; the CPU runs tiny sizes. Then ``F.linear`` with a 2:4 weight (``ops.sp24.sparsify24``, pre-sparsified as in
+inference) against the dense weight. Each provider's output is checked before it is timed against a float32 matmul
+of the same inputs (``max_rel_err``); the providers of a case are timed in interleaved rounds (``ms`` is the median,
+``ms_rounds`` lists the rounds). TFLOP/s count the work each provider does (the sparse ones: stored blocks only;
+dense: everything); ``speedup`` = dense ms / provider ms. On CUDA each provider is also timed replaying a CUDA graph
+of it (``graph_ms``, ``graph_speedup``): the GPU time alone, without the host time of the Python calls, which at
+these sizes (tens of microseconds) can exceed the kernels' own.
 
 ``matmul_records(args)`` and ``sp24_records(args)`` return the records (``python -m triformers.benchmarks.sparse``
 calls them with its own arguments; missing attributes take the defaults of :func:`defaults`).
@@ -114,17 +114,20 @@ def _case(op: str, sparsity: float, o: dict, device: str, gen: torch.Generator):
         a = torch.randn(1, H, S, D, device=device, dtype=dtype)
         b = torch.randn(1, H, D, S, device=device, dtype=dtype)
         sparse_fn, dense_fn = (lambda: masked_matmul(a, b, sparse)), (lambda: torch.matmul(a, b))
-        check = (lambda out: out.to_dense()), (lambda out: out * keep)
+        ref_fn = lambda: torch.matmul(a.float(), b.float()) * keep  # noqa: E731
+        to_ref, dense_to_ref = (lambda out: out.to_dense()), (lambda out: out * keep)
     elif op == "dsd":
         d = torch.randn(1, H, S, D, device=device, dtype=dtype)
         sparse_fn, dense_fn = (lambda: sparse @ d), (lambda: torch.matmul(dense_s, d))
-        check = (lambda out: out), (lambda out: out)
+        ref_fn, to_ref = (lambda: torch.matmul(dense_s.float(), d.float())), (lambda out: out)
+        dense_to_ref = to_ref
     else:
         d = torch.randn(1, H, D, S, device=device, dtype=dtype)
         sparse_fn, dense_fn = (lambda: d @ sparse), (lambda: torch.matmul(d, dense_s))
-        check = (lambda out: out), (lambda out: out)
+        ref_fn, to_ref = (lambda: torch.matmul(d.float(), dense_s.float())), (lambda out: out)
+        dense_to_ref = to_ref
     flops_sparse, flops_dense = 2.0 * nnz * bs * bs * D, 2.0 * H * S * S * D
-    return sparse_fn, dense_fn, check, nnz, flops_sparse, flops_dense
+    return sparse_fn, dense_fn, (to_ref, dense_to_ref, ref_fn), nnz, flops_sparse, flops_dense
 
 
 def matmul_records(args) -> list[dict]:
@@ -135,17 +138,18 @@ def matmul_records(args) -> list[dict]:
     records = []
     for op in o["ops"]:
         for sparsity in o["sparsities"]:
-            sparse_fn, dense_fn, (to_ref, mask_ref), nnz, f_sparse, f_dense = _case(op, sparsity, o, device, gen)
+            case = _case(op, sparsity, o, device, gen)
+            sparse_fn, dense_fn, (to_ref, dense_to_ref, ref_fn), nnz, f_sparse, f_dense = case
             shape = dict(batch=1, heads=o["heads"], M=o["seq"], N=o["seq"], K=o["head_dim"], block=o["block"],
                          dtype=o["dtype"], nnz_blocks=nnz)
-            want = mask_ref(dense_fn())
+            want = ref_fn()  # float32 from the same fp16/bf16 inputs: both providers' rounding shows
             times, fns, recs = {}, {}, {}
             for provider in o["providers"]:
                 rec = recs[provider] = dict(op=op, sparsity=sparsity, provider=provider, **shape)
                 try:
                     if provider == "dense":
                         fn, flops = dense_fn, f_dense
-                        err = 0.0
+                        err = _rel_err(dense_to_ref(fn()), want)
                     else:
                         fn, flops = sparse_fn, f_sparse
                         with _backend(provider):
