@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 import pickle
 import sys
 
@@ -199,8 +200,23 @@ def test_training_stopped_at_a_deadline_resumes_to_the_same_model(tmp_path, monk
         assert torch.equal(value, b["model"][name]), name
     assert (resumed["accuracy"], resumed["final_loss"]) == (whole["accuracy"], whole["final_loss"])
     assert (whole["jobs"], resumed["jobs"]) == (1, 2)
-    with pytest.raises(ValueError, match="checkpoint .* is of listops/dense"):
+    with pytest.raises(ValueError, match="checkpoint .* is of .*'attention': 'dense'"):
         train_one(spec, "linformer", train, test, cpu, False, 0, False, checkpoint=cut)
+    with pytest.raises(ValueError, match="checkpoint .* is of .*'lr': 0.001.*not .*'lr': 0.0005"):
+        train_one(dataclasses.replace(spec, lr=5e-4), "dense", train, test, cpu, False, 0, False, checkpoint=cut)
+
+
+def test_learning_rate_schedules():
+    lra_run = sys.modules["triformers.benchmarks.lra.run"]
+    spec = dataclasses.replace(PRESETS["quick"]["listops"], steps=10, lr=1.0, warmup=2, decay="linear")
+    got = [lra_run._lr(step, spec) for step in range(10)]
+    want = [0.5, 1.0] + [1 - k / 8 for k in range(8)]  # warm-up, then linear from 1 towards 0 over 8 steps
+    assert got == pytest.approx(want)
+    cosine = dataclasses.replace(spec, decay="cosine", warmup=None)  # warm-up: a tenth of the steps
+    want = [1.0, 1.0, 0.5 * (1 + math.cos(math.pi * 4 / 9))]
+    assert [lra_run._lr(s, cosine) for s in (0, 1, 5)] == pytest.approx(want)
+    with pytest.raises(ValueError, match="decay"):
+        dataclasses.replace(spec, decay="step")
 
 
 def test_cli_time_limit_stops_and_the_same_command_goes_on(tmp_path, monkeypatch, capsys):

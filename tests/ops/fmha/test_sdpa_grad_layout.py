@@ -1,14 +1,14 @@
 """Gradients through ``fmha.sdpa`` do not depend on the layout of the incoming gradient.
 
 torch's cuDNN SDPA backward (torch 2.11, H200) returned wrong dQ/dK/dV when the output's gradient had other
-strides than the output; ``sdpa._GradInOutputStrides`` hands it on in the output's strides."""
+strides than the output; ``_sdpa_backends._GradInOutputStrides`` hands it on in the output's strides."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from triformers.ops import fmha
-from triformers.ops.fmha import sdpa
+from triformers.ops.fmha import _sdpa_backends
 
 
 def test_gradient_reaches_the_output_in_its_strides():
@@ -16,7 +16,7 @@ def test_gradient_reaches_the_output_in_its_strides():
     y = x.transpose(1, 2)  # strides of a [B, H, M, K] view of [B, M, H, K] data
     seen = []
     y.register_hook(seen.append)
-    z = sdpa._GradInOutputStrides.apply(y)
+    z = _sdpa_backends._GradInOutputStrides.apply(y)
     for g in (torch.randn(z.shape, dtype=torch.float64), torch.ones(()).expand(z.shape).double()):
         (gx,) = torch.autograd.grad(z, x, g, retain_graph=True)
         assert seen[-1].stride() == y.stride() and torch.equal(seen[-1], g)

@@ -37,6 +37,8 @@ class TaskSpec:
     steps: int
     batch: int
     lr: float = 1e-3
+    warmup: int | None = None  # linear warm-up steps (None: a tenth of the steps)
+    decay: str = "cosine"  # after the warm-up: "cosine" or "linear" to 0
     dim: int = 64
     heads: int = 2
     layers: int = 2
@@ -45,6 +47,10 @@ class TaskSpec:
     dual: bool = False
     padded: bool = True  # sequences end in padding (id 0); Pathfinder and Image never do, so nothing is masked
     options: dict = field(default_factory=dict)  # generator settings (ListOpsConfig / PathfinderConfig fields)
+
+    def __post_init__(self) -> None:
+        if self.decay not in ("cosine", "linear"):
+            raise ValueError(f"TaskSpec.decay={self.decay!r}: use 'cosine' or 'linear'")
 
 
 def _listops(n_train, n_test, seq_len, steps, batch, **options) -> TaskSpec:
@@ -89,11 +95,13 @@ PRESETS: dict[str, dict[str, TaskSpec]] = {
         "retrieval": TaskSpec("retrieval", 4096, 2, 257, 20000, 5000, 1000, 16, dual=True),
     },
     # LRA's schedules and data sizes: ListOps 96k/2k examples, 5000 steps at batch 32 (~5 minutes for 4
-    # attentions on an H200); Pathfinder-32 200k examples, 62400 steps at batch 256 (tens of minutes per attention,
-    # so it runs only when asked for with --tasks)
+    # attentions on an H200); Pathfinder-32 160k/20k examples, 62400 steps at batch 256 (~8 minutes per attention
+    # through --compile on an H200, so it runs only when asked for with --tasks) with the learning-rate schedule
+    # of xFormers' LRA config for it (peak 1e-4, 312 warm-up steps, linear decay): at the default 1e-3 and a
+    # cosine decay dense attention ended at chance (h200/lra_pathfinder32_dense_lr1e-3.json)
     "paper": {
         "listops": _listops(96000, 2000, 2048, 5000, 32),
-        "pathfinder32": _pathfinder(32, 160000, 20000, 62400, 256),
+        "pathfinder32": replace(_pathfinder(32, 160000, 20000, 62400, 256), lr=1e-4, warmup=312, decay="linear"),
     },
 }
 DEFAULT_TASKS = {"quick": ("listops",), "cpu": ("listops", "pathfinder16"), "gpu": ("listops", "pathfinder32"),
@@ -124,11 +132,14 @@ def load_task(spec: TaskSpec, data_dir, seed: int) -> tuple[lra_data.Split, lra_
     raise ValueError(f"unknown LRA task {spec.name!r}")
 
 
-def _lr(step: int, steps: int, base: float) -> float:
-    warmup = max(1, steps // 10)
+def _lr(step: int, spec: TaskSpec) -> float:
+    """The learning rate of ``step``: linear warm-up to ``spec.lr``, then cosine or linear decay to 0."""
+    steps, base = spec.steps, spec.lr
+    warmup = max(1, steps // 10 if spec.warmup is None else spec.warmup)
     if step < warmup:
         return base * (step + 1) / warmup
-    return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+    done = (step - warmup) / max(1, steps - warmup)
+    return base * (1 - done) if spec.decay == "linear" else base * 0.5 * (1 + math.cos(math.pi * done))
 
 
 def on_device(split: lra_data.Split, device) -> lra_data.Split:
@@ -202,11 +213,11 @@ def train_one(
              "loss": float("nan"), "peak_memory_mb": 0.0}  # fmt: skip
     if checkpoint is not None and Path(checkpoint).exists():
         saved = torch.load(checkpoint, map_location=device, weights_only=False)
-        if (saved["task"], saved["attention"], saved["steps"]) != (spec.name, attention, spec.steps):
+        ident = {"task": spec.name, "attention": attention, **_schedule(spec)}
+        if {k: saved.get(k) for k in ident} != ident:
             raise ValueError(
-                f"checkpoint {str(checkpoint)!r} is of {saved['task']}/{saved['attention']} with "
-                f"{saved['steps']} steps, not {spec.name}/{attention} with {spec.steps}; use another "
-                "--checkpoint-dir or delete it"
+                f"checkpoint {str(checkpoint)!r} is of {({k: saved.get(k) for k in ident})}, not {ident}; use "
+                "another --checkpoint-dir or delete it"
             )
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])
@@ -215,7 +226,7 @@ def train_one(
     def save() -> None:
         Path(checkpoint).parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(str(checkpoint) + ".tmp")
-        torch.save({"task": spec.name, "attention": attention, "steps": spec.steps, "model": model.state_dict(),
+        torch.save({"task": spec.name, "attention": attention, **_schedule(spec), "model": model.state_dict(),
                     "optimizer": opt.state_dict(), "state": state}, tmp)  # fmt: skip
         tmp.replace(checkpoint)  # a job killed while saving leaves the previous checkpoint whole
 
@@ -232,7 +243,7 @@ def train_one(
     stopped = False
     for step in bar:
         for group in opt.param_groups:
-            group["lr"] = _lr(step, spec.steps, spec.lr)
+            group["lr"] = _lr(step, spec)
         ids, ids2, labels = _batch(train, order[step], device)
         with autocast():
             logits = forward(ids, ids2)
@@ -271,7 +282,7 @@ def train_one(
     return {
         "task": spec.name, "attention": attention, "accuracy": accuracy,
         "majority_class": float(counts.max()) / max(1, len(test)), "final_loss": state["loss"],
-        "steps": spec.steps, "lr": spec.lr, "batch": spec.batch, "seq_len": spec.seq_len, "n_train": len(train),
+        **_schedule(spec), "batch": spec.batch, "seq_len": spec.seq_len, "n_train": len(train),
         "n_test": len(test),
         "tokens_per_s": tokens_per_step * state["timed_steps"] / state["timed_seconds"] if timed else None,
         "train_seconds": state["train_seconds"], "jobs": state["segments"],
@@ -280,6 +291,12 @@ def train_one(
         "masks_padding": model.masks_padding if spec.padded else None,  # None: the task has no padding
         "model": {"dim": spec.dim, "heads": spec.heads, "layers": spec.layers, "dim_mlp": spec.dim_mlp},
     }  # fmt: skip
+
+
+def _schedule(spec: TaskSpec) -> dict:
+    """What a checkpoint must share with the run resuming it (and what records say of the schedule)."""
+    warmup = max(1, spec.steps // 10 if spec.warmup is None else spec.warmup)
+    return {"steps": spec.steps, "lr": spec.lr, "warmup": warmup, "decay": spec.decay}
 
 
 def _account(state: dict, start: float, warm: float, first: int, device) -> None:

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from triformers.ops.common import register_operator
 from triformers.ops.fmha import attn_bias as ab
 from triformers.ops.fmha._layout import _stride0_shared, expanded_base
+from triformers.ops.fmha._sdpa_backends import cuda_backends, grad_layout_guard
 from triformers.ops.fmha.common import AttentionBwOpBase, AttentionFwOpBase, Context, Gradients, Inputs
 
 _TORCH_VERSION = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
@@ -52,66 +53,6 @@ LSE_CHUNK_ELEMENTS = 2**24
 # Mq <= 8192 (bfloat16) and 16384 (float16).
 _CPU_BW_Q_BLOCK = ((768, 256), (192, 64), (0, 32))
 _UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
-
-
-class _CudnnFirst:
-    """Context manager putting torch's cuDNN SDPA kernel first in its priority order (the other backends
-    keep their order, and backends the user disabled stay disabled): cuDNN was 1.3x to 1.8x faster than the
-    flash backend on every dense bf16 record of the H100 benchmark, forward and forward+backward, while
-    torch's default order tries flash first. Setting the order directly costs ~0.3 us; ``sdpa_kernel(...,
-    set_priority=True)`` cost ~16 us per call, which showed on small kernels."""
-
-    _CUDNN = 3  # torch._C._SDPBackend.CUDNN_ATTENTION
-
-    def __enter__(self):
-        self.prev = torch._C._get_sdp_priority_order()
-        torch._C._set_sdp_priority_order([self._CUDNN] + [b for b in self.prev if b != self._CUDNN])
-
-    def __exit__(self, *exc):
-        torch._C._set_sdp_priority_order(self.prev)
-
-
-class _GradInOutputStrides(torch.autograd.Function):
-    """Identity whose backward hands the gradient on in the strides of the output it flows into.
-
-    torch's cuDNN SDPA backward assumes ``grad_output.strides() == output.strides()`` (it materialized a matching
-    copy up to torch 2.5, and trusts cuDNN >= 9.5.1 to take any layout since): with torch 2.11 on an H200 a
-    gradient in another layout than the output's gave wrong dQ/dK/dV, off by up to 1.3 against 0.003 for the
-    right ones (bf16, B = 2, H = 8, M = 512, K = 64: a contiguous [B, H, M, K] output, its gradient contiguous
-    as [B, M, H, K]), while the flash and memory-efficient backends were right. Inputs handed over as transposed
-    [B, H, M, K] tensors, or gradients from another layer's layout, meet that case. A gradient already in the
-    output's strides passes untouched (no copy)."""
-
-    @staticmethod
-    def forward(ctx, out):
-        ctx.layout = (out.shape, out.stride())
-        return out.view_as(out)
-
-    @staticmethod
-    def backward(ctx, grad):
-        shape, stride = ctx.layout
-        if grad.stride() == stride:
-            return grad
-        return torch.empty_strided(shape, stride, dtype=grad.dtype, device=grad.device).copy_(grad)
-
-
-def _grad_layout_guard(out: torch.Tensor) -> torch.Tensor:
-    """``out``, through :class:`_GradInOutputStrides` where its backward runs one of torch's CUDA kernels."""
-    if out.requires_grad and out.device.type == "cuda" and torch.is_grad_enabled():
-        return _GradInOutputStrides.apply(out)
-    return out
-
-
-def _cuda_backends():
-    if torch.compiler.is_compiling():  # not traceable; compiled graphs keep torch's own order
-        import contextlib
-
-        return contextlib.nullcontext()
-    if hasattr(torch._C, "_set_sdp_priority_order") and hasattr(torch._C, "_get_sdp_priority_order"):
-        return _CudnnFirst()
-    import contextlib
-
-    return contextlib.nullcontext()  # torch without priorities: its own order
 
 
 _BLOCK_TYPES = (ab.BlockDiagonalMask, ab.BlockDiagonalCausalMask, ab.BlockDiagonalCausalFromBottomRightMask)
@@ -234,7 +175,7 @@ class _Plan:
             kwargs["enable_gqa"] = self.gqa
         try:
             if q.device.type == "cuda":
-                with _cuda_backends():
+                with cuda_backends():
                     choice = torch._fused_sdp_choice(q, k, v, self.mask, inp.p, self.is_causal, **kwargs)
             else:
                 choice = torch._fused_sdp_choice(q, k, v, self.mask, inp.p, self.is_causal, **kwargs)
@@ -246,7 +187,7 @@ class _Plan:
 
     def run(self, inp: Inputs) -> torch.Tensor:
         if self.q.device.type == "cuda":
-            with _cuda_backends():
+            with cuda_backends():
                 return self._run(inp)
         return self._run(inp)
 
@@ -257,12 +198,12 @@ class _Plan:
         if self.gqa:
             kwargs["enable_gqa"] = True
         if self.blocks is None:
-            out = _grad_layout_guard(F.scaled_dot_product_attention(
+            out = grad_layout_guard(F.scaled_dot_product_attention(
                 self.q, self.k, self.v, attn_mask=self.mask, is_causal=self.is_causal, **kwargs
             ))  # fmt: skip
         else:
             outs = [
-                _grad_layout_guard(F.scaled_dot_product_attention(
+                grad_layout_guard(F.scaled_dot_product_attention(
                     self.q[:, :, a0:a1], self.k[:, :, b0:b1], self.v[:, :, b0:b1], is_causal=self.is_causal,
                     **kwargs,
                 ))  # fmt: skip
