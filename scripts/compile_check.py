@@ -50,8 +50,8 @@ def _ptxas_report(ptx: str, arch: int) -> str:
 SASS_OPS: list[str] = []  # --sass: opcodes to count in the kernel's SASS (besides the total)
 
 
-def sass_op_counts(cubin: bytes) -> dict[str, int]:
-    """Opcode -> count in a cubin's SASS (``nvdisasm`` from Triton's toolchain; NOPs left out)."""
+def _sass(cubin: bytes) -> str:
+    """A cubin's SASS text (``nvdisasm`` from Triton's toolchain)."""
     from triton import knobs
 
     nvdisasm = os.path.join(os.path.dirname(knobs.nvidia.ptxas.path), "nvdisasm")
@@ -59,11 +59,51 @@ def sass_op_counts(cubin: bytes) -> dict[str, int]:
         f.write(cubin)
     sass = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True, check=True).stdout
     os.unlink(f.name)
-    ops: dict[str, int] = {}
+    return sass
+
+
+def _instructions(sass: str) -> list[tuple[int, str]]:
+    """``(address, opcode)`` of every instruction but NOPs (predicates dropped, modifiers kept)."""
+    out = []
     for line in sass.splitlines():
-        m = re.search(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", line)
-        if m and m.group(1) != "NOP":
-            ops[m.group(1)] = ops.get(m.group(1), 0) + 1
+        m = re.search(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_][A-Z0-9_.]*)", line)
+        if m and m.group(2) != "NOP":
+            out.append((int(m.group(1), 16), m.group(2)))
+    return out
+
+
+def sass_op_counts(cubin: bytes) -> dict[str, int]:
+    """Opcode (without modifiers) -> count in a cubin's SASS (NOPs left out)."""
+    ops: dict[str, int] = {}
+    for _, op in _instructions(_sass(cubin)):
+        op = op.split(".")[0]
+        ops[op] = ops.get(op, 0) + 1
+    return ops
+
+
+def sass_loop_counts(cubin: bytes) -> dict[str, int]:
+    """Opcode (with modifiers) -> count in the largest loop body of a cubin's SASS (a backward branch to a
+    label): the per-iteration work of a kernel's main loop."""
+    sass = _sass(cubin)
+    labels, lines = {}, sass.splitlines()
+    for i, line in enumerate(lines):
+        m = re.match(r"\.(L_x_\d+):", line.strip())
+        if m:
+            nxt = next((re.search(r"/\*([0-9a-f]{4,})\*/", x) for x in lines[i + 1 :] if "/*" in x), None)
+            if nxt:
+                labels[m.group(1)] = int(nxt.group(1), 16)
+    loops = []
+    for line in lines:
+        m = re.search(r"/\*([0-9a-f]{4,})\*/.*\bBRA\b.*?\.?(L_x_\d+)", line)
+        if m and labels.get(m.group(2), 1 << 62) < int(m.group(1), 16):
+            loops.append((labels[m.group(2)], int(m.group(1), 16)))
+    if not loops:
+        return {}
+    lo, hi = max(loops, key=lambda span: span[1] - span[0])
+    ops: dict[str, int] = {}
+    for addr, op in _instructions(sass):
+        if lo <= addr <= hi:
+            ops[op] = ops.get(op, 0) + 1
     return ops
 
 
@@ -122,7 +162,7 @@ def main(argv=None) -> int:
     from triformers.ops.fmha._triton import configs
     from triformers.ops.fmha.attn_bias_utils import ALL_BIAS_TYPES, bias_name, create_inputs
 
-    configs._arch = lambda: f"sm{args.arch}"  # the table of the target, not of this CPU
+    configs._arch = lambda *_: f"sm{args.arch}"  # the table of the target, not of this CPU
     label = [""]
 
     def fake_getitem(self, grid):

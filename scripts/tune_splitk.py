@@ -2,7 +2,7 @@
 
     PYTHONPATH=src python scripts/tune_splitk.py --out tune_splitk.json [--quick] [--kinds half,paged,int4,fp8]
     PYTHONPATH=src python scripts/tune_splitk.py --crossover --out crossover.json
-    PYTHONPATH=src python scripts/tune_splitk.py --compile-only 90      # no GPU needed
+    PYTHONPATH=src python scripts/tune_splitk.py --compile-only 90 [--sass]  # no GPU needed
 
 Sweep (bf16, Hq=32, Hkv=8, D=128, one query per sequence, the decoding benchmark's (B, L) cases): for every
 cache kind and candidate (BLOCK_N, num_warps, num_stages, split_k) it first checks the output against a float32
@@ -247,7 +247,7 @@ def _compile(kernel, args, kwargs, arch: int, label: str) -> None:
     from triformers._triton import triton_specialization
 
     sys.path.insert(0, os.path.dirname(__file__))
-    from compile_check import _ptxas_report
+    from compile_check import _ptxas_report, sass_loop_counts
 
     signature, constexprs, attrs = {}, {}, {}
     for i, p in enumerate(kernel.params):
@@ -266,12 +266,20 @@ def _compile(kernel, args, kwargs, arch: int, label: str) -> None:
             ASTSource(kernel, signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32), options=options
         )
         report = f"{_ptxas_report(c.asm['ptx'], arch)} shared={c.metadata.shared}"
+        if SASS_LOOP:  # the main loop: instructions per thread, warp-instructions per key, commonest opcodes
+            ops = sass_loop_counts(c.asm["cubin"])
+            n = sum(ops.values())
+            top = ", ".join(f"{op} {k}" for op, k in sorted(ops.items(), key=lambda x: -x[1])[:6])
+            report += f" loop={n} ({n * kwargs['num_warps'] / kwargs['BLOCK_N']:.1f} warp-instr/key: {top})"
     except Exception as e:  # reported: a candidate this compiler refuses
         report = "FAIL " + " / ".join(str(e).strip().splitlines()[-6:])[:600]
     print(f"{kernel.__name__} {label:24s} {options} {report} ({time.time() - t0:.1f}s)", flush=True)
 
 
-def compile_only(arch: int) -> None:
+SASS_LOOP = False  # --sass: also count the main loop's SASS instructions
+
+
+def compile_only(arch: int, kinds=KINDS) -> None:
     """Compiles the usual candidates of every cache kind for sm_ARCH on this machine (no launch)."""
     from triton.runtime.jit import JITFunction
 
@@ -282,7 +290,7 @@ def compile_only(arch: int) -> None:
     JITFunction.__getitem__ = lambda self, grid: (
         lambda *a, **kw: _compile(self, a, kw, arch, label[0]) if self.__name__ == "splitk_fwd" else None
     )
-    for kind in KINDS:
+    for kind in kinds:
         inp, _, _ = make_case(kind, 4, 1024, device="cpu")
         for bn, w, st in QUICK:
             label[0] = f"{kind} BLOCK_N={bn}"
@@ -298,11 +306,14 @@ def main(argv=None) -> int:
     ap.add_argument("--splits", default="1", help="split counts to try, as factors of the heuristic's (0.5,1,2)")
     ap.add_argument("--eager", action="store_true", help="time with do_bench (host time included), not a graph")
     ap.add_argument("--compile-only", type=int, metavar="ARCH", help="compile for sm_ARCH, no GPU")
+    ap.add_argument("--sass", action="store_true", help="with --compile-only: SASS instructions of the main loop")
     args = ap.parse_args(argv)
     global EAGER
     EAGER = args.eager
     if args.compile_only:
-        compile_only(args.compile_only)
+        global SASS_LOOP
+        SASS_LOOP = args.sass
+        compile_only(args.compile_only, args.kinds.split(","))
         return 0
     if not torch.cuda.is_available():
         print("needs a CUDA GPU (or --compile-only ARCH)", file=sys.stderr)
