@@ -5,7 +5,7 @@
 #   lra_checkpoints/ (one checkpoint per task and attention), then packs that folder into OUTDIR/lra_checkpoints.tgz
 #   for the next job. The benchmark exits 0 when every (task, attention) has finished (OUTDIR/lra.json holds all
 #   records; finished ones are re-read from their checkpoints, not trained again) and 3 when it stopped at the
-#   time limit. Unpack the tar in the checkout and run again until it exits 0. Prints the records so far last.
+#   time limit. Unpack the tar in the checkout and run again until it exits 0. Prints the log's last lines.
 # Run from the repository root on a CUDA machine (src/ goes on PYTHONPATH).
 set -u
 OUT=${1:?usage: scripts/gpu_lra.sh OUTDIR [SECONDS] [ARGS...]}

@@ -236,7 +236,7 @@ def crossover() -> list[dict]:
     return rows
 
 
-def _compile(kernel, args, kwargs, arch: int, label: str) -> None:
+def _compile(kernel, args, kwargs, arch: int, label: str, sass: bool = False) -> None:
     """Compiles one launch for sm_ARCH with the specialisation Triton's JIT would give these arguments (16-byte
     divisibility of pointers and ints decides vectorised loads, hence registers) and prints ptxas's report."""
     import triton
@@ -266,7 +266,7 @@ def _compile(kernel, args, kwargs, arch: int, label: str) -> None:
             ASTSource(kernel, signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32), options=options
         )
         report = f"{_ptxas_report(c.asm['ptx'], arch)} shared={c.metadata.shared}"
-        if SASS_LOOP:  # the main loop: instructions per thread, warp-instructions per key, commonest opcodes
+        if sass:  # the main loop: instructions per thread, warp-instructions per key, commonest opcodes
             ops = sass_loop_counts(c.asm["cubin"])
             n = sum(ops.values())
             top = ", ".join(f"{op} {k}" for op, k in sorted(ops.items(), key=lambda x: -x[1])[:6])
@@ -276,11 +276,9 @@ def _compile(kernel, args, kwargs, arch: int, label: str) -> None:
     print(f"{kernel.__name__} {label:24s} {options} {report} ({time.time() - t0:.1f}s)", flush=True)
 
 
-SASS_LOOP = False  # --sass: also count the main loop's SASS instructions
-
-
-def compile_only(arch: int, kinds=KINDS) -> None:
-    """Compiles the usual candidates of every cache kind for sm_ARCH on this machine (no launch)."""
+def compile_only(arch: int, kinds=KINDS, sass: bool = False) -> None:
+    """Compiles the usual candidates of every cache kind for sm_ARCH on this machine (no launch); ``sass``: also
+    count the SASS instructions of the kernel's main key loop."""
     from triton.runtime.jit import JITFunction
 
     from triformers._triton import _AVAILABLE
@@ -288,7 +286,7 @@ def compile_only(arch: int, kinds=KINDS) -> None:
     _AVAILABLE["triton"] = True
     label = [""]
     JITFunction.__getitem__ = lambda self, grid: (
-        lambda *a, **kw: _compile(self, a, kw, arch, label[0]) if self.__name__ == "splitk_fwd" else None
+        lambda *a, **kw: _compile(self, a, kw, arch, label[0], sass) if self.__name__ == "splitk_fwd" else None
     )
     for kind in kinds:
         inp, _, _ = make_case(kind, 4, 1024, device="cpu")
@@ -311,9 +309,7 @@ def main(argv=None) -> int:
     global EAGER
     EAGER = args.eager
     if args.compile_only:
-        global SASS_LOOP
-        SASS_LOOP = args.sass
-        compile_only(args.compile_only, args.kinds.split(","))
+        compile_only(args.compile_only, args.kinds.split(","), args.sass)
         return 0
     if not torch.cuda.is_available():
         print("needs a CUDA GPU (or --compile-only ARCH)", file=sys.stderr)

@@ -134,8 +134,7 @@ def load_task(spec: TaskSpec, data_dir, seed: int) -> tuple[lra_data.Split, lra_
 
 def _lr(step: int, spec: TaskSpec) -> float:
     """The learning rate of ``step``: linear warm-up to ``spec.lr``, then cosine or linear decay to 0."""
-    steps, base = spec.steps, spec.lr
-    warmup = max(1, steps // 10 if spec.warmup is None else spec.warmup)
+    steps, base, warmup = spec.steps, spec.lr, _warmup(spec)
     if step < warmup:
         return base * (step + 1) / warmup
     done = (step - warmup) / max(1, steps - warmup)
@@ -295,8 +294,12 @@ def train_one(
 
 def _schedule(spec: TaskSpec) -> dict:
     """What a checkpoint must share with the run resuming it (and what records say of the schedule)."""
-    warmup = max(1, spec.steps // 10 if spec.warmup is None else spec.warmup)
-    return {"steps": spec.steps, "lr": spec.lr, "warmup": warmup, "decay": spec.decay}
+    return {"steps": spec.steps, "lr": spec.lr, "warmup": _warmup(spec), "decay": spec.decay}
+
+
+def _warmup(spec: TaskSpec) -> int:
+    """Warm-up steps: ``spec.warmup``, or a tenth of the steps (at least 1)."""
+    return max(1, spec.steps // 10 if spec.warmup is None else spec.warmup)
 
 
 def _account(state: dict, start: float, warm: float, first: int, device) -> None:
