@@ -58,6 +58,23 @@ def test_pathfinder_images():
     assert not torch.equal(images[0], images[1])
 
 
+@pytest.mark.parametrize("size, path_length, distractors", [(32, 22, 2), (20, 12, 1), (16, 10, 1)])
+def test_pathfinder_labels_are_the_pixels_connectivity(size, path_length, distractors):
+    """With solid paths, an image is positive exactly when its two dots lie in one 8-connected component of
+    drawn pixels (an independent reading of the label from the pixels: crossings or touches that join the dots
+    of a negative would make it unreadable)."""
+    from scipy import ndimage
+
+    cfg = lra_data.PathfinderConfig(size=size, path_length=path_length, distractors=distractors, gap=0)
+    split = lra_data.pathfinder(300, cfg, seed=1)
+    images = (split.ids - 1).reshape(-1, size, size).numpy()
+    joined = []
+    for image in images:
+        parts, _ = ndimage.label(image > 0, structure=np.ones((3, 3)))
+        joined.append(len(set(parts[image == 255].tolist())) == 1)
+    assert joined == [bool(v) for v in split.labels.tolist()]
+
+
 def test_cifar10_from_pickle_batches(tmp_path):
     root = tmp_path / "cifar-10-batches-py"
     root.mkdir()
@@ -204,6 +221,19 @@ def test_training_stopped_at_a_deadline_resumes_to_the_same_model(tmp_path, monk
         train_one(spec, "linformer", train, test, cpu, False, 0, False, checkpoint=cut)
     with pytest.raises(ValueError, match="checkpoint .* is of .*'lr': 0.001.*not .*'lr': 0.0005"):
         train_one(dataclasses.replace(spec, lr=5e-4), "dense", train, test, cpu, False, 0, False, checkpoint=cut)
+
+
+def test_pathfinder_checkpoint_of_other_images_is_refused(tmp_path, monkeypatch, one_thread):
+    lra_run = sys.modules["triformers.benchmarks.lra.run"]
+    spec = dataclasses.replace(PRESETS["quick"]["pathfinder16"], steps=2, n_train=64, n_test=16)
+    train, test = load_task(spec, None, seed=0)
+    cpu = torch.device("cpu")
+    checkpoint = tmp_path / "pf.pt"
+    record = train_one(spec, "dense", train, test, cpu, False, 0, False, checkpoint=checkpoint)
+    assert record["data_version"] == lra_data.PATHFINDER_VERSION
+    monkeypatch.setattr(lra_run.lra_data, "PATHFINDER_VERSION", lra_data.PATHFINDER_VERSION + 1)
+    with pytest.raises(ValueError, match="checkpoint .* is of .*'data_version'"):
+        train_one(spec, "dense", train, test, cpu, False, 0, False, checkpoint=checkpoint)
 
 
 def test_learning_rate_schedules():

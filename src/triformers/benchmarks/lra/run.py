@@ -83,7 +83,7 @@ PRESETS: dict[str, dict[str, TaskSpec]] = {
     # a few minutes per attention on a CPU: shallow ListOps of up to 128 tokens, Pathfinder 16 x 16
     "cpu": {
         "listops": _listops(8192, 1024, 128, 600, 32, max_depth=3, max_args=5, min_length=16, max_length=128),
-        "pathfinder16": replace(_pathfinder(16, 8192, 1024, 600, 32, path_length=12, distractors=1), block_size=16),
+        "pathfinder16": replace(_pathfinder(16, 8192, 1024, 600, 32, path_length=10, distractors=1), block_size=16),
         "image": TaskSpec("image", 1024, 10, 257, 10000, 2000, 300, 32, padded=False),
     },
     # ~6 minutes for 4 attentions on an H200 (bf16): LRA's ListOps (lengths 500-2000, seq 2048) and Pathfinder-32
@@ -97,8 +97,7 @@ PRESETS: dict[str, dict[str, TaskSpec]] = {
     # LRA's schedules and data sizes: ListOps 96k/2k examples, 5000 steps at batch 32 (~5 minutes for 4
     # attentions on an H200); Pathfinder-32 160k/20k examples, 62400 steps at batch 256 (~8 minutes per attention
     # through --compile on an H200, so it runs only when asked for with --tasks) with the learning-rate schedule
-    # of xFormers' LRA config for it (peak 1e-4, 312 warm-up steps, linear decay): at the default 1e-3 and a
-    # cosine decay dense attention ended at chance (h200/lra_pathfinder32_dense_lr1e-3.json)
+    # of xFormers' LRA config for it (peak 1e-4, 312 warm-up steps, linear decay)
     "paper": {
         "listops": _listops(96000, 2000, 2048, 5000, 32),
         "pathfinder32": replace(_pathfinder(32, 160000, 20000, 62400, 256), lr=1e-4, warmup=312, decay="linear"),
@@ -293,8 +292,12 @@ def train_one(
 
 
 def _schedule(spec: TaskSpec) -> dict:
-    """What a checkpoint must share with the run resuming it (and what records say of the schedule)."""
-    return {"steps": spec.steps, "lr": spec.lr, "warmup": _warmup(spec), "decay": spec.decay}
+    """What a checkpoint must share with the run resuming it (and what records say of the schedule); Pathfinder
+    adds its generator's version (a checkpoint trained on other images is refused)."""
+    schedule = {"steps": spec.steps, "lr": spec.lr, "warmup": _warmup(spec), "decay": spec.decay}
+    if spec.name.startswith("pathfinder"):
+        schedule["data_version"] = lra_data.PATHFINDER_VERSION
+    return schedule
 
 
 def _warmup(spec: TaskSpec) -> int:
