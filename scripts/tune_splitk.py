@@ -27,6 +27,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 import time
 
@@ -143,9 +144,11 @@ def _heuristic_split(inp) -> int:
     return sk.FwOp.get_split_k(B, HKV, 1, L, HQ // HKV * Mq)
 
 
-def _split_candidates(inp, factors=SPLIT_FACTORS) -> list[int]:
+def _split_candidates(inp, factors=SPLIT_FACTORS) -> list:
+    """None (the operator's own split: the heuristic's, sized for fewer programs per SM where the compiled
+    kernel leaves room for fewer) and the heuristic's split times each factor other than 1."""
     base = _heuristic_split(inp)
-    return sorted({max(1, min(128, round(base * f))) for f in factors})
+    return [None, *sorted({max(1, min(128, round(base * f))) for f in factors if f != 1.0})]
 
 
 def sweep(kinds, quick: bool, factors=SPLIT_FACTORS) -> list[dict]:
@@ -164,8 +167,8 @@ def sweep(kinds, quick: bool, factors=SPLIT_FACTORS) -> list[dict]:
                         op = sk.FwOp.get_operator(split, block_n=bn, num_warps=w, num_stages=st,
                                                   int4_interleaved=interleaved)
                         rec = dict(kind=kind, B=B, L=L, block_n=bn, num_warps=w, num_stages=st,
-                                   int4_interleaved=bool(interleaved), split_k=split,
-                                   heuristic_split=split == _heuristic_split(inp))
+                                   int4_interleaved=bool(interleaved), split_k=split or "auto",
+                                   heuristic_split=split is None)
                         try:
                             ok = _close(op.apply(inp, False)[0], ref)
                             ms = _time(lambda op=op, inp=inp: op.apply(inp, False)) if ok else math.inf
@@ -249,6 +252,8 @@ def _compile(kernel, args, kwargs, arch: int, label: str, sass: bool = False) ->
     sys.path.insert(0, os.path.dirname(__file__))
     from compile_check import _ptxas_report, sass_loop_counts
 
+    from triformers._triton import programs_per_sm
+
     signature, constexprs, attrs = {}, {}, {}
     for i, p in enumerate(kernel.params):
         value = args[i] if i < len(args) else kwargs[p.name]
@@ -266,6 +271,9 @@ def _compile(kernel, args, kwargs, arch: int, label: str, sass: bool = False) ->
             ASTSource(kernel, signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32), options=options
         )
         report = f"{_ptxas_report(c.asm['ptx'], arch)} shared={c.metadata.shared}"
+        regs = re.search(r"regs=(\d+)", report)
+        if regs:  # programs an SM holds at once (the split-K launch sizes its split for min(this, 4))
+            report += f" per_sm={programs_per_sm(int(regs[1]), c.metadata.shared, kwargs['num_warps'])}"
         if sass:  # the main loop: instructions per thread, warp-instructions per key, commonest opcodes
             ops = sass_loop_counts(c.asm["cubin"])
             n = sum(ops.values())

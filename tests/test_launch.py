@@ -66,6 +66,32 @@ def test_cdiv():
     assert [T.cdiv(n, 16) for n in (0, 1, 16, 17, 33)] == [0, 1, 1, 2, 3]
 
 
+@pytest.mark.parametrize(
+    "n_regs, shared, num_warps, expected",
+    [
+        (128, 0, 4, 4),  # 16 registers x 32 lanes x 4 warps = 16K of the SM's 64K
+        (118, 0, 4, 4),  # rounded up to 120 per thread (units of 256 per warp): 15360 per program
+        (137, 31488, 4, 3),  # 144 per thread: 18432 per program, 3 fit (not the 4 a split sized for 4 assumes)
+        (255, 0, 4, 2),
+        (80, 58368, 4, 3),  # shared memory bounds it: 57 KiB + the 1 KiB every block reserves, 228 KiB per SM
+        (64, 0, 8, 4),  # threads bound it too: 2048 per SM
+        (16, 0, 1, 32),  # at most 32 blocks
+        (255, 300000, 8, 1),  # never 0
+    ],
+)
+def test_programs_per_sm_follows_the_occupancy_rules(n_regs, shared, num_warps, expected):
+    assert T.programs_per_sm(n_regs, shared, num_warps) == expected
+
+
+def test_split_k_sized_for_the_programs_that_fit():
+    from triformers.ops.fmha._triton.splitk_launch import PROGRAMS_PER_SM, split_for
+
+    # B = 1, 8 K/V heads, 131072 keys, 4 query rows: 4 x 132 / 8 = 66 splits, 3 per SM 49, never above the table's 4
+    assert split_for(8, 131072, 4, sms=132) == 66
+    assert split_for(8, 131072, 4, sms=132, per_sm=3) == 49
+    assert split_for(8, 131072, 4, sms=132, per_sm=8) == split_for(8, 131072, 4, sms=132) and PROGRAMS_PER_SM == 4
+
+
 def test_launch_takes_the_jit_path_under_the_interpreter(monkeypatch):
     """Under TRITON_INTERPRET=1 (the CPU suite) every launch goes through kernel[grid]."""
     calls = []
@@ -265,3 +291,30 @@ def test_repeated_launches_skip_the_jit_on_the_gpu(monkeypatch):
     assert len(calls) == n_first, "the second launch went through the JIT"
     torch.testing.assert_close(first, rms_norm_reference(x, w, 1e-6).half(), atol=2e-3, rtol=2e-3)
     torch.testing.assert_close(second, rms_norm_reference(x + 1, w, 1e-6).half(), atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.gpu
+def test_resident_programs_of_a_compiled_kernel():
+    """The split-K launch sizes its split with this: the occupancy of the kernel as compiled (its registers
+    and shared memory), on the GPU at hand."""
+    import unittest.mock
+
+    from triton.runtime.jit import JITFunction
+
+    from triformers.ops.rmsnorm import rms_norm
+
+    x = torch.randn(64, 1000, device="cuda", dtype=torch.float16)
+    seen = []
+    run = JITFunction.run
+
+    def spy(self, *args, grid, warmup, **kwargs):
+        compiled = run(self, *args, grid=grid, warmup=warmup, **kwargs)
+        seen.append((self, args, grid, kwargs, compiled))
+        return compiled
+
+    with unittest.mock.patch.object(JITFunction, "run", spy), unittest.mock.patch.object(T, "_FAST_LAUNCH", False):
+        rms_norm(x, torch.rand(1000, device="cuda", dtype=torch.float16))
+    kernel, args, grid, meta, compiled = seen[-1]
+    got = T.resident_programs(kernel, grid, args, meta, x.device)
+    expected = T.programs_per_sm(compiled.n_regs, compiled.metadata.shared, compiled.metadata.num_warps)
+    assert got == expected >= 1

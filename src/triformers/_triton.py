@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 
 import torch
 
@@ -243,3 +244,41 @@ def _init_fast_launch() -> None:
 def cdiv(a: int, b: int) -> int:
     """⌈a / b⌉ for ints (``triton.cdiv`` is a JIT function: costly to call from the host)."""
     return -(-a // b)
+
+
+def programs_per_sm(n_regs: int, shared: int, num_warps: int, regs_per_sm: int = 65536,
+                    smem_per_sm: int = 233472, threads_per_sm: int = 2048, max_blocks: int = 32) -> int:
+    """Programs (thread blocks) of a kernel one SM holds at once: registers are given to each warp in units
+    of 256 (8 per thread), every block also takes 1 KiB of shared memory for the system (NVIDIA's occupancy
+    rules for sm_80-sm_90). At least 1."""
+    warp_regs = -(-max(n_regs, 1) * 32 // 256) * 256
+    by_regs = regs_per_sm // (warp_regs * num_warps)
+    by_smem = smem_per_sm // (shared + 1024)
+    by_threads = threads_per_sm // (32 * num_warps)
+    return max(1, min(by_regs, by_smem, by_threads, max_blocks))
+
+
+def resident_programs(kernel, grid: tuple, args: tuple, meta: dict, device: torch.device) -> int | None:
+    """:func:`programs_per_sm` of ``kernel`` compiled for ``args`` and ``meta`` on CUDA ``device``: compiles
+    it without launching (``JITFunction.warmup``) and loads it, which gives its register count. None (warned
+    once) where this Triton does not expose them."""
+    try:
+        compiled = kernel.warmup(*args, grid=grid, **meta)
+        compiled._init_handles()  # loads the binary: sets n_regs (Triton reads it from the driver at load time)
+        n_regs, shared, num_warps = compiled.n_regs, compiled.metadata.shared, compiled.metadata.num_warps
+    except (AttributeError, TypeError) as e:
+        if not _WARNED_OCCUPANCY:
+            _WARNED_OCCUPANCY.append(True)
+            warnings.warn(f"triformers: cannot read a compiled kernel's registers ({e!r}); launch heuristics "
+                          "assume their default programs per SM", stacklevel=2)  # fmt: skip
+        return None
+    props = torch.cuda.get_device_properties(device)
+    return programs_per_sm(
+        n_regs, shared, num_warps,
+        regs_per_sm=getattr(props, "regs_per_multiprocessor", 65536),
+        smem_per_sm=getattr(props, "shared_memory_per_multiprocessor", 233472),
+        threads_per_sm=getattr(props, "max_threads_per_multi_processor", 2048),
+    )  # fmt: skip
+
+
+_WARNED_OCCUPANCY: list[bool] = []

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from triformers._triton import cdiv, interpret_mode, launch
+from triformers._triton import cdiv, interpret_mode, launch, resident_programs
 from triformers.ops.fmha import _layout
 from triformers.ops.fmha._mask import KV_CACHE_BIAS_TYPES, kv_cache_window, mask_spec
 from triformers.ops.fmha._triton import splitk as _kernels
@@ -42,8 +42,9 @@ class Config:
 # on every case of the plain cache (128-145 us for 537 MB: 0.90-1.02 of a device copy's bandwidth), and within
 # 10 % on the paged one; the previous entry (3 stages, 70 KiB of shared memory per program, with twice the
 # splits) took 0.204 ms at B = 1, L = 131072 in the decoding benchmark. The other rows follow the same rule
-# (2 stages) untimed, except fp8 at BLOCK_M 16: BLOCK_N 128 was the fastest on all five cases (116-135 us,
-# benchmarks/results/h200/tune_splitk_4599731.log).
+# (2 stages) untimed, except fp8 and int4 at BLOCK_M 16 (benchmarks/results/h200/tune_splitk_4599731.log): fp8
+# BLOCK_N 128 the fastest on all five cases (116-135 us), int4 BLOCK_N 32 with 3 stages and the interleaved
+# products (291-309 us, where the decoding benchmark's int4 at (64, 4, 2) took 384-484 us).
 CONFIGS: dict[tuple[str, int, int], Config] = {
     ("half", 64, 16): Config(64, 4, 2),
     ("half", 128, 16): Config(64, 4, 2),
@@ -51,7 +52,7 @@ CONFIGS: dict[tuple[str, int, int], Config] = {
     ("half", 128, 64): Config(64, 8, 2),
     ("half", 256, 16): Config(32, 4, 2),
     ("half", 512, 16): Config(16, 4, 2),
-    ("int4", 128, 16): Config(64, 4, 2),
+    ("int4", 128, 16): Config(32, 4, 3, int4_interleaved=True),
     ("int4", 128, 64): Config(64, 8, 2),
     ("fp8", 128, 16): Config(128, 4, 2),
     ("fp8", 128, 64): Config(32, 4, 2),
@@ -123,12 +124,13 @@ def num_sms(device: torch.device) -> int:
     return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def split_for(programs: int, keys: int, rows: int, sms: int = DEFAULT_NUM_SMS, block_m: int = 16) -> int:
+def split_for(programs: int, keys: int, rows: int, sms: int = DEFAULT_NUM_SMS, block_m: int = 16,
+              per_sm: int = PROGRAMS_PER_SM) -> int:
     """Splits per (sequence, K/V head, row tile) for ``programs`` (sequence, K/V head) pairs, ``keys`` keys
-    per sequence and ``rows`` query rows per pair: ``PROGRAMS_PER_SM`` programs per SM, at least
-    ``MIN_KEYS_PER_SPLIT`` keys each, between 1 and ``MAX_SPLIT_K``."""
+    per sequence and ``rows`` query rows per pair: ``per_sm`` programs per SM (at most ``PROGRAMS_PER_SM``;
+    fewer where fewer fit), at least ``MIN_KEYS_PER_SPLIT`` keys each, between 1 and ``MAX_SPLIT_K``."""
     tiles = programs * cdiv(max(rows, 1), block_m)
-    want = (PROGRAMS_PER_SM * sms) // max(tiles, 1)
+    want = (min(per_sm, PROGRAMS_PER_SM) * sms) // max(tiles, 1)
     return max(1, min(want, keys // MIN_KEYS_PER_SPLIT, MAX_SPLIT_K))
 
 
@@ -221,7 +223,8 @@ def _pow2(n: int) -> int:
     return max(16, 1 << (max(n, 1) - 1).bit_length())
 
 
-def _plan(op, L: _layout.Layout5, scales, quant: str, D: int, Dv: int, sa: SeqArgs, out5, lse5) -> _Plan:
+def _plan(op, L: _layout.Layout5, scales, quant: str, D: int, Dv: int, sa: SeqArgs, out5, lse5,
+          per_sm: int = PROGRAMS_PER_SM) -> _Plan:
     q5, k5, v5 = L.q, L.k, L.v
     B, Mq, G, Hg = q5.shape[:4]
     Hk, Mkv = k5.shape[3], k5.shape[1]
@@ -235,7 +238,7 @@ def _plan(op, L: _layout.Layout5, scales, quant: str, D: int, Dv: int, sa: SeqAr
         kind = "paged"  # its own row when tuned, else the "half" one
     cfg = config_for(kind, max(D, Dv), block_m)
     tiles = cdiv(max(rows, 1), block_m)
-    splits = op.SPLIT_K or split_for(Z * G * Hk, sa.keys, rows, num_sms(q5.device), block_m)
+    splits = op.SPLIT_K or split_for(Z * G * Hk, sa.keys, rows, num_sms(q5.device), block_m, per_sm)
     if splits > 1:  # partial outputs [S, B, Mq, G, Hq, Dv] and lse [S, B, G, Hq, Mq], contiguous
         o_strides = (B * Mq * G * Hg * Dv, Mq * G * Hg * Dv, G * Hg * Dv, Hg * Dv, Dv)
         l_strides = (B * G * Hg * Mq, G * Hg * Mq, Hg * Mq, Mq)
@@ -346,7 +349,25 @@ def run(
     if plan is None:
         if len(_PLANS) >= _MAX_PLANS:
             _PLANS.clear()
-        plan = _PLANS[key] = _plan(op, L, scales, quant, D, Dv, sa, out5, lse5)
+        plan = _plan(op, L, scales, quant, D, Dv, sa, out5, lse5)
+        if plan.splits > 1 and not op.SPLIT_K and q5.is_cuda and not interpret_mode():
+            # the split fills PROGRAMS_PER_SM programs per SM; where the compiled kernel's registers or shared
+            # memory leave room for fewer, a last partial wave would run alone: split for what fits instead
+            args = _args(plan, L, scales, quant, sa, scale, out5, lse5)[0]
+            per_sm = resident_programs(_kernels.splitk_fwd, plan.grid, args, plan.meta, q5.device)
+            if per_sm is not None and per_sm < PROGRAMS_PER_SM:
+                plan = _plan(op, L, scales, quant, D, Dv, sa, out5, lse5, per_sm)
+        _PLANS[key] = plan
+    args, tensors, o, ls = _args(plan, L, scales, quant, sa, scale, out5, lse5)
+    launch(_kernels.splitk_fwd, plan.grid, args, plan.meta, None, (_bits(tensors), plan.ints, plan.tail))
+    if plan.splits > 1:
+        merge_partials(o, ls, out5, lse5)
+
+
+def _args(plan: _Plan, L: _layout.Layout5, scales, quant: str, sa: SeqArgs, scale: float, out5, lse5) -> tuple:
+    """``(kernel arguments, their tensors, partial outputs, partial lse)`` of a launch of ``plan`` (the partial
+    buffers are ``out5`` and ``lse5`` themselves without a split)."""
+    q5, k5, v5 = L.q, L.k, L.v
     dev = q5.device
     if plan.splits > 1:  # one buffer for the partial outputs and their lse
         n_out, n_lse = out5.numel(), lse5.numel()
@@ -372,13 +393,4 @@ def run(
         sa.k_len if sa.k_len is not None else dummy,
         sa.table if sa.table is not None else dummy,
     )
-    launch(
-        _kernels.splitk_fwd,
-        plan.grid,
-        (*tensors, *plan.ints, scale * LOG2E_F, *plan.tail),
-        plan.meta,
-        None,
-        (_bits(tensors), plan.ints, plan.tail),
-    )
-    if plan.splits > 1:
-        merge_partials(o, ls, out5, lse5)
+    return (*tensors, *plan.ints, scale * LOG2E_F, *plan.tail), tensors, o, ls
