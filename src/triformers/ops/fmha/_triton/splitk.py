@@ -163,7 +163,7 @@ def _attend(
             BLOCK_N,
             BLOCK_D,
             EVEN_D,
-            MASKED or PAGED,
+            MASKED or (PAGED and PAGE_SIZE % BLOCK_N != 0),
         )
         qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)  # [BM, BN]
         p, alpha, l_i, m_new = _softmax_step(qk, k_scale, k_shift, q_sum, qk_scale, m_i, l_i, ok, j, offs_i, off,
@@ -183,7 +183,7 @@ def _attend(
             BLOCK_N,
             BLOCK_DV,
             EVEN_DV,
-            MASKED or PAGED,
+            MASKED or (PAGED and PAGE_SIZE % BLOCK_N != 0),
         )
         acc = acc * alpha[:, None]
         if FOLD:

@@ -34,12 +34,15 @@ def _rows(
     z, t0, offs_n, Table, stride_tz, stride_tp, t_end, n_pages, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """Physical rows (int64 [BLOCK_N]) of logical keys ``t0 + offs_n`` and whether each may be read."""
+    """Physical rows (int64 [BLOCK_N]) of logical keys ``t0 + offs_n`` and whether each may be read. A block
+    within one page takes its page id clamped into the pool (a stale table entry reads a page of the pool, never
+    past it; the host checked the table when the bias was built), so that its loads need no mask."""
     if PAGED:
         if PAGE_SIZE % BLOCK_N == 0:  # t0 is BLOCK_N-aligned: the block lies in one page
-            page = tl.load(Table + z * stride_tz + (t0 // PAGE_SIZE) * stride_tp).to(tl.int64)
+            page = tl.load(Table + z * stride_tz + (t0 // PAGE_SIZE) * stride_tp)
+            page = tl.minimum(tl.maximum(page, 0), n_pages - 1).to(tl.int64)  # never outside the pool
             rows = page * PAGE_SIZE + (t0 % PAGE_SIZE) + offs_n
-            ok = (offs_n >= 0) & (page >= 0) & (page < n_pages)
+            ok = offs_n >= 0
         else:
             t = t0 + offs_n
             page = tl.load(Table + z * stride_tz + (t // PAGE_SIZE) * stride_tp, mask=t < t_end, other=-1)
