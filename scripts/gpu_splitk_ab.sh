@@ -22,7 +22,7 @@ for spec in "$@"; do
         >>"$log" 2>&1 || echo "$name: tune_splitk failed (see $log)"
 done
 echo
-echo "== fastest per variant, kind and case (us, fraction of a copy) =="
+echo "== fastest per variant, kind and case (us, fraction of a copy, BLOCK_N/warps/stages[i: interleaved]); the launch table's entry =="
 python3 - "$OUT" "$@" <<'PY'
 import json, os, sys
 
@@ -34,12 +34,17 @@ for spec in specs:
         print(f"{name}: no results")
         continue
     records = json.load(open(path))["records"]
-    best = {}
+    best, table = {}, {}
     for r in records:
         key = (r["kind"], r["B"], r["L"])
         if r["correct"] and r["ms"] < best.get(key, {"ms": float("inf")})["ms"]:
             best[key] = r
+        if r.get("table") and r["heuristic_split"]:
+            table[key] = r
     for (kind, B, L), r in sorted(best.items()):
-        cfg = f"{r['block_n']}/{r['num_warps']}/{r['num_stages']}"
-        print(f"{name:10s} {kind:5s} B={B:4d} L={L:6d} {r['ms'] * 1e3:7.1f} us {r['copy_fraction']:.2f} ({cfg})")
+        cfg = f"{r['block_n']}/{r['num_warps']}/{r['num_stages']}{'i' if r['int4_interleaved'] else ''}"
+        own = table.get((kind, B, L))
+        own = f"table {own['ms'] * 1e3:7.1f} us" if own and own["correct"] else "table -"
+        print(f"{name:10s} {kind:5s} B={B:4d} L={L:6d} {r['ms'] * 1e3:7.1f} us {r['copy_fraction']:.2f} "
+              f"({cfg}); {own}")
 PY

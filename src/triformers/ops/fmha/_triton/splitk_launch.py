@@ -32,6 +32,7 @@ class Config:
     num_warps: int
     num_stages: int
     int4_interleaved: bool = False  # int4 at D >= 128: the interleaved products of _triton/splitk_int4.py
+    maxnreg: int | None = None  # registers per thread ptxas may use (None: its choice)
 
 
 # (cache kind, head-dim bucket, BLOCK_M) -> launch configuration. "half" is an fp16/bf16 cache (plain or paged),
@@ -52,6 +53,9 @@ CONFIGS: dict[tuple[str, int, int], Config] = {
     ("half", 128, 64): Config(64, 8, 2),
     ("half", 256, 16): Config(32, 4, 2),
     ("half", 512, 16): Config(16, 4, 2),
+    # paged: ptxas takes 130 registers at (64, 4, 2), 3 programs per SM; capped at 128 it spills nothing and
+    # fits 4 (static sm_90 count, `scripts/tune_splitk.py --compile-only 90 --kinds paged`; untimed)
+    ("paged", 128, 16): Config(64, 4, 2, maxnreg=128),
     ("int4", 128, 16): Config(32, 4, 3, int4_interleaved=True),
     ("int4", 128, 64): Config(64, 8, 2),
     ("fp8", 128, 16): Config(128, 4, 2),
@@ -292,6 +296,8 @@ def _plan(op, L: _layout.Layout5, scales, quant: str, D: int, Dv: int, sa: SeqAr
         num_warps=op.NUM_WARPS or cfg.num_warps,
         num_stages=op.NUM_STAGES or cfg.num_stages,
     )
+    if cfg.maxnreg and not (op.BLOCK_N or op.NUM_WARPS or op.NUM_STAGES):  # the cap belongs to the table's tiles
+        meta["maxnreg"] = cfg.maxnreg
     tail = (max(sa.window_left, 0), max(sa.window_right, 0), D, Dv, tiles)
     return _Plan((Z * G * Hk * tiles, splits), splits, meta, ints, tail)
 
@@ -380,17 +386,6 @@ def _args(plan: _Plan, L: _layout.Layout5, scales, quant: str, sa: SeqArgs, scal
     if quant == "fp8":  # the int32 words as the fp8 bytes they hold (little-endian: byte j = element 4w + j)
         k5, v5 = k5.view(torch.float8_e4m3fn), v5.view(torch.float8_e4m3fn)
     ks, vs = scales if quant == "fp8" else (k5, v5)
-    tensors = (
-        q5,
-        k5,
-        v5,
-        o,
-        ls,
-        ks,
-        vs,
-        sa.seq_q if sa.seq_q is not None else dummy,
-        sa.k_start if sa.k_start is not None else dummy,
-        sa.k_len if sa.k_len is not None else dummy,
-        sa.table if sa.table is not None else dummy,
-    )
+    seq = (sa.seq_q, sa.k_start, sa.k_len, sa.table)
+    tensors = (q5, k5, v5, o, ls, ks, vs, *(t if t is not None else dummy for t in seq))
     return (*tensors, *plan.ints, scale * LOG2E_F, *plan.tail), tensors, o, ls
