@@ -257,12 +257,10 @@ def _compile(kernel, args, kwargs, arch: int, label: str, sass: bool = False) ->
     from triton.backends.nvidia.compiler import CUDABackend
     from triton.compiler import ASTSource
 
-    from triformers._triton import triton_specialization
+    from triformers._triton import programs_per_sm, triton_specialization
 
     sys.path.insert(0, os.path.dirname(__file__))
     from compile_check import _ptxas_report, sass_loop_counts
-
-    from triformers._triton import programs_per_sm
 
     signature, constexprs, attrs = {}, {}, {}
     for i, p in enumerate(kernel.params):

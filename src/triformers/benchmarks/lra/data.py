@@ -221,21 +221,31 @@ def _near(paths: list[np.ndarray], size: int, spacing: int) -> np.ndarray:
     return near
 
 
+def _clear_walk(rng: np.random.Generator, cfg: PathfinderConfig, near: np.ndarray, tries: int) -> np.ndarray | None:
+    """A walk with no point on ``near``, or None after ``tries`` walks that all touch it."""
+    for _ in range(tries):
+        path = _walk(rng, cfg)
+        if not near[path[:, 0], path[:, 1]].any():
+            return path
+    return None
+
+
 def _paths(rng: np.random.Generator, cfg: PathfinderConfig, tries: int = 50) -> list[np.ndarray]:
     """Path 0 (both ends may be marked), path 1 (its end is marked in negatives) and the distractors, each
-    redrawn until it keeps ``cfg.spacing`` from the marked paths (distractors may cross one another)."""
+    redrawn until it keeps ``cfg.spacing`` from the marked paths (distractors may cross one another); the image
+    starts again where one finds no room."""
     while True:
-        paths = [_walk(rng, cfg)]
-        for i in range(1 + cfg.distractors):
-            near = _near(paths[:2], cfg.size, cfg.spacing + (i == 0))
-            for _ in range(tries):
-                path = _walk(rng, cfg)
-                if not near[path[:, 0], path[:, 1]].any():
-                    paths.append(path)
-                    break
-            else:
-                break  # no room left for it: draw the image again
-        if len(paths) == 2 + cfg.distractors:
+        first = _walk(rng, cfg)
+        second = _clear_walk(rng, cfg, _near([first], cfg.size, cfg.spacing + 1), tries)
+        if second is None:
+            continue
+        paths, near = [first, second], _near([first, second], cfg.size, cfg.spacing)
+        for _ in range(cfg.distractors):
+            path = _clear_walk(rng, cfg, near, tries)
+            if path is None:
+                break
+            paths.append(path)
+        else:
             return paths
 
 

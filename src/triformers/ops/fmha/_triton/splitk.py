@@ -141,6 +141,7 @@ def _attend(
     """Online softmax over the key blocks starting at ``t_lo, t_lo + BLOCK_N, ... < t_hi`` (logical
     positions). ``MASKED`` blocks apply the key bound and the windows; the others are fully allowed."""
     FOLD: tl.constexpr = QUANT != 0 and NUM_GROUPS == 1
+    CHECK: tl.constexpr = MASKED or (PAGED and PAGE_SIZE % BLOCK_N != 0)  # loads masked by ok (see _rows)
     dtype = q.dtype
     for t0 in range(t_lo, t_hi, BLOCK_N):
         t0 = tl.multiple_of(t0, BLOCK_N)
@@ -163,7 +164,7 @@ def _attend(
             BLOCK_N,
             BLOCK_D,
             EVEN_D,
-            MASKED or (PAGED and PAGE_SIZE % BLOCK_N != 0),
+            CHECK,
         )
         qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)  # [BM, BN]
         p, alpha, l_i, m_new = _softmax_step(qk, k_scale, k_shift, q_sum, qk_scale, m_i, l_i, ok, j, offs_i, off,
@@ -183,7 +184,7 @@ def _attend(
             BLOCK_N,
             BLOCK_DV,
             EVEN_DV,
-            MASKED or (PAGED and PAGE_SIZE % BLOCK_N != 0),
+            CHECK,
         )
         acc = acc * alpha[:, None]
         if FOLD:

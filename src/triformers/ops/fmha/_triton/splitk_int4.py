@@ -145,7 +145,7 @@ def _attend_int4(
     """Online softmax over the key blocks ``t_lo, t_lo + BLOCK_N, ... < t_hi`` of an int4 cache: ``a_j`` holds
     output columns ``j::8``, ``acc_t`` the folded shifts' contribution (every column)."""
     FOLD: tl.constexpr = NUM_GROUPS == 1
-    CHECK: tl.constexpr = MASKED or PAGED
+    CHECK: tl.constexpr = MASKED or (PAGED and PAGE_SIZE % BLOCK_N != 0)  # loads masked by ok (see _rows)
     for t0 in range(t_lo, t_hi, BLOCK_N):
         t0 = tl.multiple_of(t0, BLOCK_N)
         rows, ok = _rows(z, t0, offs_n, Table, stride_tz, stride_tp, t_end, n_pages, PAGED, PAGE_SIZE, BLOCK_N)
