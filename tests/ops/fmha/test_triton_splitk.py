@@ -520,6 +520,9 @@ def test_forced_operator_reasons_and_dispatch():
     assert dispatch.fw_priority_list(Inputs(q, kq4, kq4), False)[0].NUM_GROUPS == 4
     assert dispatch.is_decoding(Inputs(q, torch.empty(1, 4096, 2, 64), None))
     assert not dispatch.is_decoding(Inputs(torch.empty(1, 64, 2, 64), torch.empty(1, 4096, 2, 64), None))
+    n = dispatch.SPLITK_MAX_Q
+    assert dispatch.is_decoding(Inputs(torch.empty(1, n, 2, 64), torch.empty(1, 4096, 2, 64), None))
+    assert not dispatch.is_decoding(Inputs(torch.empty(1, n + 1, 2, 64), torch.empty(1, 4096, 2, 64), None))
     assert not dispatch.is_decoding(Inputs(q, torch.empty(1, 100, 2, 64), None))
     bias = ab.BlockDiagonalCausalWithOffsetPaddedKeysMask.from_seqlens([1, 1], 1024, [5, 9], device="cpu")
     assert dispatch.is_decoding(Inputs(q, torch.empty(1, 2048, 2, 64), None, bias))

@@ -80,9 +80,12 @@ CPU_SDPA_MIN_BLOCK_GRAD = 256
 # (bf16, Hq = 32, Hkv = 8, D = 128, causal from the bottom right): split-K was faster than fmha.triton at every
 # Mq <= 8 queries per sequence, e.g. (B, L) = (1, 32768): 90 vs 337 us at Mq = 1, 129 vs 338 at Mq = 8;
 # (8, 8192): 110 vs 138 at Mq = 8, a tie at 16 (137.9 vs 137.8), slower from 32; (64, 2048): 195 vs 306 at
-# Mq = 8, 242 vs 308 at 16, slower from 32. SPLITK_MIN_KEYS: below it a sequence's keys fit a few tiles of
-# the FlashAttention kernel (not measured: the split-K kernel needs a split of at least 256 keys to split).
-SPLITK_MAX_Q = 8
+# Mq = 8, 242 vs 308 at 16, slower from 32. In the decoding benchmark at Mq = 16 (benchmarks/results/h200/
+# decode.json, commit 1ed3cd2, CUDA graphs) split-K led at all five (B, L): 262 vs 1345 us at (1, 131072), 265 vs
+# 353 at (4, 32768), 271 vs 278 at (16, 8192), 288 vs 301 at (64, 2048), 311 vs 401 at (256, 512); hence 16.
+# SPLITK_MIN_KEYS: below it a sequence's keys fit a few tiles of the FlashAttention kernel (not measured: the
+# split-K kernel needs a split of at least 256 keys to split).
+SPLITK_MAX_Q = 16
 SPLITK_MIN_KEYS = 256
 
 # The operator modules register themselves into _registry (triton.py, triton_splitk.py); this module reads it.
