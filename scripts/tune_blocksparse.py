@@ -1,19 +1,27 @@
 """Block-sparse attention on the GPU: where the time goes (kernels against the call) and which tiles to use.
 
-    PYTHONPATH=src python scripts/tune_blocksparse.py --out DIR [--quick]
+    PYTHONPATH=src python scripts/tune_blocksparse.py --out DIR [--quick] [--host]
 
 bf16, random layouts of 128-blocks (``benchmarks.sparse.make_layout``), B * N = 16384 tokens. Per case: the
 call's wall time (``do_bench``) and its CUDA-graph time for ours and flex, the kernels of one forward+backward
 (torch.profiler, microseconds per call), then the forward, dK/dV and dQ tiles swept through
 ``configs.override``. Writes ``DIR/tune_blocksparse.json``; the chosen tiles go into
 ``ops/fmha/_triton/configs.py`` (block-sparse entries) and the numbers into ``benchmarks/NOTES.md``.
+
+``--host`` adds each provider's host time per call (``host_ms``: the Python call alone, timed over 50 calls
+without a sync; the GPU queue keeps the launches waiting) and, for ours, the Python functions that take it
+(cProfile, 20 forward+backward calls, ``DIR/host_profile_*.txt``): where a call's wall time exceeds its kernels'.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import json
+import pstats
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -56,6 +64,34 @@ def _graph_ms(fn) -> float | str:
         return f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
 
 
+def _host_ms(fn, n: int = 50) -> float:
+    """Host milliseconds per call of ``fn``: ``n`` calls timed without waiting for the GPU (a sync after)."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    host = (time.perf_counter() - t0) / n * 1e3
+    torch.cuda.synchronize()
+    return host
+
+
+def _host_profile(fn, path: Path, calls: int = 20) -> None:
+    """cProfile of ``calls`` calls of ``fn`` (sorted by own time) into ``path``."""
+    fn()
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        fn()
+    prof.disable()
+    torch.cuda.synchronize()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(30)
+    path.write_text(buf.getvalue())
+
+
 def _sweep(direction: str, cands, fn) -> list[dict]:
     rows = []
     for cfg in cands:
@@ -69,7 +105,7 @@ def _sweep(direction: str, cands, fn) -> list[dict]:
     return rows
 
 
-def run(shapes, sparsities, sweep: bool) -> list[dict]:
+def run(shapes, sparsities, sweep: bool, host_dir: Path | None = None) -> list[dict]:
     records = []
     for B, N, H, D in shapes:
         gen = torch.Generator(device="cuda").manual_seed(N + D)
@@ -85,6 +121,10 @@ def run(shapes, sparsities, sweep: bool) -> list[dict]:
                     fn = _provider(name, q, k, v, layout, mode, BLOCK)
                     rec[f"{name}_{mode}_ms"] = _bench(fn)
                     rec[f"{name}_{mode}_graph_ms"] = _graph_ms(fn) if mode == "fw" else None
+                    if host_dir is not None:
+                        rec[f"{name}_{mode}_host_ms"] = _host_ms(fn)
+                        if name == "triformers" and mode == "fwbw" and s == sparsities[-1]:
+                            _host_profile(fn, host_dir / f"host_profile_N{N}_D{D}.txt")
             rec["kernels_fwbw_us"] = kernel_us(_provider("triformers", q, k, v, layout, "fwbw", BLOCK))
             if sweep and s in (0.75, 0.9):
                 mask = fmha.attn_bias.BlockSparseMask(layout, BLOCK)
@@ -124,6 +164,9 @@ def _print(r: dict) -> None:
     gs = f"{g:.3f}" if isinstance(g, float) else "n/a"
     print(f"{head} fw {ours_f:.3f} (graph {gs}) flex {flex_f:.3f} = {flex_f / ours_f:.2f}x | "
           f"fwbw {ours_b:.3f} flex {flex_b:.3f} = {flex_b / ours_b:.2f}x", flush=True)
+    if "triformers_fw_host_ms" in r:
+        print("   host ms/call: " + "; ".join(f"{p} {m} {r[f'{p}_{m}_host_ms']:.3f}" for p in ("triformers", "flex")
+                                             for m in ("fw", "fwbw")), flush=True)
     top = list(r["kernels_fwbw_us"].items())[:5]
     print("   kernels (us/call): " + "; ".join(f"{n[:60]} {t:.0f}" for n, t in top), flush=True)
     for key in ("sweep_fwd", "sweep_bwd", "sweep_dq_deterministic"):
@@ -139,12 +182,13 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=".")
     ap.add_argument("--quick", action="store_true", help="one shape, no sweep")
+    ap.add_argument("--host", action="store_true", help="host time per call and a cProfile of ours")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs CUDA", file=sys.stderr)
         return 1
     shapes = SHAPES[:1] if args.quick else SHAPES
-    records = run(shapes, SPARSITIES, sweep=not args.quick)
+    records = run(shapes, SPARSITIES, sweep=not args.quick, host_dir=Path(args.out) if args.host else None)
     out = Path(args.out) / "tune_blocksparse.json"
     out.write_text(json.dumps({"env": env_info(), "records": records}, indent=1))
     print(f"wrote {out}")
