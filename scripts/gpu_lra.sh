@@ -9,7 +9,8 @@
 #   CONCURRENT=dense,blocksparse,...: one process per attention on the same GPU at once; when all have
 #   finished, one more pass collects their records into OUTDIR/lra.json. On a machine of several GPUs the
 #   processes take them in turn (CUDA_VISIBLE_DEVICES); where two share one, their tokens/s are measured while
-#   sharing it, not alone. OUTDIR gets at most 8 files: lra.json/.png/.log, gpu.txt, ck/*.pt.gz.
+#   sharing it, not alone: collect the records in a last job alone with `--retime 300` (ARGS), which measures
+#   each finished run's tokens/s again. OUTDIR gets at most 8 files: lra.json/.png/.log, gpu.txt, ck/*.pt.gz.
 # Run from the repository root on a CUDA machine (src/ goes on PYTHONPATH).
 set -u
 OUT=${1:?usage: scripts/gpu_lra.sh OUTDIR [SECONDS] [ARGS...]}

@@ -236,6 +236,43 @@ def test_pathfinder_checkpoint_of_other_images_is_refused(tmp_path, monkeypatch,
         train_one(spec, "dense", train, test, cpu, False, 0, False, checkpoint=checkpoint)
 
 
+def test_retime_measures_again_from_and_back_to_the_trained_model(tmp_path, monkeypatch, one_thread):
+    lra_run = sys.modules["triformers.benchmarks.lra.run"]
+    spec = dataclasses.replace(PRESETS["quick"]["listops"], steps=12, n_train=128, n_test=32)
+    train, test = load_task(spec, None, seed=0)
+    cpu = torch.device("cpu")
+    checkpoint = tmp_path / "r.pt"
+    first = train_one(spec, "dense", train, test, cpu, False, 0, False, checkpoint=checkpoint)
+    saved = torch.load(checkpoint, weights_only=False)["model"]
+    seen, moved, calls = {}, [], []
+    real_evaluate, real_retime = lra_run.evaluate, lra_run._retime
+
+    def evaluate(model, *args):
+        seen.update({k: v.clone() for k, v in model.state_dict().items()})
+        return real_evaluate(model, *args)
+
+    def retime(model, opt, train_step, steps, lr, sync):
+        def counted(step, lr):
+            calls.append(step)
+            out = train_step(step, lr)
+            moved.append(any(not torch.equal(v, saved[k]) for k, v in model.state_dict().items()))
+            return out
+
+        return real_retime(model, opt, counted, steps, lr, sync)
+
+    monkeypatch.setattr(lra_run, "evaluate", evaluate)
+    monkeypatch.setattr(lra_run, "_retime", retime)
+    again = train_one(spec, "dense", train, test, cpu, False, 0, False, checkpoint=checkpoint, retime=5)
+    assert calls == [0, 1, 2, 3, 4] and all(moved)  # the timed steps train ...
+    for name, value in saved.items():  # ... and the evaluated model is the trained one again
+        assert torch.equal(seen[name], value), name
+    assert (again["accuracy"], again["final_loss"]) == (first["accuracy"], first["final_loss"])
+    assert again["retimed_steps"] == 5 and again["tokens_per_s_training"] == first["tokens_per_s"]
+    assert again["tokens_per_s"] > 0 and "retimed_steps" not in first
+    with pytest.raises(ValueError, match="retime=1: pass between 2 and the task's 12 steps"):
+        train_one(spec, "dense", train, test, cpu, False, 0, False, checkpoint=checkpoint, retime=1)
+
+
 def test_learning_rate_schedules():
     lra_run = sys.modules["triformers.benchmarks.lra.run"]
     spec = dataclasses.replace(PRESETS["quick"]["listops"], steps=10, lr=1.0, warmup=2, decay="linear")
@@ -302,3 +339,6 @@ def test_tasks_without_padding_are_not_masked():
     record = {"task": spec.name, "attention": "dense", "masks_padding": None, "steps": 1, "accuracy": 0.5,
               "majority_class": 0.5, "tokens_per_s": None, "peak_memory_mb": None}  # fmt: skip
     assert "| pathfinder16 | dense | no padding |" in lra.markdown_summary({"env": {}, "records": [record]})
+    assert "--retime" not in lra.markdown_summary({"env": {}, "records": [record]})
+    retimed = {**record, "retimed_steps": 300}
+    assert "over 300 steps (`--retime`)" in lra.markdown_summary({"env": {}, "records": [retimed]})

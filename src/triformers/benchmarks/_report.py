@@ -28,6 +28,7 @@ SECTIONS: dict[str, tuple[str | None, tuple[str, ...]]] = {
     "sparse-h200": ("triformers.benchmarks.sparse", ("h200/sparse.json",)),
     "lra-h200": ("triformers.benchmarks.lra", ("h200/lra.json",)),
     "lra-paper-h200": ("triformers.benchmarks.lra", ("h200/lra_paper.json",)),
+    "lra-pathfinder32-h200": ("triformers.benchmarks.lra", ("h200/lra_pathfinder32_paper.json",)),
 }
 DEFAULT_DOCS = ("README.md", "docs/performance.md")
 

@@ -31,14 +31,15 @@ __all__ = ["PRESETS", "main", "plot", "run"]
 
 def run(
     tasks, attentions, preset: str, *, data_dir=None, device=None, bf16=False, seed=0, steps=None, lr=None,
-    progress=True, on_record=None, checkpoint_dir=None, deadline=None, compile_backend=None,
+    progress=True, on_record=None, checkpoint_dir=None, deadline=None, compile_backend=None, retime=0,
 ) -> list[dict]:  # fmt: skip
     """Records of every (task, attention) of ``preset`` (``steps`` and ``lr`` override the preset's);
     ``on_record(records)`` is called after each one (the command line rewrites its JSON, so that a run cut short
     keeps what it did). With ``checkpoint_dir``, each (task, attention) trains from and saves to its own
     checkpoint there, and when ``run.train_one``'s clock passes ``deadline`` the run stops (saved) and returns
     the records finished so far; run it again with the same folder to go on (finished ones are re-evaluated
-    from their final checkpoint, not trained again). ``compile_backend``: train through ``torch.compile``."""
+    from their final checkpoint, not trained again). ``compile_backend``: train through ``torch.compile``;
+    ``retime``: tokens/s measured again over that many steps once a run has finished (``run.train_one``)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     specs = []
     for task in tasks:
@@ -58,7 +59,7 @@ def run(
         for attention in attentions:
             checkpoint = Path(checkpoint_dir) / f"{task}-{attention}.pt" if checkpoint_dir is not None else None
             record = train_one(spec, attention, train, test, device, bf16, seed, progress, checkpoint=checkpoint,
-                               deadline=deadline, compile_backend=compile_backend)  # fmt: skip
+                               deadline=deadline, compile_backend=compile_backend, retime=retime)  # fmt: skip
             if record is None:
                 print(f"{task:>12} {attention:>20}: stopped at the time limit, saved to {checkpoint}", flush=True)
                 return records
@@ -126,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
                         "seconds of training (exit code 3: run again to go on)")  # fmt: skip
     parser.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                         help="train through torch.compile (backend: inductor unless given)")  # fmt: skip
+    parser.add_argument("--retime", type=int, default=0, metavar="STEPS",
+                        help="measure each finished run's training tokens/s again over STEPS steps, from and back "
+                        "to its trained state (for runs trained while other jobs shared the GPU)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
@@ -154,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         records = run(tasks, attentions, preset, data_dir=args.data_dir, device=args.device,
                       bf16=args.bf16 or preset in ("gpu", "paper"), seed=args.seed, steps=args.steps,
                       lr=args.lr, progress=not args.no_progress, checkpoint_dir=args.checkpoint_dir,
-                      deadline=deadline, compile_backend=args.compile,
+                      deadline=deadline, compile_backend=args.compile, retime=args.retime,
                       on_record=lambda done: write_results(args.out / "lra.json", done, env))  # fmt: skip
     finally:
         torch.set_num_threads(previous_threads)
@@ -187,6 +191,10 @@ def markdown_summary(doc: dict) -> str:
         masked = {True: "yes", False: "no", None: "no padding"}[r.get("masks_padding", False)]
         lines.append(f"| {r['task']} | {r['attention']} | {masked} | {r['steps']} | {lr} | {r['accuracy']:.3f} | "
                      f"{r['majority_class']:.3f} | {r['tokens_per_s'] or 0:,.0f} | {r['peak_memory_mb'] or 0:,.0f} |")
+    retimed = sorted({r["retimed_steps"] for r in records if r.get("retimed_steps")})
+    if retimed:
+        lines.append(f"\ntokens/s: measured again after training, over {'/'.join(map(str, retimed))} steps "
+                     "(`--retime`), from the trained state.")
     if env.get("run_note"):
         lines.append(f"\nRun: {env['run_note']}.")
     return "\n".join(lines)

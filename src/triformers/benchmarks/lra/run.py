@@ -12,6 +12,7 @@ says so in ``env.schedule``. ``paper`` has LRA's schedules and data sizes.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass, field, replace
@@ -180,7 +181,7 @@ def clock() -> float:
 def train_one(
     spec: TaskSpec, attention: str, train, test, device, bf16: bool, seed: int, progress: bool = True,
     checkpoint: Path | None = None, deadline: float | None = None, checkpoint_every: int = 500,
-    compile_backend: str | None = None,
+    compile_backend: str | None = None, retime: int = 0,
 ) -> dict | None:  # fmt: skip
     """Trains and evaluates one attention on one task; the record.
 
@@ -189,7 +190,14 @@ def train_one(
     with the same file continues where it stopped, on the same batches (drawn up front from ``seed``), so that a
     schedule longer than one job's time limit runs in several. ``compile_backend`` (e.g. ``"inductor"``) trains
     through ``torch.compile(model, backend=...)``; the first step of each job then includes the compilation.
+
+    ``retime`` (steps, > 1): once training has finished, the record's tokens/s is measured again over that many
+    further steps on the first batches (after one untimed step), from and back to the trained weights and
+    optimizer state, so that a run trained while other processes shared the GPU reports its own speed; the
+    record keeps the training's own figure as ``tokens_per_s_training``.
     """
+    if retime and not 1 < retime <= spec.steps:
+        raise ValueError(f"retime={retime}: pass between 2 and the task's {spec.steps} steps")
     torch.manual_seed(seed)
     model = LRAClassifier(attention, spec.vocab, spec.seq_len, spec.num_classes, spec.dim, spec.heads, spec.layers,
                           spec.dim_mlp, spec.dual, spec.block_size, mask_padding=spec.padded).to(device)  # fmt: skip
@@ -236,12 +244,14 @@ def train_one(
     first = state["step"]
     bar = tqdm(range(first, spec.steps), desc=f"{spec.name} {attention}", dynamic_ncols=True, mininterval=1.0,
                disable=not progress, initial=first, total=spec.steps)  # fmt: skip
-    state["segments"] += first < spec.steps
+    trains = first < spec.steps  # False: a finished run, re-read (its record re-evaluated, its times kept)
+    state["segments"] += trains
     start = warm = time.perf_counter()
     stopped = False
-    for step in bar:
+
+    def train_step(step: int, lr: float) -> torch.Tensor:
         for group in opt.param_groups:
-            group["lr"] = _lr(step, spec)
+            group["lr"] = lr
         ids, ids2, labels = _batch(train, order[step], device)
         with autocast():
             logits = forward(ids, ids2)
@@ -250,6 +260,10 @@ def train_one(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        return loss
+
+    for step in bar:
+        loss = train_step(step, _lr(step, spec))
         if step == 0 or step % 20 == 0 or step == spec.steps - 1:
             state["loss"] = loss.item()
             bar.set_postfix(loss=f"{state['loss']:.3f}")
@@ -270,25 +284,47 @@ def train_one(
     bar.close()
     if stopped:
         return None
-    sync()
-    _account(state, start, warm, first, device)
-    if checkpoint is not None:
-        save()
+    if trains:
+        sync()
+        _account(state, start, warm, first, device)
+        if checkpoint is not None:
+            save()
+    timed = state["timed_steps"] > 0 and state["timed_seconds"] > 0
+    tokens_per_s = tokens_per_step * state["timed_steps"] / state["timed_seconds"] if timed else None
+    extra = {}
+    if retime:
+        extra = {"tokens_per_s_training": tokens_per_s, "retimed_steps": retime}
+        tokens_per_s = tokens_per_step * (retime - 1) / _retime(model, opt, train_step, retime, spec.lr, sync)
     accuracy = evaluate(model, test, max(spec.batch, 64), device, autocast)
     counts = torch.bincount(test.labels, minlength=spec.num_classes)
-    timed = state["timed_steps"] > 0 and state["timed_seconds"] > 0
     return {
         "task": spec.name, "attention": attention, "accuracy": accuracy,
         "majority_class": float(counts.max()) / max(1, len(test)), "final_loss": state["loss"],
         **_schedule(spec), "batch": spec.batch, "seq_len": spec.seq_len, "n_train": len(train),
         "n_test": len(test),
-        "tokens_per_s": tokens_per_step * state["timed_steps"] / state["timed_seconds"] if timed else None,
-        "train_seconds": state["train_seconds"], "jobs": state["segments"],
+        "tokens_per_s": tokens_per_s, **extra, "train_seconds": state["train_seconds"], "jobs": state["segments"],
         "peak_memory_mb": state["peak_memory_mb"] if device.type == "cuda" else None,
         "compile": compile_backend, "params": sum(p.numel() for p in model.parameters()), "bf16": use_bf16,
         "masks_padding": model.masks_padding if spec.padded else None,  # None: the task has no padding
         "model": {"dim": spec.dim, "heads": spec.heads, "layers": spec.layers, "dim_mlp": spec.dim_mlp},
     }  # fmt: skip
+
+
+def _retime(model, opt, train_step, steps: int, lr: float, sync) -> float:
+    """Seconds of ``steps - 1`` training steps (``train_step(i, lr)`` for i < steps) after one untimed step;
+    the model's weights and the optimizer's state are put back afterwards."""
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    moments = copy.deepcopy(opt.state_dict())
+    train_step(0, lr)
+    sync()
+    start = time.perf_counter()
+    for step in range(1, steps):
+        train_step(step, lr)
+    sync()
+    seconds = time.perf_counter() - start
+    model.load_state_dict(weights)
+    opt.load_state_dict(moments)
+    return seconds
 
 
 def _schedule(spec: TaskSpec) -> dict:
