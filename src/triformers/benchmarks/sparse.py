@@ -15,7 +15,8 @@ B * N = 16384 tokens, D in {64, 128} with H * D = 2048, bf16, non-causal, forwar
   skipped forward and backward, no mask inside allowed blocks);
 - ``flex``: ``torch.compile(flex_attention)`` with the same ``BlockMask`` (built from the layout's CSR with
   ``BlockMask.from_kv_blocks``, every block full, as ours);
-- ``sdpa_cudnn``: dense ``scaled_dot_product_attention`` on the cuDNN backend (once per shape: sparsity 0);
+- ``sdpa_cudnn``: dense ``scaled_dot_product_attention`` on the cuDNN backend (on the CPU: its flash kernel;
+  once per shape: sparsity 0);
 - ``torch``: our chunked operator (pure PyTorch) at N = 4096 only (``--no-torch`` skips it).
 
 Every output is checked against the chunked operator (float32) of the first batch element before timing.
@@ -132,7 +133,7 @@ def _provider(name: str, q, k, v, layout, mode: str, block: int):
     elif name == "sdpa_cudnn":
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        backend = SDPBackend.CUDNN_ATTENTION if q.is_cuda else SDPBackend.MATH
+        backend = SDPBackend.CUDNN_ATTENTION if q.is_cuda else SDPBackend.FLASH_ATTENTION  # CPU: its flash kernel
         qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
 
         def fw():
@@ -176,14 +177,15 @@ def shapes(quick: bool, cuda: bool):
 
 
 def attention_records(quick: bool = False, torch_path: bool = True, patterns=PATTERNS, sparsities=SPARSITIES,
-                      save=None) -> list[dict]:
+                      save=None, shape_list=None) -> list[dict]:
     """Records of every (shape, layout, mode, provider); failures are records with an ``error``. ``save``
-    (optional) is called with the records so far after each layout, so that a run cut short keeps them."""
+    (optional) is called with the records so far after each layout, so that a run cut short keeps them;
+    ``shape_list``: ``(B, N, H, D)`` cases instead of :func:`shapes`."""
     cuda = torch.cuda.is_available()
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
     block = BLOCK if not quick or cuda else 32
     records = []
-    for B, N, H, D in shapes(quick, cuda):
+    for B, N, H, D in shape_list or shapes(quick, cuda):
         gen = torch.Generator(device=device).manual_seed(N + D)
         q, k, v = (torch.randn(B, N, H, D, device=device, dtype=dtype, generator=gen).requires_grad_()
                    for _ in range(3))
@@ -337,12 +339,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-matmul", action="store_true", help="skip the block-sparse matmul and 2:4 records")
     parser.add_argument("--patterns", default=",".join(PATTERNS))
     parser.add_argument("--sparsities", default=",".join(map(str, SPARSITIES)))
+    parser.add_argument("--shapes", help="B,N,H,D[;B,N,H,D...] instead of the standard cases (e.g. 1,4096,4,64)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     env = env_info()
     sparsities = QUICK_SPARSITIES if args.quick else [float(s) for s in args.sparsities.split(",")]
+    shape_list = [tuple(int(x) for x in c.split(",")) for c in args.shapes.split(";")] if args.shapes else None
     records = attention_records(args.quick, not args.no_torch, args.patterns.split(","), sparsities,
-                                save=lambda recs: write_results(out / "sparse.json", recs, env))
+                                save=lambda recs: write_results(out / "sparse.json", recs, env), shape_list=shape_list)
     if not args.no_matmul:
         records += _matmul_records()
     env["acceptance"] = acceptance(records)

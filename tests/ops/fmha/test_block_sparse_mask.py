@@ -147,17 +147,62 @@ def test_special_layouts(layout_kind, causal):
 
 
 @needs_triton
-def test_gqa_shared_kv_heads_per_head_layout():
-    """BMGHK with one K/V head per group (expanded): the dK/dV kernel visits each query head's own tiles."""
+@pytest.mark.parametrize("op", ["triton", "chunked"])
+def test_gqa_shared_kv_heads_per_head_layout(op):
+    """BMGHK with one K/V head per group (expanded): the dK/dV kernel (the chunked operator: its per-head
+    gathers) visits each query head's own tiles, and the group's heads add into the shared K/V gradient."""
     q, k, v = _inputs("BMGHK", 1, 50, 70, 2, 3, 16, 16, torch.float32, gqa=True)
     mask = ab.BlockSparseMask(_layout(6, 4, 3, density=0.4), (16, 32))
-    out = fmha.memory_efficient_attention(q, k, v, mask, op=TRITON)
+    out = fmha.memory_efficient_attention(q, k, v, mask, op=OPS[op])
     ref, _ = reference(q, k, v, mask)
     torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
     g = torch.randn_like(out)
     leaves = _leaves((q, k, v))
     for a, b in zip(torch.autograd.grad(out, leaves, g), torch.autograd.grad(ref, leaves, g.double())):
         torch.testing.assert_close(a.double(), b.double(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("op", ["triton", "chunked"])
+def test_blocks_a_head_hides_are_never_read(op):
+    """NaN in the keys and values of a block that head 0 hides (and head 1 reads): head 0's output and
+    gradients stay finite and exact; the chunked operator's per-head gathers pad head 0's shorter block list
+    with a zero row, not with the NaN rows."""
+    q, k, v = _inputs("BMHK", 1, 32, 48, 1, 2, 16, 16, torch.float32)
+    layout = torch.zeros(2, 2, 3, dtype=torch.bool)
+    layout[0, :, 0] = True  # head 0: key block 0 only
+    layout[1] = True  # head 1: every block
+    mask = ab.BlockSparseMask(layout, 16)
+    clean = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    k_nan, v_nan = (t.detach().clone() for t in (k, v))
+    k_nan[:, 32:, 0], v_nan[:, 32:, 0] = float("nan"), float("nan")  # head 0's own K/V rows of key block 2
+    dirty = [clean[0], k_nan.requires_grad_(), v_nan.requires_grad_()]
+    out = fmha.memory_efficient_attention(*dirty, mask, op=OPS[op])
+    ref, _ = reference(*clean, mask)
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, dirty, g)
+    ref_grads = torch.autograd.grad(ref, clean, g.double())
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a.double(), b.double(), atol=1e-4, rtol=1e-4)
+
+
+def test_chunked_reads_each_heads_own_blocks():
+    """A per-head layout in the chunked operator: each head gathers its own key blocks (no union over heads),
+    so its work follows the layout's non-zero blocks."""
+    from triformers.ops.fmha._chunk_tiles import HeadRows, Tiles
+    from triformers.ops.fmha._mask import mask_spec
+
+    heads, nb, block = 4, 8, 16
+    layout = torch.zeros(heads, nb, nb, dtype=torch.bool)
+    for h in range(heads):
+        layout[h, :, h] = True  # head h: key block h, for every query block
+    spec = mask_spec(ab.BlockSparseMask(layout, block))
+    tiles = Tiles(spec, nb * block, nb * block, 64, 512, torch.device("cpu"), (heads, 1))
+    chunks = [keys for _, q0, q1 in tiles.query_chunks() for keys, _ in tiles.key_chunks(None, q0, q1)]
+    assert chunks and all(isinstance(keys, HeadRows) for keys in chunks)
+    for keys in chunks:  # one block of rows per head, its own
+        assert keys.rows.shape == (heads, block) and keys.pad is None
+        assert torch.equal(keys.rows // block, torch.arange(heads)[:, None].expand(heads, block))
 
 
 @needs_triton

@@ -7,9 +7,10 @@ accumulator ``acc``), and the log-sum-exp is kept. The backward recomputes each 
 time, never the ``[Mq, Mkv]`` score matrix.
 
 - Masks come from :mod:`_mask` (every bias type): tiles a mask hides entirely are never visited, tiles it
-  allows entirely are not masked, only boundary tiles build a mask. A block-sparse mask is read from its tile
-  table at (whole query blocks, one key block): each query chunk gathers the rows of the key blocks some head
-  allows, up to a chunk of keys at a time.
+  allows entirely are not masked, only boundary tiles build a mask (:mod:`_chunk_tiles`). A block-sparse mask
+  is read from its tile table, ~128 queries (whole query blocks) at a time: a shared layout gathers the key
+  blocks the chunk allows, a per-head layout each head's own blocks (work follows the non-zero blocks; rows
+  a head hides are never read, padding reads a zero row).
 - KV caches (padded, gappy, paged keys): only each block's keys are read, so unused cache rows may hold
   anything (NaN) and get zero dK/dV. A paged bias's key chunk is gathered through the block table (that
   chunk's rows only, never the whole logical cache) and its dK/dV are scattered back with ``index_add_``.
@@ -33,7 +34,8 @@ import torch
 
 from triformers.ops.common import register_operator
 from triformers.ops.fmha import _layout, _rng, quantize
-from triformers.ops.fmha._mask import SUPPORTED_BIAS_TYPES, MaskSpec, mask_spec
+from triformers.ops.fmha._chunk_tiles import HeadRows, Tiles, accumulate_heads, gather_heads, with_zero_row
+from triformers.ops.fmha._mask import SUPPORTED_BIAS_TYPES, mask_spec
 from triformers.ops.fmha.common import AttentionBwOpBase, AttentionFwOpBase, Context, Gradients, Inputs
 
 # Score elements per tile, summed over batch and heads: 2**21 fp32 = 8 MiB per intermediate (scores,
@@ -64,84 +66,17 @@ def _unfold(x: torch.Tensor, hg: int) -> torch.Tensor:
     return x if hk == hg else x.reshape(B, G, hg, rows // (hg // hk), X)
 
 
-class _Tiles:
-    """The (query chunk, key chunk) tiles a mask lets through, and their masks; ``heads`` ``(G, Hg)`` shapes
-    the per-head masks of a block-sparse layout."""
-
-    def __init__(self, spec: MaskSpec, Mq: int, Mkv: int, chunk_q: int, chunk_k: int, device: torch.device,
-                 heads: tuple[int, int] = (1, 1)):
-        self.spec, self.chunk_q, self.chunk_k, self.device, self.Mkv = spec, chunk_q, chunk_k, device, Mkv
-        self.blocks = spec.blocks(Mq, Mkv)
-        sparse = spec.block_sparse
-        if sparse is not None:  # whole query blocks per chunk; the key blocks any head allows, from the table
-            self.chunk_q = max(sparse.block_q, chunk_q // sparse.block_q * sparse.block_q)
-            table = sparse.table(Mq, Mkv, self.chunk_q, sparse.block_k, spec.is_causal, union_heads=True,
-                                 edges_masked=False)
-            self.table = (table.offsets[0].tolist(), table.full_start[0].tolist(), table.cols.tolist())
-            self.heads = heads
-
-    def query_chunks(self):
-        """``(block, q0, q1)``: absolute query ranges, per block."""
-        for index, blk in enumerate(self.blocks):
-            q_start, q_len = blk[0], blk[1]
-            for a in range(0, q_len, self.chunk_q):
-                yield (index, *blk), q_start + a, q_start + min(q_len, a + self.chunk_q)
-
-    def key_chunks(self, blk, q0: int, q1: int):
-        """``(keys, mask or None)`` for the key tiles query rows ``[q0, q1)`` of ``blk`` may see: ``keys`` the
-        key rows, a slice (an int64 tensor of physical rows for a paged bias: only the chunk's rows are read
-        through the block table, never the whole logical cache)."""
-        if self.spec.block_sparse is not None:
-            yield from self._sparse_key_chunks(q0, q1)
-            return
-        index, q_start, _, k_start, k_len, offset = blk
-        a, b = q0 - q_start, q1 - q_start
-        lo, hi = self.spec.key_range(a, b, k_len, offset)
-        for c in range(lo, hi, self.chunk_k):
-            d = min(hi, c + self.chunk_k)
-            mask = None
-            if not self.spec.fully_allowed(a, b, c, d, offset):
-                i = torch.arange(a, b, device=self.device).view(-1, 1)
-                j = torch.arange(c, d, device=self.device).view(1, -1)
-                mask = self.spec.allowed(i, j, offset)
-            if self.spec.is_paged:
-                keys = self.spec.key_rows(index, torch.arange(c, d, device=self.device), self.Mkv)
-            else:
-                keys = slice(k_start + c, k_start + d)
-            yield keys, mask
-
-    def _sparse_key_chunks(self, q0: int, q1: int):
-        """Block-sparse :meth:`key_chunks`: the key blocks of query chunk ``[q0, q1)``, boundary blocks (masked)
-        then blocks every head allows entirely, gathered ``chunk_k`` keys at a time (a slice when contiguous)."""
-        sparse, dev = self.spec.block_sparse, self.device
-        offsets, full_start, cols = self.table
-        t = q0 // self.chunk_q
-        bk = sparse.block_k
-        per_chunk = max(1, self.chunk_k // bk)
-        for lo, hi, masked in ((offsets[t], full_start[t], True), (full_start[t], offsets[t + 1], False)):
-            for a in range(lo, hi, per_chunk):
-                blocks = cols[a:min(hi, a + per_chunk)]
-                if blocks[-1] - blocks[0] == len(blocks) - 1:
-                    keys = slice(blocks[0] * bk, min(self.Mkv, (blocks[-1] + 1) * bk))
-                    j = torch.arange(keys.start, keys.stop, device=dev)
-                else:
-                    j = (torch.tensor(blocks, device=dev)[:, None] * bk + torch.arange(bk, device=dev)).flatten()
-                    keys = j = j[j < self.Mkv]
-                mask = None
-                if masked:  # [Hl, n, nk] -> broadcast over the batch (and the heads when shared)
-                    ok = sparse.allowed(torch.arange(q0, q1, device=dev), j, self.spec.is_causal)
-                    mask = ok[0] if sparse.num_heads == 1 else ok.view(1, *self.heads, *ok.shape[1:])
-                yield keys, mask
-
-
 def _dropout_scale(seed: int, p: float, L: _layout.Layout5, q0: int, q1: int, keys) -> torch.Tensor:
     """Keep mask divided by ``1 - p`` for tile rows ``[q0, q1)`` and key rows ``keys`` (the counter's column
     is the key's row in the key tensor: a paged cache's physical row), float32."""
     B, _, G, Hg, _ = L.q.shape
     dev = L.q.device
     rows = torch.arange(q0, q1, device=dev).view(1, 1, 1, -1, 1)
-    cols = keys if isinstance(keys, torch.Tensor) else torch.arange(keys.start, keys.stop, device=dev)
-    cols = cols.view(1, 1, 1, 1, -1)
+    if isinstance(keys, HeadRows):  # each head's own key rows
+        cols = keys.rows.view(1, G, Hg, 1, -1)
+    else:
+        cols = keys if isinstance(keys, torch.Tensor) else torch.arange(keys.start, keys.stop, device=dev)
+        cols = cols.view(1, 1, 1, 1, -1)
     heads = torch.arange(B * G * Hg, device=dev).view(B, G, Hg, 1, 1)
     keep = _rng.keep_mask(seed, p, rows, cols, heads)
     return keep.to(torch.float32) * (1.0 / (1.0 - p) if p < 1.0 else 0.0)
@@ -179,6 +114,26 @@ def _scores(L, qf_scaled, keys, q0, q1, mask):
     return s
 
 
+def _head_tile_backward(L, kv0, keys: HeadRows, mask, qs, dos, scale, lse_c, delta_c, dropout, dq_acc, dk5, dv5):
+    """One key chunk of a per-head block-sparse layout in the backward: its dQ into ``dq_acc`` (folded like the
+    query), dK (unscaled) and dV into the ``[B, G, Hk, Mkv, X]`` buffers at each head's rows."""
+    hk = dk5.shape[2]
+    kc, vc = gather_heads(kv0[0], keys, qs.dtype), gather_heads(kv0[1], keys, qs.dtype)  # [B, G, Hg, nk, X]
+    s = qs * scale @ kc.transpose(-1, -2)
+    prob = torch.exp((s if mask is None else s.masked_fill(~mask, -math.inf)) - lse_c)
+    dp = dos @ vc.transpose(-1, -2)
+    if dropout is not None:
+        seed, p, q0, q1 = dropout
+        z = _dropout_scale(seed, p, L, q0, q1, keys).to(qs.dtype)
+        accumulate_heads(dv5, keys, (prob * z).transpose(-1, -2) @ dos)
+        dp = dp * z
+    else:
+        accumulate_heads(dv5, keys, prob.transpose(-1, -2) @ dos)
+    ds = prob * (dp - delta_c)
+    dq_acc += _fold(ds @ kc, hk)
+    accumulate_heads(dk5, keys, ds.transpose(-1, -2) @ qs)
+
+
 def forward(inp: Inputs, seed: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns ``(out, lse)`` in the caller's layout (BMHK or BMGHK)."""
     q, k, v = inp.query, inp.key, inp.value
@@ -193,15 +148,23 @@ def forward(inp: Inputs, seed: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     out5, lse5 = L.to5(out), L.lse5(lse)
     acc_dtype = _acc_dtype(q)
     chunk_q, chunk_k = _chunk_sizes(B * G * Hg, Mq, Mkv)
-    tiles = _Tiles(spec, Mq, Mkv, chunk_q, chunk_k, q.device, (G, Hg))
+    tiles = Tiles(spec, Mq, Mkv, chunk_q, chunk_k, q.device, (G, Hg))
+    k0, v0 = (with_zero_row(L.k), with_zero_row(L.v)) if tiles.per_head else (None, None)
     for blk, q0, q1 in tiles.query_chunks():
         n = q1 - q0
-        qf = _fold(_tile(L.q, slice(q0, q1)) * scale, hk)  # [B, G, Hk, rows, K]
+        qs = _tile(L.q, slice(q0, q1)) * scale  # [B, G, Hg, n, K]
+        qf = _fold(qs, hk)  # [B, G, Hk, rows, K]
         m_i = torch.full((B, G, Hg, n), -math.inf, dtype=acc_dtype, device=q.device)
         l_i = torch.zeros((B, G, Hg, n), dtype=acc_dtype, device=q.device)
         acc = torch.zeros((B, G, Hg, n, Kv), dtype=acc_dtype, device=q.device)
         for keys, mask in tiles.key_chunks(blk, q0, q1):
-            s = _scores(L, qf, keys, q0, q1, mask)
+            per_head = isinstance(keys, HeadRows)  # a per-head block-sparse layout: each head's own keys
+            if per_head:
+                s = qs @ gather_heads(k0, keys, acc_dtype).transpose(-1, -2)
+                if mask is not None:
+                    s = s.masked_fill(~mask, -math.inf)
+            else:
+                s = _scores(L, qf, keys, q0, q1, mask)
             m_new = torch.maximum(m_i, s.amax(-1))
             m_safe = torch.where(m_new == -math.inf, 0.0, m_new)
             p = torch.exp(s - m_safe.unsqueeze(-1))
@@ -209,8 +172,11 @@ def forward(inp: Inputs, seed: int | None) -> tuple[torch.Tensor, torch.Tensor]:
             l_i = l_i * alpha + p.sum(-1)
             if seed is not None:
                 p = p * _dropout_scale(seed, inp.p, L, q0, q1, keys).to(acc_dtype)
-            vc = _tile(L.v, keys)  # [B, G, Hk, nk, Kv]
-            acc = acc * alpha.unsqueeze(-1) + _unfold(_fold(p, hk) @ vc, Hg)
+            if per_head:
+                pv = p @ gather_heads(v0, keys, acc_dtype)
+            else:
+                pv = _unfold(_fold(p, hk) @ _tile(L.v, keys), Hg)  # V tile [B, G, Hk, nk, Kv]
+            acc = acc * alpha.unsqueeze(-1) + pv
             m_i = m_new
         empty = l_i == 0
         o = acc / torch.where(empty, 1.0, l_i).unsqueeze(-1)
@@ -249,16 +215,23 @@ def backward(
         db_shape = [1 if d in reduce_dims else s for d, s in enumerate(L.bias.shape)]
         db5 = torch.zeros(db_shape, dtype=acc_dtype, device=dev)
     chunk_q, chunk_k = _chunk_sizes(B * G * Hg, Mq, Mkv)
-    tiles = _Tiles(spec, Mq, Mkv, chunk_q, chunk_k, dev, (G, Hg))
+    tiles = Tiles(spec, Mq, Mkv, chunk_q, chunk_k, dev, (G, Hg))
+    kv0 = (with_zero_row(L.k), with_zero_row(L.v)) if tiles.per_head else None
     for blk, q0, q1 in tiles.query_chunks():
-        qf = _fold(_tile(L.q, slice(q0, q1)), hk)  # [B, G, Hk, rows, K]
+        qs = _tile(L.q, slice(q0, q1))  # [B, G, Hg, n, K]
+        qf = _fold(qs, hk)  # [B, G, Hk, rows, K]
         qf_scaled = qf * scale
-        dof = _fold(_tile(go5, slice(q0, q1)), hk)  # [B, G, Hk, rows, Kv]
+        dos = _tile(go5, slice(q0, q1))  # [B, G, Hg, n, Kv]
+        dof = _fold(dos, hk)  # [B, G, Hk, rows, Kv]
         lse_c = lse5[..., q0:q1]
         lse_c = torch.where(lse_c == -math.inf, math.inf, lse_c).unsqueeze(-1)
         delta_c = delta[..., q0:q1].unsqueeze(-1)
         dq_acc = torch.zeros_like(qf)
         for keys, mask in tiles.key_chunks(blk, q0, q1):
+            if isinstance(keys, HeadRows):  # a per-head block-sparse layout: each head's own keys
+                _head_tile_backward(L, kv0, keys, mask, qs, dos, scale, lse_c, delta_c,
+                                    None if seed is None else (seed, inp.p, q0, q1), dq_acc, dk5, dv5)  # fmt: skip
+                continue
             s = _scores(L, qf_scaled, keys, q0, q1, mask)
             prob = torch.exp(s - lse_c)  # [B, G, Hg, n, nk]
             kc, vc = _tile(L.k, keys), _tile(L.v, keys)
