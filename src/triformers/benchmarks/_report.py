@@ -26,6 +26,7 @@ SECTIONS: dict[str, tuple[str | None, tuple[str, ...]]] = {
     "layers-h100": ("triformers.benchmarks.layers", ("h100/layers.json",)),
     "fmha-cpu": ("triformers.benchmarks.fmha_cpu", ("cpu/fmha_cpu.json",)),
     "sparse-h200": ("triformers.benchmarks.sparse", ("h200/sparse.json",)),
+    "sparse-cpu": ("triformers.benchmarks.sparse", ("cpu/sparse.json",)),
     "lra-h200": ("triformers.benchmarks.lra", ("h200/lra.json",)),
     "lra-paper-h200": ("triformers.benchmarks.lra", ("h200/lra_paper.json",)),
     "lra-pathfinder32-h200": ("triformers.benchmarks.lra", ("h200/lra_pathfinder32_paper.json",)),
