@@ -3,7 +3,8 @@
 Same signatures and results as the Triton launchers of ``triformers.sparse._triton.blocksparse`` (float32
 accumulation for half inputs); used on the CPU, for float64, and where the kernels do not run. No Python loop
 runs over blocks: the blocks are processed in chunks of at most ``CHUNK_ELEMENTS`` gathered elements, which
-bounds the temporary memory of a product to a few hundred MB whatever the layout.
+bounds the temporary memory of a product to a few hundred MB whatever the layout; on the CPU ``CPU_CHUNK_ELEMENTS``,
+so that a chunk's gathered operands stay in the caches.
 """
 
 from __future__ import annotations
@@ -14,10 +15,14 @@ from triformers.sparse._blocksparse_layout import BlockLayout
 
 # Gathered operand elements per chunk: 2^25 float32 = 128 MB per temporary.
 CHUNK_ELEMENTS = 2**25
+# On the CPU 2^20 (4 MB per float32 temporary): 2.1-2.3x faster than 2^25 at 50 % sparsity and 1.2-1.6x at 90 %
+# (4 heads, 4096 x 4096 blocks of 64, K = 64, float32, 2-core machine; 2^18 and 2^22 were slower).
+CPU_CHUNK_ELEMENTS = 2**20
 
 
-def _chunks(nnz: int, per_block: int):
-    step = max(1, CHUNK_ELEMENTS // max(1, per_block))
+def _chunks(nnz: int, per_block: int, device: torch.device):
+    limit = CPU_CHUNK_ELEMENTS if device.type == "cpu" else CHUNK_ELEMENTS
+    step = max(1, limit // max(1, per_block))
     for start in range(0, nnz, step):
         yield slice(start, min(nnz, start + step))
 
@@ -34,7 +39,7 @@ def sdd(a: torch.Tensor, b: torch.Tensor, info: BlockLayout) -> torch.Tensor:
     b_cols = b.unflatten(3, (-1, bs)).transpose(2, 3)  # [B, C, w, K, bs]
     c, i, j = info.block_c.long(), info.block_i.long(), info.block_j.long()
     out = torch.empty((B, info.nnz, bs, bs), device=a.device, dtype=a.dtype)
-    for s in _chunks(info.nnz, B * bs * max(K, 1) * 2):
+    for s in _chunks(info.nnz, B * bs * max(K, 1) * 2, a.device):
         out[:, s] = torch.matmul(a_rows[:, c[s], i[s]], b_cols[:, c[s], j[s]])  # [B, n, bs, bs]
     return out
 
@@ -53,7 +58,7 @@ def dsd(values: torch.Tensor, dense: torch.Tensor, info: BlockLayout, out: torch
     target = c * rows_per_c + out_row  # flat (channel, block-row) of each block's output
     d_rows = dense.unflatten(2, (-1, bs))  # [B, C, K, bs, N]
     acc = torch.zeros((B, C * rows_per_c, bs, N), device=out.device, dtype=_acc_dtype(out.dtype))
-    for s in _chunks(info.nnz, B * bs * max(N, 1) * 2):
+    for s in _chunks(info.nnz, B * bs * max(N, 1) * 2, out.device):
         prod = torch.matmul(values[:, s], d_rows[:, c[s], k[s]])  # [B, n, bs, N]
         acc.index_add_(1, target[s], prod.to(acc.dtype))
     out.copy_(acc.view(B, C, rows_per_c * bs, N))
