@@ -10,7 +10,8 @@ call's wall time (``do_bench``) and its CUDA-graph time for ours and flex, the k
 
 ``--host`` adds each provider's host time per call (``host_ms``: the Python call alone, timed over 50 calls
 without a sync; the GPU queue keeps the launches waiting) and, for ours, the Python functions that take it
-(cProfile, 20 forward+backward calls, ``DIR/host_profile_*.txt``): where a call's wall time exceeds its kernels'.
+(cProfile and torch.profiler's host-side table, 20 forward+backward calls, ``DIR/host_profile_*.txt``): where a
+call's wall time exceeds its kernels'.
 """
 
 from __future__ import annotations
@@ -78,7 +79,9 @@ def _host_ms(fn, n: int = 50) -> float:
 
 
 def _host_profile(fn, path: Path, calls: int = 20) -> None:
-    """cProfile of ``calls`` calls of ``fn`` (sorted by own time) into ``path``."""
+    """cProfile of ``calls`` calls of ``fn`` (sorted by own time) into ``path``, then the host side of the same
+    calls as torch's profiler sees it (self CPU time per op and CUDA API call: allocations, kernel launches,
+    the autograd engine's nodes), which Python's profiler cannot attribute."""
     fn()
     torch.cuda.synchronize()
     prof = cProfile.Profile()
@@ -89,7 +92,13 @@ def _host_profile(fn, path: Path, calls: int = 20) -> None:
     torch.cuda.synchronize()
     buf = io.StringIO()
     pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(30)
-    path.write_text(buf.getvalue())
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as tp:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    table = tp.key_averages().table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60)
+    path.write_text(buf.getvalue() + f"\n== torch.profiler, host side of {calls} calls (self CPU time)\n" + table)
 
 
 def _sweep(direction: str, cands, fn) -> list[dict]:
