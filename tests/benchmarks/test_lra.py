@@ -197,20 +197,28 @@ class _Clock:
         return 0.0 if self.ticks >= 0 else 1e9
 
 
+def _quick_task(name: str, **sizes):
+    """``(spec, (train, test))`` of a quick-preset task at smaller ``sizes`` (steps, n_train, n_test, ...)."""
+    spec = dataclasses.replace(PRESETS["quick"][name], **sizes)
+    return spec, load_task(spec, None, seed=0)
+
+
+def _train_cpu(spec, data, attention="dense", **kwargs):
+    """``train_one`` on the CPU in float32, seed 0, no progress bar."""
+    return train_one(spec, attention, *data, torch.device("cpu"), False, 0, False, **kwargs)
+
+
 def test_training_stopped_at_a_deadline_resumes_to_the_same_model(tmp_path, monkeypatch, one_thread):
     lra_run = sys.modules["triformers.benchmarks.lra.run"]  # the package's `run` is the function
 
-    spec = dataclasses.replace(PRESETS["quick"]["listops"], steps=24, n_train=256, n_test=64)
-    train, test = load_task(spec, None, seed=0)
-    cpu = torch.device("cpu")
-    whole = train_one(spec, "dense", train, test, cpu, False, 0, False, checkpoint=tmp_path / "whole.pt")
+    spec, data = _quick_task("listops", steps=24, n_train=256, n_test=64)
+    whole = _train_cpu(spec, data, checkpoint=tmp_path / "whole.pt")
     monkeypatch.setattr(lra_run, "_now", _Clock(ticks=9))  # 10 steps (one reading after each), then late
     cut = tmp_path / "cut.pt"
-    assert train_one(spec, "dense", train, test, cpu, False, 0, False, checkpoint=cut, deadline=1.0) is None
+    assert _train_cpu(spec, data, checkpoint=cut, deadline=1.0) is None
     assert torch.load(cut, weights_only=False)["state"]["step"] == 10
     monkeypatch.setattr(lra_run, "_now", _Clock(ticks=10**6))
-    resumed = train_one(spec, "dense", train, test, cpu, False, 0, False, checkpoint=cut, deadline=1.0,
-                        checkpoint_every=7)  # fmt: skip
+    resumed = _train_cpu(spec, data, checkpoint=cut, deadline=1.0, checkpoint_every=7)
     a, b = (torch.load(p, weights_only=False) for p in (tmp_path / "whole.pt", cut))
     assert a["state"]["step"] == b["state"]["step"] == 24
     for name, value in a["model"].items():
@@ -218,31 +226,27 @@ def test_training_stopped_at_a_deadline_resumes_to_the_same_model(tmp_path, monk
     assert (resumed["accuracy"], resumed["final_loss"]) == (whole["accuracy"], whole["final_loss"])
     assert (whole["jobs"], resumed["jobs"]) == (1, 2)
     with pytest.raises(ValueError, match="checkpoint .* is of .*'attention': 'dense'"):
-        train_one(spec, "linformer", train, test, cpu, False, 0, False, checkpoint=cut)
+        _train_cpu(spec, data, "linformer", checkpoint=cut)
     with pytest.raises(ValueError, match="checkpoint .* is of .*'lr': 0.001.*not .*'lr': 0.0005"):
-        train_one(dataclasses.replace(spec, lr=5e-4), "dense", train, test, cpu, False, 0, False, checkpoint=cut)
+        _train_cpu(dataclasses.replace(spec, lr=5e-4), data, checkpoint=cut)
 
 
 def test_pathfinder_checkpoint_of_other_images_is_refused(tmp_path, monkeypatch, one_thread):
     lra_run = sys.modules["triformers.benchmarks.lra.run"]
-    spec = dataclasses.replace(PRESETS["quick"]["pathfinder16"], steps=2, n_train=64, n_test=16)
-    train, test = load_task(spec, None, seed=0)
-    cpu = torch.device("cpu")
+    spec, data = _quick_task("pathfinder16", steps=2, n_train=64, n_test=16)
     checkpoint = tmp_path / "pf.pt"
-    record = train_one(spec, "dense", train, test, cpu, False, 0, False, checkpoint=checkpoint)
+    record = _train_cpu(spec, data, checkpoint=checkpoint)
     assert record["data_version"] == lra_data.PATHFINDER_VERSION
     monkeypatch.setattr(lra_run.lra_data, "PATHFINDER_VERSION", lra_data.PATHFINDER_VERSION + 1)
     with pytest.raises(ValueError, match="checkpoint .* is of .*'data_version'"):
-        train_one(spec, "dense", train, test, cpu, False, 0, False, checkpoint=checkpoint)
+        _train_cpu(spec, data, checkpoint=checkpoint)
 
 
 def test_retime_measures_again_from_and_back_to_the_trained_model(tmp_path, monkeypatch, one_thread):
     lra_run = sys.modules["triformers.benchmarks.lra.run"]
-    spec = dataclasses.replace(PRESETS["quick"]["listops"], steps=12, n_train=128, n_test=32)
-    train, test = load_task(spec, None, seed=0)
-    cpu = torch.device("cpu")
+    spec, data = _quick_task("listops", steps=12, n_train=128, n_test=32)
     checkpoint = tmp_path / "r.pt"
-    first = train_one(spec, "dense", train, test, cpu, False, 0, False, checkpoint=checkpoint)
+    first = _train_cpu(spec, data, checkpoint=checkpoint)
     saved = torch.load(checkpoint, weights_only=False)["model"]
     seen, moved, calls = {}, [], []
     real_evaluate, real_retime = lra_run.evaluate, lra_run._retime
@@ -262,7 +266,7 @@ def test_retime_measures_again_from_and_back_to_the_trained_model(tmp_path, monk
 
     monkeypatch.setattr(lra_run, "evaluate", evaluate)
     monkeypatch.setattr(lra_run, "_retime", retime)
-    again = train_one(spec, "dense", train, test, cpu, False, 0, False, checkpoint=checkpoint, retime=5)
+    again = _train_cpu(spec, data, checkpoint=checkpoint, retime=5)
     assert calls == [0, 1, 2, 3, 4] and all(moved)  # the timed steps train ...
     for name, value in saved.items():  # ... and the evaluated model is the trained one again
         assert torch.equal(seen[name], value), name
@@ -270,7 +274,7 @@ def test_retime_measures_again_from_and_back_to_the_trained_model(tmp_path, monk
     assert again["retimed_steps"] == 5 and again["tokens_per_s_training"] == first["tokens_per_s"]
     assert again["tokens_per_s"] > 0 and "retimed_steps" not in first
     with pytest.raises(ValueError, match="retime=1: pass between 2 and the task's 12 steps"):
-        train_one(spec, "dense", train, test, cpu, False, 0, False, checkpoint=checkpoint, retime=1)
+        _train_cpu(spec, data, checkpoint=checkpoint, retime=1)
 
 
 def test_learning_rate_schedules():

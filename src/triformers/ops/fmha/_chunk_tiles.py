@@ -158,11 +158,12 @@ class Tiles:
             parts = [blocks[a:a + per_chunk] for blocks in lists]
             width = max(map(len, parts))
             padded = any(len(p) < width or last in p for p in parts)
-            block_ids = torch.tensor([p + [p[0] if p else 0] * (width - len(p)) for p in parts], device=dev)
+            block_ids = torch.tensor([p + [0] * (width - len(p)) for p in parts], device=dev)  # [Hl, width]
             rows = (block_ids[:, :, None] * bk + torch.arange(bk, device=dev)).flatten(1)  # [Hl, width * bk]
             pad, read = None, rows
             if padded:
-                short = torch.tensor([[j >= len(p) for j in range(width)] for p in parts], device=dev)
+                lengths = torch.tensor([len(p) for p in parts], device=dev)
+                short = torch.arange(width, device=dev)[None, :] >= lengths[:, None]  # [Hl, width]
                 pad = short[:, :, None].expand(-1, -1, bk).flatten(1) | (rows >= self.Mkv)
                 rows, read = rows.masked_fill(pad, 0), rows.masked_fill(pad, self.Mkv)
             mask = None

@@ -114,12 +114,13 @@ def _scores(L, qf_scaled, keys, q0, q1, mask):
     return s
 
 
-def _head_tile_backward(L, kv0, keys: HeadRows, mask, qs, dos, scale, lse_c, delta_c, dropout, dq_acc, dk5, dv5):
+def _head_tile_backward(L, kv0, keys: HeadRows, mask, qs, qs_scaled, dos, lse_c, delta_c, dropout, dq_acc, dk5,
+                        dv5):  # fmt: skip
     """One key chunk of a per-head block-sparse layout in the backward: its dQ into ``dq_acc`` (folded like the
     query), dK (unscaled) and dV into the ``[B, G, Hk, Mkv, X]`` buffers at each head's rows."""
     hk = dk5.shape[2]
     kc, vc = gather_heads(kv0[0], keys, qs.dtype), gather_heads(kv0[1], keys, qs.dtype)  # [B, G, Hg, nk, X]
-    s = qs * scale @ kc.transpose(-1, -2)
+    s = qs_scaled @ kc.transpose(-1, -2)
     prob = torch.exp((s if mask is None else s.masked_fill(~mask, -math.inf)) - lse_c)
     dp = dos @ vc.transpose(-1, -2)
     if dropout is not None:
@@ -219,8 +220,8 @@ def backward(
     kv0 = (with_zero_row(L.k), with_zero_row(L.v)) if tiles.per_head else None
     for blk, q0, q1 in tiles.query_chunks():
         qs = _tile(L.q, slice(q0, q1))  # [B, G, Hg, n, K]
-        qf = _fold(qs, hk)  # [B, G, Hk, rows, K]
-        qf_scaled = qf * scale
+        qs_scaled = qs * scale
+        qf, qf_scaled = _fold(qs, hk), _fold(qs_scaled, hk)  # [B, G, Hk, rows, K]
         dos = _tile(go5, slice(q0, q1))  # [B, G, Hg, n, Kv]
         dof = _fold(dos, hk)  # [B, G, Hk, rows, Kv]
         lse_c = lse5[..., q0:q1]
@@ -229,7 +230,7 @@ def backward(
         dq_acc = torch.zeros_like(qf)
         for keys, mask in tiles.key_chunks(blk, q0, q1):
             if isinstance(keys, HeadRows):  # a per-head block-sparse layout: each head's own keys
-                _head_tile_backward(L, kv0, keys, mask, qs, dos, scale, lse_c, delta_c,
+                _head_tile_backward(L, kv0, keys, mask, qs, qs_scaled, dos, lse_c, delta_c,
                                     None if seed is None else (seed, inp.p, q0, q1), dq_acc, dk5, dv5)  # fmt: skip
                 continue
             s = _scores(L, qf_scaled, keys, q0, q1, mask)
