@@ -79,6 +79,22 @@ def test_profile_writes_trace_and_table(tmp_path, capsys):
     assert "per-module statistics on cpu" in out and "triformers profiler done" in out
 
 
+def test_unparsable_profiler_events_leave_the_trace_and_warn(tmp_path, monkeypatch):
+    """torch's profiler once failed to decode an event name (not UTF-8) while parsing its own results: the step's
+    trace is still written and the profiler warns instead of ending the training run."""
+
+    def broken(self, *args, **kwargs):
+        raise UnicodeDecodeError("utf-8", b"\xae", 0, 1, "invalid start byte")
+
+    monkeypatch.setattr(torch.profiler.profile, "key_averages", broken)
+    model = _mlp()
+    with pytest.warns(UserWarning, match="could not parse its events"):
+        with profiler.profile(tmp_path, model, schedule=[(profiler.PyTorchProfiler, 0, 1)]):
+            _train(model, 2, torch.randn(17, 13))
+    trace = json.loads((tmp_path / "000001_trace.json").read_text())
+    assert any("addmm" in e.get("name", "") for e in trace["traceEvents"])
+
+
 def test_bytes_moved_and_views():
     a = torch.randn(31, 5)
     with OpStatsMode("cpu") as mode:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import warnings
 
 import torch
 
@@ -58,7 +59,13 @@ class PyTorchProfiler:
         path = self.main_profiler._create_output_filename(f"{self.NAME}.json")
         self.pytorch_profiler.export_chrome_trace(str(path))
         self.main_profiler.summary.append((f"{type(self).__name__} trace", str(path)))
-        events = self.pytorch_profiler.key_averages()
+        try:
+            events = self.pytorch_profiler.key_averages()
+        except UnicodeDecodeError as e:  # seen once under a loaded 2-core CI run (torch 2.13, CPU): an event name
+            # that is not UTF-8 in torch's own parsing of its results; the trace above is written, the rest skipped
+            warnings.warn(f"triformers profiler: torch's profiler could not parse its events ({e}); the trace is "
+                          f"in {path}, the kernel table and FLOP count of these steps are skipped", stacklevel=2)
+            return
         if self.cuda:
             csv = self.main_profiler._create_output_filename("kernels.csv")
             rows = ["kernel name,duration_us"] + [
