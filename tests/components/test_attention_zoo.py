@@ -118,6 +118,26 @@ def test_blocksparse(causal, rows_per_chunk):
         att(*(torch.randn(2, heads, nb * bs + 1, 8) for _ in range(3)))
 
 
+def test_blocksparse_mask_is_built_with_the_module_and_compiles_once():
+    """The kernels' mask is built by the constructor and again by .to() (not by a first forward, which under
+    torch.compile made the second call recompile)."""
+    layout = torch.tensor([[1, 0], [1, 1]], dtype=torch.bool)
+    att = build_attention({"name": "blocksparse", "dropout": 0.0, "layout": layout, "block_size": 16, "num_heads": 2})
+    built = att._mask
+    assert built is not None
+    att.to(torch.float64)  # moves the module: the mask is built again, on the layout's device
+    assert att._mask is not built and att._mask.layout.device == att.layout.device
+    q, k, v = (torch.randn(1, 2, 32, 8) for _ in range(3))
+    torch._dynamo.reset()
+    compiled = torch.compile(att, backend="eager")
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        first, second = compiled(q, k, v), compiled(q, k, v)
+    keep = torch.kron(layout.long(), torch.ones(16, 16, dtype=torch.long)).bool()
+    ref = torch.stack([dense_attention(q[:, h], k[:, h], v[:, h], keep) for h in range(2)], 1)
+    torch.testing.assert_close(first, ref, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(second, ref, atol=ATOL, rtol=RTOL)
+
+
 def test_iterative_pinv_approximates_the_pseudo_inverse():
     k = torch.softmax(torch.randn(5, 7, 7, dtype=torch.float64), -1)
     pinv = iterative_pinv(k, n_iter=30)

@@ -79,19 +79,31 @@ class BlockSparseAttention(Attention):
         self.causal = causal
         self.attn_drop = nn.Dropout(dropout)
         self.ROWS_PER_CHUNK = 64  # query blocks per gather: bounds the padded working set
-        # the mask the kernels read, built once (and again after .to(device), which moves the layout)
-        self._mask: BlockSparseMask | None = None
+        # the mask the kernels read, built here and again when .to()/.cuda() move the layout (not on a first
+        # forward: under torch.compile that would recompile the second call)
+        self._mask: BlockSparseMask | None = self._build_mask()
         self.requires_head_dimension = True
         self.requires_same_k_q_dimensions = True
         self.supports_attention_mask = False
 
+    def _build_mask(self) -> BlockSparseMask | None:
+        """The layout as a :class:`BlockSparseMask`; None below the kernels' smallest block (the torch path)."""
+        from triformers.ops.fmha.attn_bias import MIN_SPARSE_BLOCK, BlockSparseMask  # ops imports the components
+
+        if self.block_size < MIN_SPARSE_BLOCK:
+            return None
+        return BlockSparseMask(self.layout, self.block_size, causal=self.causal)
+
+    def _apply(self, fn, *args, **kwargs):
+        module = super()._apply(fn, *args, **kwargs)
+        self._mask = self._build_mask()  # on the layout's new device
+        return module
+
     @property
     def mask(self) -> BlockSparseMask:
         """The layout as a :class:`BlockSparseMask` (blocks of at least 16 tokens), on the layout's device."""
-        from triformers.ops.fmha.attn_bias import BlockSparseMask  # ops imports the components: not at import
-
         if self._mask is None or self._mask.layout.device != self.layout.device:
-            self._mask = BlockSparseMask(self.layout, self.block_size, causal=self.causal)
+            self._mask = self._build_mask()
         return self._mask
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float = 1.0, *args, **kwargs):
