@@ -344,5 +344,7 @@ def test_tasks_without_padding_are_not_masked():
               "majority_class": 0.5, "tokens_per_s": None, "peak_memory_mb": None}  # fmt: skip
     assert "| pathfinder16 | dense | no padding |" in lra.markdown_summary({"env": {}, "records": [record]})
     assert "--retime" not in lra.markdown_summary({"env": {}, "records": [record]})
-    retimed = {**record, "retimed_steps": 300}
-    assert "over 300 steps (`--retime`)" in lra.markdown_summary({"env": {}, "records": [retimed]})
+    retimed = {**record, "tokens_per_s": 2000.0, "tokens_per_s_training": 1500.0, "retimed_steps": 300}
+    table = lra.markdown_summary({"env": {}, "records": [retimed]})
+    assert "over 300 steps (`--retime`)" in table and "| 0.500 | 0.500 | 2,000 | 1,500 | 0 |" in table
+    assert table.splitlines()[2].count("|") == table.splitlines()[3].count("|") == table.splitlines()[4].count("|")

@@ -179,22 +179,25 @@ if __name__ == "__main__":
 def markdown_summary(doc: dict) -> str:
     """Accuracy per task and attention (majority-class rate beside it), for the README."""
     env, records = doc["env"], doc["records"]
+    retimed = sorted({r["retimed_steps"] for r in records if r.get("retimed_steps")})
+    speed = "tokens/s re-timed | tokens/s in training" if retimed else "tokens/s"
     lines = [
         f"{env.get('gpu')}, torch {env.get('torch')}, commit {env.get('commit')}; preset {env.get('preset')}: "
         f"{env.get('schedule')}.",
         "",
-        "| task | attention | padding masked | steps | lr | accuracy | majority class | tokens/s | peak MB |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"| task | attention | padding masked | steps | lr | accuracy | majority class | {speed} | peak MB |",
+        f"| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |{' ---: |' if retimed else ''} ---: |",
     ]
     for r in records:
         lr = f"{r['lr']:g}" if "lr" in r else "-"
         masked = {True: "yes", False: "no", None: "no padding"}[r.get("masks_padding", False)]
+        speeds = [r["tokens_per_s"]] + ([r.get("tokens_per_s_training")] if retimed else [])
         lines.append(f"| {r['task']} | {r['attention']} | {masked} | {r['steps']} | {lr} | {r['accuracy']:.3f} | "
-                     f"{r['majority_class']:.3f} | {r['tokens_per_s'] or 0:,.0f} | {r['peak_memory_mb'] or 0:,.0f} |")
-    retimed = sorted({r["retimed_steps"] for r in records if r.get("retimed_steps")})
+                     f"{r['majority_class']:.3f} | {' | '.join(f'{s or 0:,.0f}' for s in speeds)} | "
+                     f"{r['peak_memory_mb'] or 0:,.0f} |")
     if retimed:
-        lines.append(f"\ntokens/s: measured again after training, over {'/'.join(map(str, retimed))} steps "
-                     "(`--retime`), from the trained state.")
+        lines.append(f"\ntokens/s re-timed: measured again after training, over {'/'.join(map(str, retimed))} "
+                     "steps (`--retime`), from the trained state; in training: over all the training's timed steps.")
     if env.get("run_note"):
         lines.append(f"\nRun: {env['run_note']}.")
     return "\n".join(lines)
