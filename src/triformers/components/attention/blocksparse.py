@@ -81,29 +81,30 @@ class BlockSparseAttention(Attention):
         self.ROWS_PER_CHUNK = 64  # query blocks per gather: bounds the padded working set
         # the mask the kernels read, built here and again when .to()/.cuda() move the layout (not on a first
         # forward: under torch.compile that would recompile the second call)
-        self._mask: BlockSparseMask | None = self._build_mask()
+        self._mask: BlockSparseMask | None = None
+        self._sync_mask()
         self.requires_head_dimension = True
         self.requires_same_k_q_dimensions = True
         self.supports_attention_mask = False
 
-    def _build_mask(self) -> BlockSparseMask | None:
-        """The layout as a :class:`BlockSparseMask`; None below the kernels' smallest block (the torch path)."""
+    def _sync_mask(self) -> None:
+        """Builds the kernels' mask when it is missing or on another device than the layout (none below the
+        kernels' smallest block: those run the torch path)."""
         from triformers.ops.fmha.attn_bias import MIN_SPARSE_BLOCK, BlockSparseMask  # ops imports the components
 
-        if self.block_size < MIN_SPARSE_BLOCK:
-            return None
-        return BlockSparseMask(self.layout, self.block_size, causal=self.causal)
+        stale = self._mask is None or self._mask.layout.device != self.layout.device
+        if stale and self.block_size >= MIN_SPARSE_BLOCK:
+            self._mask = BlockSparseMask(self.layout, self.block_size, causal=self.causal)
 
     def _apply(self, fn, *args, **kwargs):
         module = super()._apply(fn, *args, **kwargs)
-        self._mask = self._build_mask()  # on the layout's new device
+        self._sync_mask()
         return module
 
     @property
     def mask(self) -> BlockSparseMask:
         """The layout as a :class:`BlockSparseMask` (blocks of at least 16 tokens), on the layout's device."""
-        if self._mask is None or self._mask.layout.device != self.layout.device:
-            self._mask = self._build_mask()
+        self._sync_mask()
         return self._mask
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float = 1.0, *args, **kwargs):
