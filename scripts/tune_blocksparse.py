@@ -11,7 +11,8 @@ call's wall time (``do_bench``) and its CUDA-graph time for ours and flex, the k
 ``--host`` adds each provider's host time per call (``host_ms``: the Python call alone, timed over 50 calls
 without a sync; the GPU queue keeps the launches waiting) and, for ours, the Python functions that take it
 (cProfile and torch.profiler's host-side table, 20 forward+backward calls, ``DIR/host_profile_*.txt``): where a
-call's wall time exceeds its kernels'.
+call's wall time exceeds its kernels'. ``host_parts_ms`` splits ours: the API forward and backward without
+autograd, the backward through the engine alone, and the engine's floor (a Function without kernels).
 """
 
 from __future__ import annotations
@@ -101,6 +102,47 @@ def _host_profile(fn, path: Path, calls: int = 20) -> None:
     path.write_text(buf.getvalue() + f"\n== torch.profiler, host side of {calls} calls (self CPU time)\n" + table)
 
 
+class _Floor(torch.autograd.Function):
+    """The autograd engine's own cost on these inputs: one output and three gradients, no kernels but the
+    allocations."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        return torch.empty_like(q)
+
+    @staticmethod
+    def backward(ctx, g):
+        return torch.empty_like(g), torch.empty_like(g), torch.empty_like(g)
+
+
+def _host_parts(q, k, v, layout) -> dict:
+    """Host ms per call of the pieces of our forward+backward: the API forward and backward without autograd
+    (``fw_api``, ``bw_api``: ``memory_efficient_attention_forward`` / ``_backward``), the backward through the
+    autograd engine alone (``bw_engine``, a retained graph), and the engine's floor on the same inputs
+    (``engine_floor``: a Function without kernels)."""
+    mask = fmha.attn_bias.BlockSparseMask(layout, BLOCK)
+    with torch.no_grad():
+        out, lse = fmha.memory_efficient_attention_forward_requires_grad(q, k, v, mask, op=fmha.triton.FwOp)
+    g = torch.randn_like(out)
+    out_g = fmha.memory_efficient_attention(q, k, v, mask, op=(fmha.triton.FwOp, fmha.triton.BwOp))
+
+    def fw_api():
+        with torch.no_grad():
+            fmha.memory_efficient_attention_forward(q, k, v, mask, op=fmha.triton.FwOp)
+
+    def bw_api():
+        fmha.memory_efficient_attention_backward(g, out, lse, q, k, v, mask, op=fmha.triton.BwOp)
+
+    def bw_engine():
+        torch.autograd.grad(out_g, (q, k, v), g, retain_graph=True)
+
+    def engine_floor():
+        torch.autograd.grad(_Floor.apply(q, k, v), (q, k, v), g)
+
+    return {name: _host_ms(fn) for name, fn in
+            (("fw_api", fw_api), ("bw_api", bw_api), ("bw_engine", bw_engine), ("engine_floor", engine_floor))}
+
+
 def _sweep(direction: str, cands, fn) -> list[dict]:
     rows = []
     for cfg in cands:
@@ -134,6 +176,8 @@ def run(shapes, sparsities, sweep: bool, host_dir: Path | None = None) -> list[d
                         rec[f"{name}_{mode}_host_ms"] = _host_ms(fn)
                         if name == "triformers" and mode == "fwbw" and s == sparsities[-1]:
                             _host_profile(fn, host_dir / f"host_profile_N{N}_D{D}.txt")
+            if host_dir is not None:
+                rec["host_parts_ms"] = _host_parts(q, k, v, layout)
             rec["kernels_fwbw_us"] = kernel_us(_provider("triformers", q, k, v, layout, "fwbw", BLOCK))
             if sweep and s in (0.75, 0.9):
                 mask = fmha.attn_bias.BlockSparseMask(layout, BLOCK)
@@ -176,6 +220,9 @@ def _print(r: dict) -> None:
     if "triformers_fw_host_ms" in r:
         print("   host ms/call: " + "; ".join(f"{p} {m} {r[f'{p}_{m}_host_ms']:.3f}" for p in ("triformers", "flex")
                                              for m in ("fw", "fwbw")), flush=True)
+    if "host_parts_ms" in r:
+        print("   host ms/call, ours in parts: " + "; ".join(f"{n} {t:.3f}" for n, t in r["host_parts_ms"].items()),
+              flush=True)
     top = list(r["kernels_fwbw_us"].items())[:5]
     print("   kernels (us/call): " + "; ".join(f"{n[:60]} {t:.0f}" for n, t in top), flush=True)
     for key in ("sweep_fwd", "sweep_bwd", "sweep_dq_deterministic"):
