@@ -138,8 +138,8 @@ def _dkdv_tiles(dk, dv, k, v, desc_q, desc_do, desc_b, desc_dq, q_ptr, do_ptr, l
 @triton.jit
 def attn_bwd_dkdv(
     Q, K, V, DO, LSE, Delta, Bias, DB, DQ, DK, DV, desc_q, desc_k, desc_v, desc_do, desc_b, desc_dq, SEQ_Q, K_START,
-    K_LEN, BS_OFF, BS_FULL, BS_COLS, BS_LAYOUT, stride_qb, stride_qm, stride_qg, stride_qh, stride_kb, stride_kn,
-    stride_kg, stride_kh, stride_vb, stride_vn,
+    K_LEN, BS_OFF, BS_FULL, BS_COLS, BS_LAYOUT, BS_ORDER, stride_qb, stride_qm, stride_qg, stride_qh, stride_kb,
+    stride_kn, stride_kg, stride_kh, stride_vb, stride_vn,
     stride_vg, stride_vh, stride_dob, stride_dom, stride_dog, stride_doh, stride_lb, stride_lg, stride_lh, stride_bb,
     stride_bg, stride_bh, stride_bm, stride_bn, stride_dbb, stride_dbg, stride_dbh, stride_dbm, stride_dbn, stride_dqb,
     stride_dqm, stride_dqg, stride_dqh, stride_dkb, stride_dkn, stride_dkg, stride_dkh, stride_dvb, stride_dvn,
@@ -149,7 +149,7 @@ def attn_bwd_dkdv(
     BOTTOM_RIGHT: tl.constexpr, KV_SHARED: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, DB_MODE: tl.constexpr, ATOMIC_DQ: tl.constexpr,
     USE_TMA: tl.constexpr, BIAS_TMA: tl.constexpr, DQ_TMA: tl.constexpr, KEYS_PADDED: tl.constexpr,
-    BLOCK_SPARSE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_SPARSE: tl.constexpr, BS_ORDERED: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     # program (z * kv_heads + kv_head) * NUM_TILES + key tile (key tiles vary fastest: programs running
     # together share Q and dO through L2); kv_head = g * HK + hk, HK = 1 when a group's HG query heads share
@@ -158,13 +158,15 @@ def attn_bwd_dkdv(
     if KV_SHARED:
         HK = 1
     num_kv_heads = (num_heads // HG) * HK
-    pid = tl.program_id(0) // NUM_TILES
-    z = pid // num_kv_heads
-    kv_head = pid % num_kv_heads
+    pid = tl.program_id(0)
+    if BS_ORDERED:  # heavy programs first (sparse_order.py)
+        pid = tl.load(BS_ORDER + pid)
+    z = pid // NUM_TILES // num_kv_heads
+    kv_head = pid // NUM_TILES % num_kv_heads
     g = kv_head // HK
     hk = kv_head % HK
     b, q_start, q_len, k_start, k_len = sequence_bounds(z, SEQ_Q, K_START, K_LEN, Mq, Mkv, IS_VARLEN)
-    n_start = (tl.program_id(0) % NUM_TILES) * BLOCK_N
+    n_start = (pid % NUM_TILES) * BLOCK_N
     if n_start >= k_len:
         return
     off = 0
@@ -210,8 +212,7 @@ def attn_bwd_dkdv(
         bs_layout = BS_LAYOUT
         if BLOCK_SPARSE:  # the query tiles that see this key tile, for this query head's layout (or the shared one)
             bs_head = (g * HG + hh) * bs_head_step
-            lo, mid_lo, mid_hi, hi = sparse_tiles(BS_OFF, BS_FULL, bs_head, tl.program_id(0) % NUM_TILES,
-                                                  NUM_TILES)
+            lo, mid_lo, mid_hi, hi = sparse_tiles(BS_OFF, BS_FULL, bs_head, pid % NUM_TILES, NUM_TILES)
             bs_layout = BS_LAYOUT + bs_head.to(tl.int64) * stride_bsl_h
         for seg in tl.static_range(3):  # masked, full, masked query-tile ranges
             if seg == 0:
@@ -287,7 +288,7 @@ def _dq_tiles(
 @triton.jit
 def attn_bwd_dq(
     Q, K, V, DO, LSE, Delta, Bias, DQ, desc_q, desc_k, desc_v, desc_do, desc_b, SEQ_Q, K_START, K_LEN, BS_OFF,
-    BS_FULL, BS_COLS, BS_LAYOUT, stride_qb,
+    BS_FULL, BS_COLS, BS_LAYOUT, BS_ORDER, stride_qb,
     stride_qm, stride_qg, stride_qh, stride_kb, stride_kn, stride_kg, stride_kh, stride_vb, stride_vn, stride_vg,
     stride_vh, stride_dob, stride_dom, stride_dog, stride_doh, stride_lb, stride_lg, stride_lh, stride_bb, stride_bg,
     stride_bh, stride_bm, stride_bn, stride_dqb, stride_dqm, stride_dqg, stride_dqh, num_heads, HG, Mq, Mkv, qk_scale,
@@ -295,10 +296,14 @@ def attn_bwd_dq(
     bs_block_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, KV_SHARED: tl.constexpr, HAS_WL: tl.constexpr,
     HAS_WR: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, USE_TMA: tl.constexpr,
-    BIAS_TMA: tl.constexpr, KEYS_PADDED: tl.constexpr, BLOCK_SPARSE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BIAS_TMA: tl.constexpr, KEYS_PADDED: tl.constexpr, BLOCK_SPARSE: tl.constexpr, BS_ORDERED: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
 ):
     # program (z * heads + head) * NUM_TILES + query tile, like the forward
-    pid_zh = tl.program_id(0) // NUM_TILES
+    pid = tl.program_id(0)
+    if BS_ORDERED:
+        pid = tl.load(BS_ORDER + pid)
+    pid_zh = pid // NUM_TILES
     z = pid_zh // num_heads
     head = pid_zh % num_heads
     g = head // HG
@@ -307,7 +312,7 @@ def attn_bwd_dq(
     if KV_SHARED:
         hk = h * 0
     b, q_start, q_len, k_start, k_len = sequence_bounds(z, SEQ_Q, K_START, K_LEN, Mq, Mkv, IS_VARLEN)
-    m_start = (tl.program_id(0) % NUM_TILES) * BLOCK_M
+    m_start = (pid % NUM_TILES) * BLOCK_M
     if m_start >= q_len:
         return
     off = 0
@@ -337,7 +342,7 @@ def attn_bwd_dq(
     drop_head = b * num_heads + head
     if BLOCK_SPARSE:  # the table's row of this query tile, as in the forward
         bs_head = head * bs_head_step
-        lo, mid_lo, mid_hi, hi = sparse_tiles(BS_OFF, BS_FULL, bs_head, tl.program_id(0) % NUM_TILES, NUM_TILES)
+        lo, mid_lo, mid_hi, hi = sparse_tiles(BS_OFF, BS_FULL, bs_head, pid % NUM_TILES, NUM_TILES)
         bs_layout = BS_LAYOUT + bs_head.to(tl.int64) * stride_bsl_h
     else:
         lo, mid_lo, mid_hi, hi = key_tiles(m_start, q_len, k_len, off, WL, WR, BLOCK_M, BLOCK_N, HAS_WL, HAS_WR)

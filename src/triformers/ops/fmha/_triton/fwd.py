@@ -137,6 +137,7 @@ def attn_fwd(
     K_LEN,  # varlen: query block starts [nb + 1], key block starts / lengths [nb] (ends if PAGED)
     BT,  # PAGED: block table [nb, NUM_PAGES], each row's physical page ids
     BS_OFF, BS_FULL, BS_COLS, BS_LAYOUT,  # BLOCK_SPARSE: tile table (offsets, full_start, cols), int8 layout
+    BS_ORDER,  # BS_ORDERED: the program id each launch slot runs (heavy programs first, sparse_order.py)
     stride_qb, stride_qm, stride_qg, stride_qh, stride_kb, stride_kn, stride_kg, stride_kh, stride_vb, stride_vn,
     stride_vg, stride_vh, stride_ob, stride_om, stride_og, stride_oh, stride_lb, stride_lg, stride_lh, stride_bb,
     stride_bg, stride_bh, stride_bm, stride_bn, stride_bt_b, stride_bt_p, num_heads, HG, Mq, Mkv, qk_scale, WL, WR,
@@ -152,11 +153,15 @@ def attn_fwd(
     PAGE_SIZE: tl.constexpr,  # K/V rows through the block table BT
     PAGE_TILES: tl.constexpr,  # PAGED with every key tile inside one page
     BLOCK_SPARSE: tl.constexpr,  # key tiles from the tile table BS_*
+    BS_ORDERED: tl.constexpr,
     USE_TMA: tl.constexpr, BIAS_TMA: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     # program (z * heads + head) * NUM_TILES + query tile; z is the batch element, or the packed sequence when
     # varlen. Query tiles vary fastest, so the programs running together share their head's K/V through L2.
-    pid_zh = tl.program_id(0) // NUM_TILES
+    pid = tl.program_id(0)
+    if BS_ORDERED:
+        pid = tl.load(BS_ORDER + pid)
+    pid_zh = pid // NUM_TILES
     z = pid_zh // num_heads
     head = pid_zh % num_heads
     g = head // HG
@@ -167,7 +172,7 @@ def attn_fwd(
     b, q_start, q_len, k_start, k_len = sequence_bounds(z, SEQ_Q, K_START, K_LEN, Mq, Mkv, IS_VARLEN)
     if PAGED:  # K_LEN holds each block's end in its logical row, K_START its start
         k_len = k_len - k_start
-    m_start = (tl.program_id(0) % NUM_TILES) * BLOCK_M
+    m_start = (pid % NUM_TILES) * BLOCK_M
     if m_start >= q_len:
         return
     off = 0
@@ -194,7 +199,7 @@ def attn_fwd(
     drop_head = b * num_heads + head
     if BLOCK_SPARSE:  # the table's row of this query tile, for the head's layout (or the shared one)
         bs_head = head * bs_head_step
-        lo, mid_lo, mid_hi, hi = sparse_tiles(BS_OFF, BS_FULL, bs_head, tl.program_id(0) % NUM_TILES, NUM_TILES)
+        lo, mid_lo, mid_hi, hi = sparse_tiles(BS_OFF, BS_FULL, bs_head, pid % NUM_TILES, NUM_TILES)
         bs_layout = BS_LAYOUT + bs_head.to(tl.int64) * stride_bsl_h
     else:
         lo, mid_lo, mid_hi, hi = key_tiles(m_start, q_len, k_len, off, WL, WR, BLOCK_M, BLOCK_N, HAS_WL, HAS_WR)

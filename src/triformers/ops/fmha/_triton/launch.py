@@ -28,14 +28,15 @@ from triformers.ops.fmha._triton.mask_args import (  # noqa: F401  (re-exported)
     _varlen_arrays,
     mask_args,
 )
+from triformers.ops.fmha._triton.sparse_order import heavy_first
 
-# Read Q/K/V/dO tiles through TMA tensor descriptors where the strides allow it (see fwd.py). Tests switch
-# it off to cover the pointer path too.
+# Q/K/V/dO tiles through TMA descriptors where the strides allow (fwd.py); tests also cover the pointer path.
 USE_TMA = True
-# The backward adds dS K into dQ with atomics only when asked: on an H100 (bf16, N=4096) the two-kernel
-# backward (dK/dV kernel without atomics + a dQ kernel) was faster at every measured shape, e.g. D=128
-# 163 vs 128 TFLOP/s, D=64 233 vs 192, and it is deterministic (benchmarks/NOTES.md).
+# The backward adds dS K into dQ with atomics only when asked: the two-kernel backward (dK/dV, then dQ) was
+# faster at every measured shape and is deterministic (benchmarks/NOTES.md).
 ATOMIC_DQ = False
+# Block-sparse grids run heavy programs first (sparse_order.py); tests switch it off to compare.
+HEAVY_FIRST = True
 
 
 def _input_precision(dtype: torch.dtype) -> str:
@@ -146,19 +147,25 @@ class _Call:
         self.kind = "local" if m.window_left != NO_WINDOW else ("causal" if m.window_right != NO_WINDOW else "dense")
         self.p = float(p)
 
-    def sparse_args(self, tile_q: int, tile_k: int, transposed: bool = False) -> tuple[tuple, tuple]:
-        """A block-sparse mask's kernel arguments at tiles ``[tile_q, tile_k]``: the tile table's tensors and
-        the int8 layout, then (head step, layout head stride, key blocks, block_q, block_k); placeholders
-        that no kernel reads when the mask is not block-sparse. ``transposed``: rows are key tiles (dK/dV)."""
+    def sparse_args(self, tile_q: int, tile_k: int, transposed: bool = False) -> tuple[tuple, tuple, bool]:
+        """A block-sparse mask's kernel arguments at tiles ``[tile_q, tile_k]``: the tile table's tensors, the
+        int8 layout and the launch order (``sparse_order.heavy_first``), then (head step, layout head stride,
+        key blocks, block_q, block_k), then whether the order applies (``BS_ORDERED``); placeholders that no
+        kernel reads when the mask is not block-sparse. ``transposed``: rows are key tiles (dK/dV)."""
         m = self.m
         if m.bs_layout is None:
             d = _dummy_int32(self.device)
-            return (d, d, d, d), (0, 0, 1, 1, 1)
+            return (d, d, d, d, d), (0, 0, 1, 1, 1), False
         spec = block_sparse_spec(m.bs_layout, m.bs_block_q, m.bs_block_k)
-        table = spec.table(self.Mq, self.Mkv, tile_q, tile_k, m.window_right == 0, transposed=transposed)
+        causal = m.window_right == 0
+        table = spec.table(self.Mq, self.Mkv, tile_q, tile_k, causal, transposed=transposed)
+        group = self.HG if transposed and self.kv_shared else 1  # a dK/dV program covers its K/V head's readers
+        order = heavy_first(spec, self.Mq, self.Mkv, tile_q, tile_k, causal, transposed, self.Z, self.num_heads,
+                            group) if HEAVY_FIRST else None
         layout = spec.kernel_layout()
         ints = (int(layout.shape[0] > 1), layout.stride(0), layout.shape[2], m.bs_block_q, m.bs_block_k)
-        return (table.offsets, table.full_start, table.cols, layout), ints
+        tensors = (table.offsets, table.full_start, table.cols, layout, table.offsets if order is None else order)
+        return tensors, ints, order is not None
 
     def descriptors(self, rows_q: int, rows_k: int, extra=()) -> dict | None:
         """TMA descriptors of q, k, v (and ``extra`` ``(name, tensor, rows, cols)``), or None when any of
@@ -236,7 +243,7 @@ def attention_forward(
         desc_b = c.bias_descriptor(cfg) if desc is not None else None
         ptrs = (c.L.q, c.L.k, c.L.v, out5, lse5, c.L.bias if c.L.bias is not None else out5)
         seqs = (c.seq_q, c.k_start, c.k_len, tables)
-        bs_tensors, bs_ints = c.sparse_args(cfg.block_m, cfg.block_n)
+        bs_tensors, bs_ints, bs_ordered = c.sparse_args(cfg.block_m, cfg.block_n)
         strides = (*c.common_strides(out5), *lse5.stride()[:3], *c.bias_strides(), *tables.stride())
         _launch(
             _fwd.attn_fwd,
@@ -251,7 +258,7 @@ def attention_forward(
                 USE_TMA=desc is not None, BIAS_TMA=desc_b is not None, PAGED=paged, PAGE_SIZE=m.page_size,
                 # every key tile is a run of rows of one page: loaded as one (TMA when it can), not gathered
                 PAGE_TILES=paged and m.k_start is None and m.page_size % cfg.block_n == 0, num_warps=cfg.num_warps,
-                num_stages=cfg.num_stages, **c.flags,
+                num_stages=cfg.num_stages, BS_ORDERED=bs_ordered, **c.flags,
             ),
             None,
             (
@@ -339,7 +346,7 @@ def attention_backward(
         tiles = cdiv(m.max_k, cfg.block_n)
         ptrs = (L.q, L.k, L.v, go5, lse5, delta, bias_arg, db_target, dq_acc, dk5, dv5)
         seqs = (c.seq_q, c.k_start, c.k_len)
-        bs_tensors, bs_ints = c.sparse_args(cfg.block_m, cfg.block_n, transposed=True)
+        bs_tensors, bs_ints, bs_ordered = c.sparse_args(cfg.block_m, cfg.block_n, transposed=True)
         strides = (
             *c.common_strides(go5), *lse5.stride()[:3], *c.bias_strides(), *db_strides,
             *(_strides4(dq_acc) if atomic_dq else (0, 0, 0, 0)), *_strides4(dk5), *_strides4(dv5),
@@ -354,7 +361,7 @@ def attention_backward(
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=c.block_d, BLOCK_DV=c.block_dv,
             DB_MODE=db_mode, ATOMIC_DQ=atomic_dq, USE_TMA=desc is not None, BIAS_TMA=desc_b is not None,
             DQ_TMA=desc is not None and dq_tma,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **c.flags,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, BS_ORDERED=bs_ordered, **c.flags,
         ), None, (_bits(ptrs + seqs + bs_tensors), strides, c.num_heads, c.HG, c.Mq, c.Mkv, c.wl, c.wr,
                   int_code(seed), c.K, c.Kv, tiles, bs_ints))
 
@@ -372,7 +379,7 @@ def attention_backward(
             tiles = cdiv(m.max_q, cfg.block_m)
             ptrs = (L.q, L.k, L.v, go5, lse5, delta, bias_arg, dq5)
             seqs = (c.seq_q, c.k_start, c.k_len)
-            bs_tensors, bs_ints = c.sparse_args(cfg.block_m, cfg.block_n)
+            bs_tensors, bs_ints, bs_ordered = c.sparse_args(cfg.block_m, cfg.block_n)
             strides = (*c.common_strides(go5), *lse5.stride()[:3], *c.bias_strides(), *_strides4(dq5))
             _launch(_bwd.attn_bwd_dq, (c.Z * c.num_heads * tiles,), (
                 *ptrs, *((desc[n] for n in names) if desc else (None,) * 4), desc_b, *seqs, *bs_tensors, *strides,
@@ -381,7 +388,7 @@ def attention_backward(
             ), dict(
                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=c.block_d, BLOCK_DV=c.block_dv,
                 USE_TMA=desc is not None, BIAS_TMA=desc_b is not None,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages, **c.flags,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages, BS_ORDERED=bs_ordered, **c.flags,
             ), None, (_bits(ptrs + seqs + bs_tensors), strides, c.num_heads, c.HG, c.Mq, c.Mkv, c.wl, c.wr,
                       int_code(seed), c.K, c.Kv, tiles, bs_ints))
 
