@@ -24,11 +24,13 @@ import json
 import pstats
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
 import triton.testing
 
+from triformers import _triton
 from triformers.benchmarks._harness import env_info, kernel_us
 from triformers.benchmarks.sparse import BLOCK, _provider, make_layout
 from triformers.ops import fmha
@@ -119,7 +121,9 @@ def _host_parts(q, k, v, layout) -> dict:
     """Host ms per call of the pieces of our forward+backward: the API forward and backward without autograd
     (``fw_api``, ``bw_api``: ``memory_efficient_attention_forward`` / ``_backward``), the backward through the
     autograd engine alone (``bw_engine``, a retained graph), and the engine's floor on the same inputs
-    (``engine_floor``: a Function without kernels)."""
+    (``engine_floor``: a Function without kernels); then the whole forward+backward with tensors handed to
+    Triton's C launcher as addresses (``fwbw_raw_args``, ``_triton.RAW_POINTERS``) and as tensors through
+    Triton's own launch wrapper (``fwbw_tensor_args``), in alternating rounds."""
     mask = fmha.attn_bias.BlockSparseMask(layout, BLOCK)
     with torch.no_grad():
         out, lse = fmha.memory_efficient_attention_forward_requires_grad(q, k, v, mask, op=fmha.triton.FwOp)
@@ -139,8 +143,29 @@ def _host_parts(q, k, v, layout) -> dict:
     def engine_floor():
         torch.autograd.grad(_Floor.apply(q, k, v), (q, k, v), g)
 
-    return {name: _host_ms(fn) for name, fn in
-            (("fw_api", fw_api), ("bw_api", bw_api), ("bw_engine", bw_engine), ("engine_floor", engine_floor))}
+    parts = {name: _host_ms(fn) for name, fn in
+             (("fw_api", fw_api), ("bw_api", bw_api), ("bw_engine", bw_engine), ("engine_floor", engine_floor))}
+    fwbw = _provider("triformers", q, k, v, layout, "fwbw", BLOCK)
+    rounds = {"fwbw_raw_args": [], "fwbw_tensor_args": []}
+    for _ in range(3):
+        for name, raw in (("fwbw_raw_args", True), ("fwbw_tensor_args", False)):
+            _triton.RAW_POINTERS = raw
+            _triton._compiled.clear()  # launch entries are rebuilt with the setting (no recompilation)
+            _triton._by_dyn_key.clear()
+            rounds[name].append(_host_ms(fwbw))
+    _triton.RAW_POINTERS = True
+    _triton._compiled.clear()
+    _triton._by_dyn_key.clear()
+    parts.update({name: min(ts) for name, ts in rounds.items()})
+    with warnings.catch_warnings(record=True) as caught:  # any call that waits for the GPU
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fwbw()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    parts["syncs_per_fwbw"] = sum("synchroniz" in str(w.message) for w in caught)
+    return parts
 
 
 def _sweep(direction: str, cands, fn) -> list[dict]:
@@ -221,7 +246,9 @@ def _print(r: dict) -> None:
         print("   host ms/call: " + "; ".join(f"{p} {m} {r[f'{p}_{m}_host_ms']:.3f}" for p in ("triformers", "flex")
                                              for m in ("fw", "fwbw")), flush=True)
     if "host_parts_ms" in r:
-        print("   host ms/call, ours in parts: " + "; ".join(f"{n} {t:.3f}" for n, t in r["host_parts_ms"].items()),
+        print("   host ms/call, ours in parts: " + "; ".join(f"{n} {t:.3f}" for n, t in r["host_parts_ms"].items()
+                                                        if n != "syncs_per_fwbw")
+              + f"; syncs per fw+bw {r['host_parts_ms']['syncs_per_fwbw']}",
               flush=True)
     top = list(r["kernels_fwbw_us"].items())[:5]
     print("   kernels (us/call): " + "; ".join(f"{n[:60]} {t:.0f}" for n, t in top), flush=True)

@@ -265,6 +265,59 @@ def test_tuner_repeat_yields_to_a_hook(direct):
     assert kernel.jit_calls == 2
 
 
+class _CLauncher:
+    """Stands for Triton's compiled C launcher (a builtin: no ``__code__``)."""
+
+    __slots__ = ("calls",)
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, *args):
+        self.calls.append(args)
+
+
+def test_direct_launch_expands_descriptors_and_passes_addresses(direct, monkeypatch):
+    """A kernel with TMA descriptor parameters: Triton wraps its C launcher in a Python loop that expands each
+    descriptor on every launch. The direct path calls the C launcher itself, with the arguments Triton's own
+    wrapper would build, tensors as their addresses."""
+    driver = pytest.importorskip("triton.backends.nvidia.driver")
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    c_launch = _CLauncher()
+    signature = {"x": "*fp32", "d": "tensordesc<fp32[8, 16]>", "e": "tensordesc<fp32[4, 16]>", "n": "i32",
+                 "BLOCK": "constexpr", "FLAG": "constexpr"}
+    wrapped = driver.wrap_handle_tensordesc(c_launch, signature, None)
+    kernel = _FakeKernel()
+    kernel.arg_names = list(signature)
+    kernel.params = [_FakeKernel._Param(n) for n in signature] + []
+    kernel.params[-1].default = True
+    kernel.run.launch = wrapped
+    x, y = torch.zeros(64, 16), torch.zeros(32, 16)
+    d = TensorDescriptor.from_tensor(x, [8, 16])
+    e = TensorDescriptor.from_tensor(y[4:], [4, 16])
+    for n in (5, 6):
+        T.launch(kernel, (3,), (x, d, e, n), {"BLOCK": 16}, None, ("n", n))
+    assert kernel.jit_calls == 1 and len(c_launch.calls) == 1
+    base = (3, 1, 1, 99, 7, False, False, None, None, "meta", None, None, None)
+    wrapped(*base, x.data_ptr(), d, e, 6, 16, True)  # Triton's own expansion of the same call
+    direct_call, reference = c_launch.calls
+    assert direct_call == reference
+    assert direct_call[13] == x.data_ptr() and direct_call[14] is x  # the address, then d expanded
+    monkeypatch.setattr(T, "_CHECK_KEYS", True)  # checked launches refuse what Triton's launcher refused
+    with pytest.raises(AssertionError, match=r"\[0\] are not on the launch's device cuda:0: \['cpu'\]"):
+        T.launch(kernel, (3,), (x, d, e, 7), {"BLOCK": 16}, None, ("n", 7))
+
+
+def test_direct_launch_keeps_an_unknown_wrapper(direct):
+    """A Python launcher this code does not know stays in use, with the tensors as they are."""
+    kernel = _FakeKernel()
+    x = torch.zeros(8)
+    for n in (5, 6):
+        T.launch(kernel, (1,), (x, n), {"BLOCK": 16})
+    assert kernel.run.calls[-1][13] is x
+
+
 def test_hooked():
     assert not T._hooked(None) and T._hooked(print)
     chain = type("HookChain", (), {"calls": []})()

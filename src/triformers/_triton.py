@@ -138,17 +138,72 @@ def _fast_launch_enabled() -> bool:
     return not interpret_mode() and os.environ.get("TRIFORMERS_FAST_LAUNCH", "1") != "0"
 
 
-def _direct_launcher(compiled, kernel, n_args: int, meta: dict):
-    """``(launch, function, fixed, tail)``: the compiled kernel's C launcher and CUDA function, the launcher's
-    fixed leading arguments and the values of the kernel parameters after the positional ones; None where the
-    generic path is needed (kernels that need scratch memory)."""
+def _direct_launcher(compiled, kernel, args: tuple, meta: dict):
+    """``(launch, function, fixed, tail, pointers, descriptors)``: the compiled kernel's C launcher and CUDA
+    function, the launcher's fixed leading arguments, the values of the kernel parameters after the positional
+    ones, then how :func:`_raw_args` turns ``args`` into what the C launcher takes (``pointers`` None: the
+    arguments go as they are). None where the generic path is needed (kernels that need scratch memory)."""
     run = compiled.run
     if getattr(run, "global_scratch_size", 1) or getattr(run, "profile_scratch_size", 1):
         return None
     defaults = {p.name: p.default for p in kernel.params}
-    tail = tuple(meta[n] if n in meta else defaults[n] for n in kernel.arg_names[n_args:])
+    tail = tuple(meta[n] if n in meta else defaults[n] for n in kernel.arg_names[len(args):])
     fixed = (run.launch_cooperative_grid, run.launch_pdl, None, None, compiled.packed_metadata, None, None, None)
-    return run.launch, compiled.function, fixed, tail
+    launcher, descriptors = _unwrap_descriptors(run.launch, args)
+    pointers = None
+    if RAW_POINTERS and launcher is not None:
+        pointers = tuple(i for i, a in enumerate(args) if isinstance(a, torch.Tensor))
+    else:
+        launcher, descriptors = run.launch, ()
+    return launcher, compiled.function, fixed, tail, pointers, descriptors
+
+
+# Tensors reach the C launcher as their addresses (``data_ptr()``): Triton's launcher otherwise asks the driver
+# where each pointer argument lives (``cuPointerGetAttribute``) on every launch. Callers pass CUDA tensors
+# of the launch's device only (``triton_unavailable_reason`` and the operators' checks come first).
+RAW_POINTERS = True
+
+
+def _unwrap_descriptors(launch_fn, args: tuple):
+    """``(C launcher, ((position, metadata), ...) last position first)`` for a launcher that Triton wrapped to
+    expand host TMA descriptors (``wrap_handle_tensordesc``: a Python loop over every argument on every
+    launch), ``(launch_fn, ())`` for an unwrapped one, ``(None, ())`` where the wrapper is not the one this
+    code knows (then it stays in use)."""
+    code = getattr(launch_fn, "__code__", None)
+    if code is None:  # the C function itself: nothing to expand
+        return launch_fn, ()
+    try:
+        cells = dict(zip(code.co_freevars, (c.cell_contents for c in launch_fn.__closure__ or ())))
+        launcher, indices, metas = cells["launcher"], sorted(cells["tensordesc_indices"]), cells["tensordesc_meta"]
+        from triton.backends.nvidia.driver import make_tensordesc_arg
+    except (KeyError, ValueError, ImportError, TypeError):
+        return None, ()
+    if len(metas) != len(indices) or any(i >= len(args) or args[i].__class__.__name__ != "TensorDescriptor"
+                                         for i in indices):
+        return None, ()
+    global _make_tensordesc_arg
+    _make_tensordesc_arg = make_tensordesc_arg
+    return launcher, tuple(reversed(list(zip(indices, metas))))
+
+
+_make_tensordesc_arg = None
+
+
+def _raw_args(args: tuple, pointers: tuple, descriptors: tuple) -> list:
+    """``args`` as the C launcher takes them: tensors at ``pointers`` as their addresses, each descriptor at
+    ``descriptors`` expanded as Triton's wrapper expands it (its CUtensorMap, shape and strides)."""
+    a = list(args)
+    if _CHECK_KEYS:  # what Triton's launcher would have refused (a CPU tensor) or read on another device
+        device = _current_device()
+        bad = [i for i in pointers if a[i].device.type != "cuda" or a[i].device.index != device]
+        if bad:
+            raise AssertionError(f"launch arguments {bad} are not on the launch's device cuda:{device}: "
+                                 f"{[str(a[i].device) for i in bad]}")
+    for i in pointers:
+        a[i] = a[i].data_ptr()
+    for i, m in descriptors:  # last first: an expansion does not move the positions before it
+        a[i:i + 1] = _make_tensordesc_arg(a[i], m)
+    return a
 
 
 def launch(kernel, grid: tuple, args: tuple, meta: dict, static_key=None, dyn_key=None):
@@ -190,7 +245,7 @@ def launch(kernel, grid: tuple, args: tuple, meta: dict, static_key=None, dyn_ke
         if entry is None:
             compiled = kernel[grid](*args, **meta)
             if compiled is not None and not hasattr(compiled, "result"):
-                direct = _direct_launcher(compiled, kernel, len(args), meta)
+                direct = _direct_launcher(compiled, kernel, args, meta)
                 if direct is not None:
                     _compiled[key] = direct
             return compiled
@@ -198,7 +253,9 @@ def launch(kernel, grid: tuple, args: tuple, meta: dict, static_key=None, dyn_ke
             if len(_by_dyn_key) >= _MAX_DYN_KEYS:  # raw sizes in the keys: bounded, refilled as needed
                 _by_dyn_key.clear()
             _by_dyn_key[short] = (entry, full)
-    run, function, fixed, tail = entry
+    run, function, fixed, tail, pointers, descriptors = entry
+    if pointers is not None:
+        args = _raw_args(args, pointers, descriptors)
     g0, g1, g2 = grid3(grid)
     run(g0, g1, g2, _cuda_stream(device), function, *fixed, *args, *tail)
     return None

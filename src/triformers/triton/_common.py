@@ -129,7 +129,7 @@ class Tuner:
         self.kernel, self.configs, self.prune, self.restore = kernel, configs, prune, restore
         self.enabled = autotune_enabled()
         self._chosen: dict = {}  # key -> (config, meta + config, launch key)
-        # (key, dyn_key, device) -> the direct launch: (C launcher, function, fixed args, tail, grid, _key(args))
+        # (key, dyn_key, device) -> the direct launch: (launch entry of _triton.launch, grid, _key(args))
         self._direct: dict = {}
 
     def __call__(self, grid, args: tuple, key: tuple, default: dict, meta: dict, dyn_key=None):
@@ -145,9 +145,11 @@ class Tuner:
             device = _T._current_device()
             hit = self._direct.get((key, dyn_key, device))
             if hit is not None:
-                run, function, fixed, tail, g, full = hit
+                (run, function, fixed, tail, pointers, descriptors), g, full = hit
                 if _T._CHECK_KEYS:
                     self._check(hit, grid, args, key, dyn_key)
+                if pointers is not None:
+                    args = _T._raw_args(args, pointers, descriptors)
                 run(g[0], g[1], g[2], _T._cuda_stream(device), function, *fixed, *args, *tail)
                 return None
         entry = self._chosen.get(key)
@@ -163,18 +165,18 @@ class Tuner:
             if hit is not None:
                 if len(self._direct) >= _T._MAX_DYN_KEYS:
                     self._direct.clear()
-                self._direct[(key, dyn_key, device)] = (*hit[0], _T.grid3(g), hit[1])
+                self._direct[(key, dyn_key, device)] = (hit[0], _T.grid3(g), hit[1])
         return result
 
     def _check(self, hit, grid, args, key, dyn_key) -> None:
         """``TRIFORMERS_CHECK_LAUNCH_KEYS=1``: the direct launch's argument key and grid are what the full path
         would derive for these arguments."""
         g3 = _T.grid3(grid(self._chosen[key][0]))
-        if hit[5] != _T._key(args) or hit[4] != g3:
+        if hit[2] != _T._key(args) or hit[1] != g3:
             name = getattr(self.kernel, "__name__", self.kernel)
             raise AssertionError(
                 f"launch of {name}: key {key} dyn_key {dyn_key} was first seen with argument specialisation "
-                f"{hit[5]} and grid {hit[4]}, now {_T._key(args)} and {g3}; the caller's dyn_key misses a value"
+                f"{hit[2]} and grid {hit[1]}, now {_T._key(args)} and {g3}; the caller's dyn_key misses a value"
             )
 
     def _tune(self, grid, args, key, meta) -> dict:

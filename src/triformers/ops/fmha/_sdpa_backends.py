@@ -50,8 +50,10 @@ class _GradInOutputStrides(torch.autograd.Function):
 
 
 def grad_layout_guard(out: torch.Tensor) -> torch.Tensor:
-    """``out``, through :class:`_GradInOutputStrides` where its backward runs one of torch's CUDA kernels."""
-    if out.requires_grad and out.device.type == "cuda" and torch.is_grad_enabled():
+    """``out``, through :class:`_GradInOutputStrides` where its backward runs one of torch's CUDA kernels.
+    ``torch.jit.trace`` gets it whatever the grad mode: its check traces the call again without gradients, and
+    both traces must hold the same nodes (a traced module may also train)."""
+    if out.device.type == "cuda" and (torch.jit.is_tracing() or (out.requires_grad and torch.is_grad_enabled())):
         return _GradInOutputStrides.apply(out)
     return out
 
