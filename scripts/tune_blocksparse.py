@@ -146,16 +146,17 @@ def _host_parts(q, k, v, layout) -> dict:
     parts = {name: _host_ms(fn) for name, fn in
              (("fw_api", fw_api), ("bw_api", bw_api), ("bw_engine", bw_engine), ("engine_floor", engine_floor))}
     fwbw = _provider("triformers", q, k, v, layout, "fwbw", BLOCK)
+    def raw_pointers(on: bool) -> None:
+        _triton.RAW_POINTERS = on
+        _triton._compiled.clear()  # launch entries are rebuilt with the setting (no recompilation)
+        _triton._by_dyn_key.clear()
+
     rounds = {"fwbw_raw_args": [], "fwbw_tensor_args": []}
     for _ in range(3):
         for name, raw in (("fwbw_raw_args", True), ("fwbw_tensor_args", False)):
-            _triton.RAW_POINTERS = raw
-            _triton._compiled.clear()  # launch entries are rebuilt with the setting (no recompilation)
-            _triton._by_dyn_key.clear()
+            raw_pointers(raw)
             rounds[name].append(_host_ms(fwbw))
-    _triton.RAW_POINTERS = True
-    _triton._compiled.clear()
-    _triton._by_dyn_key.clear()
+    raw_pointers(True)
     parts.update({name: min(ts) for name, ts in rounds.items()})
     with warnings.catch_warnings(record=True) as caught:  # any call that waits for the GPU
         warnings.simplefilter("always")

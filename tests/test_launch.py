@@ -290,7 +290,7 @@ def test_direct_launch_expands_descriptors_and_passes_addresses(direct, monkeypa
     wrapped = driver.wrap_handle_tensordesc(c_launch, signature, None)
     kernel = _FakeKernel()
     kernel.arg_names = list(signature)
-    kernel.params = [_FakeKernel._Param(n) for n in signature] + []
+    kernel.params = [_FakeKernel._Param(n) for n in signature]
     kernel.params[-1].default = True
     kernel.run.launch = wrapped
     x, y = torch.zeros(64, 16), torch.zeros(32, 16)

@@ -149,12 +149,10 @@ def _direct_launcher(compiled, kernel, args: tuple, meta: dict):
     defaults = {p.name: p.default for p in kernel.params}
     tail = tuple(meta[n] if n in meta else defaults[n] for n in kernel.arg_names[len(args):])
     fixed = (run.launch_cooperative_grid, run.launch_pdl, None, None, compiled.packed_metadata, None, None, None)
-    launcher, descriptors = _unwrap_descriptors(run.launch, args)
-    pointers = None
-    if RAW_POINTERS and launcher is not None:
-        pointers = tuple(i for i, a in enumerate(args) if isinstance(a, torch.Tensor))
-    else:
-        launcher, descriptors = run.launch, ()
+    launcher, descriptors = _unwrap_descriptors(run.launch, args) if RAW_POINTERS else (None, ())
+    if launcher is None:  # Triton's own launcher, arguments as they are
+        return run.launch, compiled.function, fixed, tail, None, ()
+    pointers = tuple(i for i, a in enumerate(args) if isinstance(a, torch.Tensor))
     return launcher, compiled.function, fixed, tail, pointers, descriptors
 
 
@@ -165,10 +163,10 @@ RAW_POINTERS = True
 
 
 def _unwrap_descriptors(launch_fn, args: tuple):
-    """``(C launcher, ((position, metadata), ...) last position first)`` for a launcher that Triton wrapped to
+    """``(C launcher, ((position, expand), ...) last position first)`` for a launcher that Triton wrapped to
     expand host TMA descriptors (``wrap_handle_tensordesc``: a Python loop over every argument on every
-    launch), ``(launch_fn, ())`` for an unwrapped one, ``(None, ())`` where the wrapper is not the one this
-    code knows (then it stays in use)."""
+    launch; ``expand`` is its expansion of the descriptor at that position), ``(launch_fn, ())`` for an
+    unwrapped one, ``(None, ())`` where the wrapper is not the one this code knows (then it stays in use)."""
     code = getattr(launch_fn, "__code__", None)
     if code is None:  # the C function itself: nothing to expand
         return launch_fn, ()
@@ -181,12 +179,8 @@ def _unwrap_descriptors(launch_fn, args: tuple):
     if len(metas) != len(indices) or any(i >= len(args) or args[i].__class__.__name__ != "TensorDescriptor"
                                          for i in indices):
         return None, ()
-    global _make_tensordesc_arg
-    _make_tensordesc_arg = make_tensordesc_arg
-    return launcher, tuple(reversed(list(zip(indices, metas))))
-
-
-_make_tensordesc_arg = None
+    expand = [(i, functools.partial(make_tensordesc_arg, metadata=m)) for i, m in zip(indices, metas)]
+    return launcher, tuple(reversed(expand))
 
 
 def _raw_args(args: tuple, pointers: tuple, descriptors: tuple) -> list:
@@ -201,8 +195,8 @@ def _raw_args(args: tuple, pointers: tuple, descriptors: tuple) -> list:
                                  f"{[str(a[i].device) for i in bad]}")
     for i in pointers:
         a[i] = a[i].data_ptr()
-    for i, m in descriptors:  # last first: an expansion does not move the positions before it
-        a[i:i + 1] = _make_tensordesc_arg(a[i], m)
+    for i, expand in descriptors:  # last first: an expansion does not move the positions before it
+        a[i:i + 1] = expand(a[i])
     return a
 
 
